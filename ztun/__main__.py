@@ -1,0 +1,5 @@
+"""`python -m ztun` runs the command line."""
+
+from ztun.cli import main
+
+main()

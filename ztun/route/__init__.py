@@ -1,0 +1,1 @@
+"""The rule engine: flow metadata in, a routing decision out. Pure: no sockets, no clocks."""

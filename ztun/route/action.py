@@ -1,0 +1,83 @@
+"""Rule actions, in sing-box's vocabulary, and the Decision the router returns.
+
+Final actions end the rule walk (`route`, `reject`, `hijack-dns`); non-final ones change how the
+walk goes on (`sniff` asks the caller to sniff and resume, `route-options` accumulates options).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+RejectMethod = Literal["default", "drop", "reply"]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    outbound: str
+    options: tuple[tuple[str, object], ...] = ()
+
+    def __str__(self) -> str:
+        return f"route({self.outbound})"
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    method: RejectMethod = "default"
+    no_drop: bool = False
+
+    def __str__(self) -> str:
+        return "reject" if self.method == "default" else f"reject({self.method})"
+
+
+@dataclass(frozen=True, slots=True)
+class HijackDNS:
+    def __str__(self) -> str:
+        return "hijack-dns"
+
+
+@dataclass(frozen=True, slots=True)
+class Sniff:
+    """Non-final: the caller should sniff the first bytes, then resume the walk."""
+
+    sniffers: tuple[str, ...] = ()
+    timeout_ms: int = 300
+
+    def __str__(self) -> str:
+        return f"sniff({','.join(self.sniffers)})" if self.sniffers else "sniff"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteOptions:
+    """Non-final: options merged into the flow's decision (later rules override earlier)."""
+
+    options: tuple[tuple[str, object], ...] = ()
+
+    def __str__(self) -> str:
+        return "route-options(" + ", ".join(f"{k}={v}" for k, v in self.options) + ")"
+
+
+FinalAction = Route | Reject | HijackDNS
+Action = Route | Reject | HijackDNS | Sniff | RouteOptions
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the router decided for a flow, and why.
+
+    `rule_index` is the 0-based index in `route.rules` of the rule that decided, or None when
+    no rule matched and `route.final` applies. When `action` is `Sniff`, the walk stopped to let
+    the caller sniff: call `Router.decide` again with `start=resume_at` and the richer metadata.
+    """
+
+    action: Action
+    rule_index: int | None
+    rule: str
+    options: dict[str, object] = field(default_factory=dict)
+    resume_at: int = 0
+    #: every rule that matched on the way (non-final ones too), as (index, text)
+    trace: tuple[tuple[int, str], ...] = ()
+
+    @property
+    def outbound(self) -> str | None:
+        return self.action.outbound if isinstance(self.action, Route) else None

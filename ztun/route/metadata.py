@@ -1,0 +1,63 @@
+"""FlowMeta: what the rule engine knows about one flow.
+
+Immutable: matching never writes into it (sing-box's InboundContext does, which makes rule
+order bugs hard to see). Any state a match needs lives in the match call.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = Literal["tcp", "udp", "icmp"]
+
+
+@dataclass(frozen=True, slots=True)
+class FlowMeta:
+    """One flow, as an inbound (or `ztun route`) describes it to the router.
+
+    `destination` is the IP the flow goes to, when known; `domain` the name it was asked for
+    (from a SOCKS/HTTP request, the DNS reverse map or a sniffer). Either may be missing.
+    """
+
+    network: Network = "tcp"
+    destination: IPAddress | None = None
+    destination_port: int = 0
+    domain: str | None = None
+    source: IPAddress | None = None
+    source_port: int = 0
+    inbound: str | None = None
+    protocol: str | None = None
+    #: addresses a domain resolved to, when a caller resolved it (sing-box matches ip_cidr on these)
+    resolved: tuple[IPAddress, ...] = field(default=())
+    user: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.domain is not None:
+            # Domains compare case-insensitively and without the root dot, as DNS does.
+            norm = self.domain.lower().rstrip(".")
+            if norm != self.domain:
+                object.__setattr__(self, "domain", norm)
+
+    @property
+    def ip_version(self) -> int | None:
+        if self.destination is not None:
+            return self.destination.version
+        return None
+
+    def with_(self, **changes: object) -> FlowMeta:
+        """A copy with some fields changed (e.g. after sniffing found a domain)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """The IP in `text`, or None when it is not an IP literal (brackets allowed for IPv6)."""
+    t = text.strip()
+    if t.startswith("[") and t.endswith("]"):
+        t = t[1:-1]
+    try:
+        return ipaddress.ip_address(t)
+    except ValueError:
+        return None
