@@ -28,7 +28,7 @@ class Explanation:
 class Router:
     """Compiled rules plus the final outbound. Thread-safe: a match keeps its state local."""
 
-    __slots__ = ("final", "outbound_types", "rules")
+    __slots__ = ("_final_decision", "_plain", "final", "outbound_types", "rules")
 
     def __init__(
         self, rules: Sequence[Rule], final: str, outbound_types: dict[str, str] | None = None
@@ -37,6 +37,19 @@ class Router:
         self.final = final
         #: outbound tag → type (direct, socks, block), for callers that print decisions
         self.outbound_types = dict(outbound_types or {})
+        # The decision of rule i when nothing matched before it is always the same object:
+        # building a Decision per flow would cost as much as the match itself.
+        self._plain: list[Decision | None] = []
+        for index, rule in enumerate(self.rules):
+            action = rule.action
+            if action is None or isinstance(action, RouteOptions):
+                self._plain.append(None)
+                continue
+            options = dict(action.options) if isinstance(action, Route) else {}
+            self._plain.append(
+                Decision(action, index, rule.text, options, index + 1, ((index, rule.text),))
+            )
+        self._final_decision = Decision(Route(final), None, "final", {}, len(self.rules), ())
 
     def decide(
         self, meta: FlowMeta, start: int = 0, options: dict[str, object] | None = None
@@ -55,6 +68,8 @@ class Router:
             state.reset()
             if not rule.match(meta, state):
                 continue
+            if not trace and not gathered and (plain := self._plain[index]) is not None:
+                return plain
             action = rule.action
             trace.append((index, rule.text))
             if isinstance(action, RouteOptions):
@@ -66,11 +81,15 @@ class Router:
                 gathered.update(action.options)
             assert action is not None  # compile gives every top-level rule an action
             return Decision(action, index, rule.text, gathered, index + 1, tuple(trace))
+        if not trace and not gathered:
+            return self._final_decision
         return Decision(Route(self.final), None, "final", gathered, len(rules), tuple(trace))
 
     def decide_all(self, meta: FlowMeta) -> Decision:
         """The decision when sniffing has nothing to add (metadata already complete)."""
         decision = self.decide(meta)
+        if not isinstance(decision.action, Sniff):
+            return decision
         trace = list(decision.trace)
         while isinstance(decision.action, Sniff):
             decision = self.decide(meta, decision.resume_at, decision.options)

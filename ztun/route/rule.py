@@ -65,13 +65,19 @@ class ItemGroups:
 
 
 def _first_hit(items: Sequence[RuleItem], meta: FlowMeta, state: MatchState) -> bool:
-    return any(item.match(meta, state) for item in items)
+    # A plain loop: a generator in any() costs more than the items themselves here.
+    for item in items:
+        if item.match(meta, state):
+            return True
+    return False
 
 
 class DefaultRule:
     """A rule of match fields (no `type`, or `type: default`)."""
 
-    __slots__ = ("_da", "_dp", "_other", "_sa", "_sp", "action", "groups", "invert", "text")
+    __slots__ = (
+        "_da", "_dp", "_only_da", "_other", "_sa", "_sp", "action", "groups", "invert", "text",
+    )  # fmt: skip
 
     def __init__(
         self, groups: ItemGroups, *, invert: bool = False, action: Action | None = None,
@@ -83,6 +89,8 @@ class DefaultRule:
         self._da = tuple(groups.destination_address)
         self._dp = tuple(groups.destination_port)
         self._other = tuple(groups.other)
+        # Most rule-set rules test only the destination (domains, CIDRs): give them a short path.
+        self._only_da = bool(self._da) and not (self._sa or self._sp or self._dp or self._other)
         self.invert = invert
         self.action = action
         self.text = text or self.describe()
@@ -93,6 +101,16 @@ class DefaultRule:
         return not self.invert and not (self._sa or self._sp or self._da or self._dp or self._other)
 
     def match(self, meta: FlowMeta, state: MatchState) -> bool:
+        if self._only_da:
+            if not state.destination_address:
+                state.did_match = True
+                for item in self._da:
+                    if item.match(meta, state):
+                        state.destination_address = True
+                        break
+                else:
+                    return self.invert
+            return not self.invert
         sa, sp, da, dp = self._sa, self._sp, self._da, self._dp
         if not (sa or sp or da or dp or self._other):
             return True
