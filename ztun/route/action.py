@@ -65,6 +65,7 @@ Action = Route | Reject | HijackDNS | Sniff | RouteOptions
 class Decision:
     """What the router decided for a flow, and why.
 
+    Decisions may be shared between flows: treat them, `options` included, as read-only.
     `rule_index` is the 0-based index in `route.rules` of the rule that decided, or None when
     no rule matched and `route.final` applies. When `action` is `Sniff`, the walk stopped to let
     the caller sniff: call `Router.decide` again with `start=resume_at` and the richer metadata.

@@ -33,8 +33,15 @@ class FlowMeta:
     #: addresses a domain resolved to, when a caller resolved it (sing-box matches ip_cidr on these)
     resolved: tuple[IPAddress, ...] = field(default=())
     user: str | None = None
+    #: DNS query type (1 = A, 28 = AAAA, ...) for DNS flows; matched by `query_type`
+    query_type: int | None = None
 
     def __post_init__(self) -> None:
+        # An IPv4-mapped IPv6 address is the IPv4 host: rules written for v4 must match it.
+        for name in ("destination", "source"):
+            ip = getattr(self, name)
+            if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
+                object.__setattr__(self, name, ip.ipv4_mapped)
         if self.domain is not None:
             # Domains compare case-insensitively and without the root dot, as DNS does.
             norm = self.domain.lower().rstrip(".")

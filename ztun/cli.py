@@ -1,0 +1,209 @@
+"""The `ztun` command line: argument parsing, output formatting and exit codes only.
+
+Exit codes: 0 success, 1 the config (or a query) has errors, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, TextIO
+
+import typer
+
+from ztun import __version__
+from ztun.errors import ZtunError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="ztun: a rules router that splits traffic between a direct path and a SOCKS5 proxy.",
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="The config file (YAML).", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"ztun: {message}", err=True)
+    return typer.Exit(code)
+
+
+@app.command()
+def check(config: ConfigArg, as_json: JsonOpt = False) -> None:
+    """Validate a config; print every mistake as FILE:LINE:COL: message."""
+    from ztun.config.check import check_file
+
+    result = check_file(config)
+    if as_json:
+        out = {
+            "valid": not result.errors,
+            "errors": len(result.errors),
+            "warnings": len(result.warnings),
+            "diagnostics": [d.to_json() for d in result.diagnostics],
+        }
+        typer.echo(json.dumps(out, indent=2))
+    else:
+        for d in result.diagnostics:
+            typer.echo(str(d), err=d.severity == "error")
+        if result.errors:
+            typer.echo(
+                f"{len(result.errors)} error(s), {len(result.warnings)} warning(s)", err=True
+            )
+    raise typer.Exit(1 if result.errors else 0)
+
+
+def _load_router(config: Path) -> Any:
+    from ztun.config.check import load_and_compile
+    from ztun.errors import ConfigError
+
+    try:
+        _loaded, router = load_and_compile(config, offline=True)
+    except ConfigError as exc:
+        for d in exc.diagnostics:
+            typer.echo(str(d), err=True)
+        raise _fail(f"{config}: the config has errors; `ztun check` lists them") from None
+    return router
+
+
+@app.command()
+def route(
+    config: ConfigArg,
+    dest: Annotated[
+        str | None, typer.Argument(help="Destination: a domain or an IP.", show_default=False)
+    ] = None,
+    port: Annotated[int, typer.Option(help="Destination port.", min=0, max=65535)] = 0,
+    network: Annotated[str, typer.Option(help="tcp, udp or icmp.")] = "tcp",
+    source: Annotated[str | None, typer.Option(help="Source IP[:PORT].")] = None,
+    inbound: Annotated[str | None, typer.Option(help="Inbound tag.")] = None,
+    protocol: Annotated[str | None, typer.Option(help="Sniffed protocol (tls, http…).")] = None,
+    domain: Annotated[str | None, typer.Option(help="Domain known for an IP dest.")] = None,
+    ip: Annotated[
+        list[str] | None, typer.Option(help="Address(es) a domain dest resolved to.")
+    ] = None,
+    user: Annotated[str | None, typer.Option(help="Authenticated user (auth_user).")] = None,
+    batch: Annotated[
+        str | None, typer.Option(help="File of queries 'DEST [PORT] [NETWORK]', or '-'.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show which outbound a flow gets, the rule that decided, and why."""
+    from ztun.query import QueryError, parse_query, parse_source, render_answer
+
+    if (dest is None) == (batch is None):
+        raise _fail("give either DEST or --batch FILE", 2)
+    if network not in ("tcp", "udp", "icmp"):
+        raise _fail(f"--network: '{network}' is not tcp, udp or icmp", 2)
+    try:
+        src, src_port = parse_source(source) if source else (None, 0)
+    except QueryError as exc:
+        raise _fail(f"--source: {exc}", 2) from None
+    router = _load_router(config)
+    defaults = {
+        "port": port, "network": network, "source": src, "source_port": src_port,
+        "inbound": inbound, "protocol": protocol, "domain": domain, "ips": ip or [],
+        "user": user,
+    }  # fmt: skip
+    if dest is not None:
+        try:
+            meta = parse_query(dest, **defaults)  # type: ignore[arg-type]
+        except QueryError as exc:
+            raise _fail(str(exc), 2) from None
+        typer.echo(render_answer(router, meta, as_json=as_json, verbose=True))
+        return
+    assert batch is not None
+    stream: TextIO = sys.stdin if batch == "-" else _open_batch(batch)
+    _route_batch(router, stream, defaults, as_json)
+
+
+def _open_batch(name: str) -> TextIO:
+    try:
+        return open(name, encoding="utf-8")
+    except OSError as exc:
+        raise _fail(f"--batch: cannot read {name}: {exc.strerror}", 2) from None
+
+
+def _route_batch(router: Any, stream: TextIO, defaults: dict[str, Any], as_json: bool) -> None:
+    from ztun.query import QueryError, parse_batch_line, render_answer
+
+    out = sys.stdout
+    bad = 0
+    write = out.write
+    for number, line in enumerate(stream, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            meta = parse_batch_line(text, defaults)
+        except QueryError as exc:
+            bad += 1
+            if as_json:
+                write(json.dumps({"query": text, "error": str(exc), "line": number}) + "\n")
+            else:
+                write(f"{text}\terror: {exc}\n")
+            continue
+        write(render_answer(router, meta, as_json=as_json, verbose=False, query=text) + "\n")
+    out.flush()
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command("format")
+def format_(config: ConfigArg) -> None:
+    """Print the config (includes merged) normalised."""
+    from ztun.config.format import format_config
+    from ztun.config.loader import load_config
+    from ztun.errors import ConfigError
+
+    try:
+        loaded = load_config(config)
+    except ConfigError as exc:
+        for d in exc.diagnostics:
+            typer.echo(str(d), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(format_config(loaded), nl=False)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON schema of the config format."""
+    from ztun.config.schema import schema_text
+
+    typer.echo(schema_text(), nl=False)
+
+
+@app.command()
+def profiles(as_json: JsonOpt = False) -> None:
+    """List the shipped profiles a config can include by name."""
+    from ztun.config.loader import list_profiles
+
+    found = list_profiles()
+    if as_json:
+        typer.echo(json.dumps([{"name": n, "description": d, "path": str(p)}
+                               for n, d, p in found], indent=2))  # fmt: skip
+        return
+    width = max((len(n) for n, _d, _p in found), default=0)
+    for name, description, _path in found:
+        typer.echo(f"{name.ljust(width)}  {description}")
+
+
+@app.command()
+def version() -> None:
+    """Print ztun's version."""
+    typer.echo(f"ztun {__version__}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one clear line."""
+    try:
+        app()
+    except ZtunError as exc:
+        typer.echo(f"ztun: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:  # `ztun route --batch … | head` must not print a traceback
+        sys.stderr.close()
+        sys.exit(0)

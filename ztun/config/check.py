@@ -1,0 +1,127 @@
+"""From a config file to a compiled router, with every mistake found on the way.
+
+This is the pipeline behind `ztun check`, `ztun route` and `ztun run`: load (YAML, includes,
+${VAR}) → validate (schema, references) → open the GeoIP database and load rule sets → compile
+the rules. Each stage adds diagnostics; each diagnostic gets the file:line:column where the
+offending value was written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ztun.config.loader import LoadedConfig, load_config
+from ztun.config.validate import validate
+from ztun.errors import ConfigError, Diagnostic, ZtunError
+from ztun.route.compile import as_list, compile_router
+from ztun.route.router import Router
+
+
+@dataclass
+class CheckResult:
+    loaded: LoadedConfig | None
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    router: Router | None = None
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.severity == "warning"]
+
+
+def _open_geoip(loaded: LoadedConfig, diagnostics: list[Diagnostic]) -> Any:
+    route = loaded.data.get("route")
+    geo = route.get("geoip") if isinstance(route, Mapping) else None
+    if not isinstance(geo, Mapping) or not geo.get("path"):
+        return None
+    from ztun.route.geoip import open_geoip
+
+    path = Path(str(geo["path"]))
+    if not path.is_absolute():
+        path = Path(loaded.base_dir) / path
+    try:
+        return open_geoip(path)
+    except ZtunError as exc:
+        diagnostics.append(Diagnostic(str(exc), ("route", "geoip", "path")))
+    return None
+
+
+def _load_rule_sets(
+    loaded: LoadedConfig, diagnostics: list[Diagnostic], *, offline: bool
+) -> dict[str, list[Any]]:
+    route = loaded.data.get("route")
+    entries = as_list(route.get("rule_set")) if isinstance(route, Mapping) else []
+    if not entries:
+        return {}
+    from ztun.provider.ruleset import default_cache_dir, load_rule_sets
+
+    result = load_rule_sets(
+        [e for e in entries if isinstance(e, Mapping)],
+        base_dir=Path(loaded.base_dir),
+        cache_dir=default_cache_dir(),
+        offline=offline,
+    )
+    diagnostics.extend(result.diagnostics)
+    return dict(result.sets)
+
+
+def _place(loaded: LoadedConfig | None, diagnostics: list[Diagnostic]) -> list[Diagnostic]:
+    """Give each diagnostic its mark, drop repeats, and sort by where they were written."""
+    placed: list[Diagnostic] = []
+    seen: set[tuple[object, ...]] = set()
+    for d in diagnostics:
+        if d.mark is None and loaded is not None:
+            d = Diagnostic(d.message, d.path, loaded.mark_for(d.path), d.severity)
+        key = (d.mark, d.message, d.severity)
+        if key in seen:
+            continue
+        seen.add(key)
+        placed.append(d)
+    files = loaded.files if loaded is not None else []
+
+    def order(d: Diagnostic) -> tuple[int, int, int]:
+        if d.mark is None:
+            return (len(files), 0, 0)
+        rank = files.index(d.mark.file) if d.mark.file in files else len(files)
+        return (rank, d.mark.line, d.mark.column)
+
+    return sorted(placed, key=order)
+
+
+def check_file(path: str | Path, *, offline: bool = True) -> CheckResult:
+    """Every diagnostic for the config at `path`, and its router when there are no errors.
+
+    `offline=True` (what `ztun check` does) never downloads remote rule sets: their cached copy
+    is checked, or a warning says they were not.
+    """
+    try:
+        loaded = load_config(path)
+    except ConfigError as exc:
+        return CheckResult(None, _place(None, exc.diagnostics))
+    diagnostics = list(loaded.diagnostics)
+    diagnostics.extend(validate(loaded))
+    schema_ok = not any(d.severity == "error" for d in diagnostics)
+    geoip = _open_geoip(loaded, diagnostics)
+    rule_sets = _load_rule_sets(loaded, diagnostics, offline=offline) if schema_ok else {}
+    router, compile_diagnostics = compile_router(
+        loaded.data, rule_sets=rule_sets, geoip=geoip, report_references=False
+    )
+    diagnostics.extend(compile_diagnostics)
+    result = CheckResult(loaded, _place(loaded, diagnostics))
+    if not result.errors:
+        result.router = router
+    return result
+
+
+def load_and_compile(path: str | Path, *, offline: bool = False) -> tuple[LoadedConfig, Router]:
+    """The loaded config and its router; raises ConfigError listing every error."""
+    result = check_file(path, offline=offline)
+    if result.errors or result.loaded is None or result.router is None:
+        raise ConfigError(result.errors or result.diagnostics)
+    return result.loaded, result.router

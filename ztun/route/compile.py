@@ -1,0 +1,391 @@
+"""Config data → compiled rules. The only code that knows rule field names.
+
+Input is the (schema-validated) config data as plain dicts; output is a `Router`. Every value
+the compiler rejects (a bad CIDR, regex, port range, an action without an outbound) becomes a
+`Diagnostic` with the path of the offending field; compilation goes on so that one run reports
+every mistake. Nothing here reads files: rule-set contents and the GeoIP database are handed in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ztun.config.duration import parse_duration
+from ztun.errors import CompileError, ConfigError, ConfigPath, Diagnostic
+from ztun.route.action import (
+    Action,
+    HijackDNS,
+    Reject,
+    Route,
+    RouteOptions,
+    Sniff,
+)
+from ztun.route.items import (
+    DomainItem,
+    DomainKeywordItem,
+    DomainRegexItem,
+    FieldInItem,
+    GeoIPItem,
+    IPCIDRItem,
+    IPIsPrivateItem,
+    PortItem,
+    RuleItem,
+    RuleSetItem,
+    parse_port_range,
+    parse_prefix,
+)
+from ztun.route.metadata import FlowMeta
+from ztun.route.router import Router
+from ztun.route.rule import DefaultRule, HeadlessRule, ItemGroups, LogicalRule, MatchState
+
+if TYPE_CHECKING:
+    from ztun.route.geoip import GeoIPDatabase
+
+#: Fields that select flows; everything else on a rule is an action field or structure.
+DOMAIN_FIELDS = ("domain", "domain_suffix", "domain_keyword", "domain_regex")
+MATCH_FIELDS = frozenset({
+    *DOMAIN_FIELDS, "ip_cidr", "ip_is_private", "geoip", "source_ip_cidr",
+    "source_ip_is_private", "source_geoip", "port", "port_range", "source_port",
+    "source_port_range", "network", "inbound", "protocol", "ip_version", "auth_user",
+    "rule_set", "query_type",
+})  # fmt: skip
+ROUTE_OPTION_FIELDS = ("override_address", "override_port", "udp_timeout", "udp_connect")
+VALID_NETWORKS = frozenset({"tcp", "udp", "icmp"})
+#: DNS query type names that `query_type` accepts besides numbers.
+QUERY_TYPES = {"A": 1, "NS": 2, "CNAME": 5, "SOA": 6, "PTR": 12, "MX": 15, "TXT": 16,
+               "AAAA": 28, "SRV": 33, "SVCB": 64, "HTTPS": 65, "ANY": 255}  # fmt: skip
+
+
+def as_list(value: object) -> list[Any]:
+    """sing-box's "listable": one value or a list of them."""
+    if value is None:
+        return []
+    if isinstance(value, list | tuple):
+        return list(value)
+    return [value]
+
+
+@dataclass
+class _Compiler:
+    rule_sets: Mapping[str, Sequence[HeadlessRule]]
+    geoip: GeoIPDatabase | None
+    report_references: bool
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+
+    def error(self, message: str, path: ConfigPath) -> None:
+        self.diagnostics.append(Diagnostic(message, path))
+
+    def warn(self, message: str, path: ConfigPath) -> None:
+        self.diagnostics.append(Diagnostic(message, path, severity="warning"))
+
+    # -- items --------------------------------------------------------------------------------
+
+    def _checked(self, path: ConfigPath, build: Callable[[], RuleItem]) -> RuleItem | None:
+        try:
+            return build()
+        except CompileError as exc:
+            self.error(exc.message, path + exc.path)
+        except (ValueError, TypeError, re.error) as exc:
+            self.error(str(exc), path)
+        return None
+
+    def _prefixes(self, values: list[Any], path: ConfigPath) -> list[str]:
+        good = []
+        for i, value in enumerate(values):
+            try:
+                parse_prefix(str(value))
+                good.append(str(value))
+            except ValueError:
+                self.error(f"'{value}' is not an IP address or CIDR prefix", (*path, i))
+        return good
+
+    def _regexes(self, values: list[Any], path: ConfigPath) -> list[str]:
+        good = []
+        for i, value in enumerate(values):
+            try:
+                re.compile(str(value))
+                good.append(str(value))
+            except re.error as exc:
+                self.error(f"'{value}' is not a valid regular expression: {exc}", (*path, i))
+        return good
+
+    def _ports(self, rule: Mapping[str, Any], prefix: str, path: ConfigPath) -> RuleItem | None:
+        ports: list[int] = []
+        ranges: list[str] = []
+        port_key, range_key = f"{prefix}port", f"{prefix}port_range"
+        for i, value in enumerate(as_list(rule.get(port_key))):
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 65535:
+                ports.append(value)
+            else:
+                self.error(f"'{value}' is not a port (0 to 65535)", (*path, port_key, i))
+        for i, value in enumerate(as_list(rule.get(range_key))):
+            try:
+                parse_port_range(str(value))
+                ranges.append(str(value))
+            except ValueError as exc:
+                self.error(str(exc), (*path, range_key, i))
+        if not ports and not ranges:
+            return None
+        field_name = "source_port" if prefix else "port"
+        return PortItem(ports, ranges, source=bool(prefix), field=field_name)
+
+    def _geoip(self, codes: list[Any], path: ConfigPath, *, source: bool) -> RuleItem:
+        real = [str(c) for c in codes if str(c).lower() != "private"]
+        if real and self.geoip is None:
+            self.error(
+                "geoip rules need a GeoIP database: set route.geoip.path to a MaxMind .mmdb file",
+                path,
+            )
+        return GeoIPItem([str(c) for c in codes], self.geoip, source=source)
+
+    def items(self, rule: Mapping[str, Any], path: ConfigPath, *, headless: bool) -> ItemGroups:
+        groups = ItemGroups()
+        domains = [str(v) for v in as_list(rule.get("domain"))]
+        suffixes = [str(v) for v in as_list(rule.get("domain_suffix"))]
+        if domains or suffixes:
+            groups.destination_address.append(DomainItem(domains, suffixes))
+        if keywords := as_list(rule.get("domain_keyword")):
+            groups.destination_address.append(DomainKeywordItem(str(k) for k in keywords))
+        if regexes := self._regexes(as_list(rule.get("domain_regex")), (*path, "domain_regex")):
+            groups.destination_address.append(DomainRegexItem(regexes))
+        if geo := as_list(rule.get("geoip")):
+            groups.destination_address.append(self._geoip(geo, (*path, "geoip"), source=False))
+        if cidrs := self._prefixes(as_list(rule.get("ip_cidr")), (*path, "ip_cidr")):
+            groups.destination_address.append(IPCIDRItem(cidrs, source=False))
+        if rule.get("ip_is_private") is True:
+            groups.destination_address.append(IPIsPrivateItem(source=False))
+
+        if geo := as_list(rule.get("source_geoip")):
+            groups.source_address.append(self._geoip(geo, (*path, "source_geoip"), source=True))
+        src_path = (*path, "source_ip_cidr")
+        if cidrs := self._prefixes(as_list(rule.get("source_ip_cidr")), src_path):
+            groups.source_address.append(IPCIDRItem(cidrs, source=True))
+        if rule.get("source_ip_is_private") is True:
+            groups.source_address.append(IPIsPrivateItem(source=True))
+
+        if item := self._ports(rule, "", path):
+            groups.destination_port.append(item)
+        if item := self._ports(rule, "source_", path):
+            groups.source_port.append(item)
+
+        self._other_items(rule, path, groups, headless=headless)
+        return groups
+
+    def _other_items(
+        self, rule: Mapping[str, Any], path: ConfigPath, groups: ItemGroups, *, headless: bool
+    ) -> None:
+        if networks := as_list(rule.get("network")):
+            for i, n in enumerate(networks):
+                if n not in VALID_NETWORKS:
+                    self.error(f"'{n}' is not a network (tcp, udp or icmp)", (*path, "network", i))
+            groups.other.append(FieldInItem("network", "network", networks))
+        for name, attr in (("inbound", "inbound"), ("protocol", "protocol"),
+                           ("auth_user", "user")):  # fmt: skip
+            if values := as_list(rule.get(name)):
+                groups.other.append(FieldInItem(name, attr, [str(v) for v in values]))
+        if "ip_version" in rule:
+            version = rule["ip_version"]
+            if version not in (4, 6):
+                self.error(f"'{version}' is not an IP version (4 or 6)", (*path, "ip_version"))
+            groups.other.append(FieldInItem("ip_version", "ip_version", [version]))
+        if query_types := as_list(rule.get("query_type")):
+            codes = []
+            for i, q in enumerate(query_types):
+                code = q if isinstance(q, int) else QUERY_TYPES.get(str(q).upper())
+                if code is None:
+                    self.error(f"'{q}' is not a DNS query type", (*path, "query_type", i))
+                else:
+                    codes.append(code)
+            groups.other.append(FieldInItem("query_type", "query_type", codes))
+        if tags := as_list(rule.get("rule_set")):
+            if headless:
+                self.error("a rule inside a rule set cannot name another rule set",
+                           (*path, "rule_set"))  # fmt: skip
+            sets = []
+            for i, tag in enumerate(tags):
+                if tag in self.rule_sets:
+                    sets.append(self.rule_sets[tag])
+                else:
+                    sets.append([])
+                    if self.report_references:
+                        self.error(f"unknown rule set '{tag}'", (*path, "rule_set", i))
+            match_source = rule.get("rule_set_ip_cidr_match_source") is True
+            groups.other.append(RuleSetItem(tags, sets, match_source=match_source))
+
+    # -- rules --------------------------------------------------------------------------------
+
+    def rule(
+        self, rule: Any, path: ConfigPath, *, headless: bool, top: bool
+    ) -> DefaultRule | LogicalRule | None:
+        if not isinstance(rule, Mapping):
+            self.error("a rule must be a mapping of fields", path)
+            return None
+        action = self.action(rule, path) if top else None
+        invert = rule.get("invert") is True
+        if rule.get("type") == "logical":
+            subs = []
+            for i, sub in enumerate(as_list(rule.get("rules"))):
+                compiled = self.rule(sub, (*path, "rules", i), headless=headless, top=False)
+                if compiled is not None:
+                    subs.append(compiled)
+            if not as_list(rule.get("rules")):
+                self.error("a logical rule needs at least one rule in 'rules'", path)
+            mode = rule.get("mode")
+            if mode not in ("and", "or"):
+                self.error(f"'{mode}' is not a logical mode (and or or)", (*path, "mode"))
+                mode = "and"
+            return LogicalRule(str(mode), subs, invert=invert, action=action)
+        return DefaultRule(self.items(rule, path, headless=headless), invert=invert, action=action)
+
+    def action(self, rule: Mapping[str, Any], path: ConfigPath) -> Action | None:
+        kind = rule.get("action", "route")
+        options = self.route_options(rule, path)
+        if kind == "route":
+            outbound = rule.get("outbound")
+            if not outbound:
+                where = (*path, "outbound") if "action" in rule else path
+                self.error("this rule has no outbound: add 'outbound: <tag>' "
+                           "(or an action such as 'action: reject')", where)  # fmt: skip
+                return None
+            return Route(str(outbound), options)
+        if kind == "reject":
+            method = rule.get("method", "default")
+            if method not in ("default", "drop", "reply"):
+                self.error(f"'{method}' is not a reject method (default, drop or reply)",
+                           (*path, "method"))  # fmt: skip
+                method = "default"
+            return Reject(method, rule.get("no_drop") is True)
+        if kind == "hijack-dns":
+            return HijackDNS()
+        if kind == "sniff":
+            timeout_ms = 300
+            if "timeout" in rule:
+                try:
+                    timeout_ms = round(parse_duration(rule["timeout"]) * 1000)
+                except ValueError as exc:
+                    self.error(str(exc), (*path, "timeout"))
+            return Sniff(tuple(str(s) for s in as_list(rule.get("sniffer"))), timeout_ms)
+        if kind == "route-options":
+            return RouteOptions(options)
+        self.error(f"'{kind}' is not an action (route, reject, hijack-dns, sniff, "
+                   "route-options)", (*path, "action"))  # fmt: skip
+        return None
+
+    def route_options(self, rule: Mapping[str, Any], path: ConfigPath) -> tuple[
+            tuple[str, object], ...]:  # fmt: skip
+        options: list[tuple[str, object]] = []
+        for name in ROUTE_OPTION_FIELDS:
+            if name not in rule:
+                continue
+            value = rule[name]
+            if name == "udp_timeout":
+                try:
+                    value = parse_duration(value)
+                except ValueError as exc:
+                    self.error(str(exc), (*path, name))
+                    continue
+            options.append((name, value))
+        return tuple(options)
+
+
+def compile_headless_rules(
+    rules: Sequence[Any], *, geoip: GeoIPDatabase | None = None, path: ConfigPath = ()
+) -> HeadlessMatcher:
+    """A rule set's headless rules → a matcher (any rule matching means the set matches)."""
+    compiler = _Compiler({}, geoip, report_references=True)
+    compiled = []
+    for i, rule in enumerate(rules):
+        c = compiler.rule(rule, (*path, i), headless=True, top=False)
+        if c is not None:
+            compiled.append(c)
+    errors = [d for d in compiler.diagnostics if d.severity == "error"]
+    if errors:
+        raise ConfigError(errors)
+    return HeadlessMatcher(compiled)
+
+
+class HeadlessMatcher:
+    """Matches a flow against a list of headless rules the way a sing-box rule set does."""
+
+    def __init__(self, rules: Sequence[HeadlessRule]) -> None:
+        self.rules = list(rules)
+
+    def match(self, meta: FlowMeta) -> bool:
+        # One state for the whole set, as sing-box shares it across a set's rules.
+        state = MatchState()
+        return any(rule.match(meta, state) for rule in self.rules)
+
+
+def compile_router(
+    data: Mapping[str, Any],
+    *,
+    rule_sets: Mapping[str, Sequence[Any]] | None = None,
+    geoip: GeoIPDatabase | None = None,
+    report_references: bool = True,
+) -> tuple[Router | None, list[Diagnostic]]:
+    """Compile `data['route']` into a Router.
+
+    `rule_sets` maps each rule-set tag to its headless rules (already loaded). Returns the router
+    (None when there were errors) and every diagnostic found, with paths but no marks.
+    With `report_references=False`, unknown tags are left to the validator to report.
+    """
+    route = data.get("route") or {}
+    if not isinstance(route, Mapping):
+        return None, [Diagnostic("'route' must be a mapping", ("route",))]
+    compiler = _Compiler({}, geoip, report_references)
+
+    compiled_sets: dict[str, list[HeadlessRule]] = {}
+    set_index = {
+        entry.get("tag"): i
+        for i, entry in enumerate(as_list(route.get("rule_set")))
+        if isinstance(entry, Mapping)
+    }
+    for tag, rules in (rule_sets or {}).items():
+        base: ConfigPath = ("route", "rule_set", set_index.get(tag, 0), "rules")
+        compiled = []
+        for i, rule in enumerate(as_list(rules)):
+            c = compiler.rule(rule, (*base, i), headless=True, top=False)
+            if c is not None:
+                compiled.append(c)
+        compiled_sets[tag] = compiled
+    compiler.rule_sets = compiled_sets
+
+    outbounds = [o for o in as_list(data.get("outbounds")) if isinstance(o, Mapping)]
+    outbound_types = {str(o.get("tag")): str(o.get("type")) for o in outbounds}
+    final = route.get("final")
+    if final is None:
+        final = str(outbounds[0].get("tag")) if outbounds else "direct"
+    elif report_references and final not in outbound_types:
+        compiler.error(f"route.final names unknown outbound '{final}'", ("route", "final"))
+
+    rules = []
+    catch_all: int | None = None
+    for i, raw in enumerate(as_list(route.get("rules"))):
+        path: ConfigPath = ("route", "rules", i)
+        rule = compiler.rule(raw, path, headless=False, top=True)
+        if rule is None:
+            continue
+        if catch_all is not None:
+            compiler.warn(f"this rule can never match: rule {catch_all} before it matches "
+                          "every flow", path)  # fmt: skip
+        action = rule.action
+        if (
+            isinstance(action, Route)
+            and report_references
+            and action.outbound not in outbound_types
+        ):
+            compiler.error(f"unknown outbound '{action.outbound}'", (*path, "outbound"))
+        final_action = isinstance(rule.action, Route | Reject | HijackDNS)
+        if rule.is_catch_all and final_action and catch_all is None:
+            catch_all = i
+        rules.append(rule)
+    if catch_all is not None and route.get("final") is not None:
+        compiler.warn(f"route.final is never used: rule {catch_all} matches every flow",
+                      ("route", "final"))  # fmt: skip
+
+    errors = [d for d in compiler.diagnostics if d.severity == "error"]
+    router = None if errors else Router(rules, str(final), outbound_types)
+    return router, compiler.diagnostics

@@ -1,0 +1,492 @@
+"""Rule items: one compiled matcher per sing-box rule field.
+
+Each item answers `match(meta, state) -> bool` for one field of a rule (`domain_suffix`,
+`ip_cidr`, `port_range`, ...), and `explain(meta, state)` names the entry that matched, in config
+words, for `ztun route`. Items are built once at compile time into the fastest structure for
+their field (hash sets, a label walk, an Aho-Corasick automaton, sorted integer ranges); a match
+builds no objects.
+
+`state` is the per-match scratch (see `rule.MatchState`); only `RuleSetItem` and the CIDR items
+read it (sing-box's `rule_set_ip_cidr_match_source` switches an inner set's `ip_cidr` to the
+source address).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from ztun.route.metadata import FlowMeta, IPAddress
+
+if TYPE_CHECKING:
+    from ztun.route.geoip import GeoIPDatabase
+    from ztun.route.rule import HeadlessRule, MatchState
+
+#: How many keywords make an Aho-Corasick automaton worth building over plain `in` tests.
+_AUTOMATON_MIN_KEYWORDS = 8
+
+
+class RuleItem(Protocol):
+    """What every compiled rule item offers."""
+
+    def match(self, meta: FlowMeta, state: MatchState) -> bool: ...
+
+    def explain(self, meta: FlowMeta, state: MatchState) -> str | None: ...
+
+    def __str__(self) -> str: ...
+
+
+def _preview(values: Sequence[object], limit: int = 3) -> str:
+    """A short list for messages: a rule set of 100k entries must not flood the terminal."""
+    shown = ", ".join(str(v) for v in values[:limit])
+    more = len(values) - limit
+    return f"[{shown}{f', …(+{more} more)' if more > 0 else ''}]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Domains
+
+
+class DomainItem:
+    """`domain` and `domain_suffix` together, as sing-box compiles them into one matcher.
+
+    `domain_suffix: a.com` matches `a.com` and any `*.a.com`; `domain_suffix: .a.com` matches
+    subdomains only. Matching is by whole labels: `a.com` never matches `xa.com`.
+    """
+
+    __slots__ = ("_domains", "_exact", "_suffixes", "_under")
+
+    def __init__(self, domains: Iterable[str], suffixes: Iterable[str]) -> None:
+        self._domains = [d.lower().rstrip(".") for d in domains]
+        self._suffixes = [s.lower().rstrip(".") for s in suffixes]
+        # `_exact`: names matched as a whole; `_under`: names whose subdomains all match.
+        self._exact: frozenset[str] = frozenset(
+            self._domains + [s for s in self._suffixes if not s.startswith(".")]
+        )
+        self._under: frozenset[str] = frozenset(s.lstrip(".") for s in self._suffixes)
+
+    def _matched(self, domain: str) -> str | None:
+        if domain in self._exact:
+            return domain
+        under = self._under
+        i = domain.find(".")
+        while i >= 0:
+            parent = domain[i + 1 :]
+            if parent in under:
+                return parent
+            i = domain.find(".", i + 1)
+        return None
+
+    def match(self, meta: FlowMeta, state: MatchState) -> bool:
+        domain = meta.domain
+        if not domain:
+            return False
+        if domain in self._exact:
+            return True
+        under = self._under
+        i = domain.find(".")
+        while i >= 0:
+            if domain[i + 1 :] in under:
+                return True
+            i = domain.find(".", i + 1)
+        return False
+
+    def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
+        if not meta.domain:
+            return None
+        hit = self._matched(meta.domain)
+        if hit is None:
+            return None
+        if hit == meta.domain and hit in self._domains:
+            return f"domain '{hit}'"
+        if hit == meta.domain:
+            return f"domain_suffix '{hit}'"
+        return f"domain_suffix '{hit}' covers '{meta.domain}'"
+
+    def __str__(self) -> str:
+        parts = []
+        if self._domains:
+            parts.append(f"domain={_preview(self._domains)}")
+        if self._suffixes:
+            parts.append(f"domain_suffix={_preview(self._suffixes)}")
+        return " ".join(parts)
+
+
+class DomainKeywordItem:
+    """`domain_keyword`: a substring anywhere in the domain (one automaton for many keywords)."""
+
+    __slots__ = ("_automaton", "_keywords")
+
+    def __init__(self, keywords: Iterable[str]) -> None:
+        self._keywords = [k.lower() for k in keywords]
+        self._automaton = None
+        if len(self._keywords) >= _AUTOMATON_MIN_KEYWORDS:
+            import ahocorasick  # only needed for large keyword lists
+
+            automaton = ahocorasick.Automaton()
+            for k in self._keywords:
+                automaton.add_word(k, k)
+            automaton.make_automaton()
+            self._automaton = automaton
+
+    def _first(self, domain: str) -> str | None:
+        if self._automaton is not None:
+            for _end, keyword in self._automaton.iter(domain):
+                return str(keyword)
+            return None
+        for k in self._keywords:
+            if k in domain:
+                return k
+        return None
+
+    def match(self, meta: FlowMeta, state: MatchState) -> bool:
+        domain = meta.domain
+        return bool(domain) and self._first(domain) is not None  # type: ignore[arg-type]
+
+    def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
+        hit = self._first(meta.domain) if meta.domain else None
+        return None if hit is None else f"domain_keyword '{hit}' in '{meta.domain}'"
+
+    def __str__(self) -> str:
+        return f"domain_keyword={_preview(self._keywords)}"
+
+
+class DomainRegexItem:
+    """`domain_regex`: unanchored search, like Go's `MatchString` that sing-box uses."""
+
+    __slots__ = ("_patterns", "_sources")
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self._sources = list(patterns)
+        self._patterns = [re.compile(p) for p in self._sources]
+
+    def _first(self, domain: str) -> str | None:
+        for source, pattern in zip(self._sources, self._patterns, strict=True):
+            if pattern.search(domain):
+                return source
+        return None
+
+    def match(self, meta: FlowMeta, state: MatchState) -> bool:
+        domain = meta.domain
+        return bool(domain) and self._first(domain) is not None  # type: ignore[arg-type]
+
+    def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
+        hit = self._first(meta.domain) if meta.domain else None
+        return None if hit is None else f"domain_regex '{hit}' matches '{meta.domain}'"
+
+    def __str__(self) -> str:
+        return f"domain_regex={_preview(self._sources)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Addresses
+
+
+class IPRangeSet:
+    """A set of IP prefixes as sorted, merged integer ranges per family; lookup by bisect."""
+
+    __slots__ = ("_ends4", "_ends6", "_starts4", "_starts6")
+
+    def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        v4: list[tuple[int, int]] = []
+        v6: list[tuple[int, int]] = []
+        for net in networks:
+            span = (int(net.network_address), int(net.broadcast_address))
+            (v4 if net.version == 4 else v6).append(span)
+        self._starts4, self._ends4 = self._merge(v4)
+        self._starts6, self._ends6 = self._merge(v6)
+
+    @staticmethod
+    def _merge(spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        starts: list[int] = []
+        ends: list[int] = []
+        for start, end in sorted(spans):
+            if ends and start <= ends[-1] + 1:
+                if end > ends[-1]:
+                    ends[-1] = end
+            else:
+                starts.append(start)
+                ends.append(end)
+        return starts, ends
+
+    def __contains__(self, ip: IPAddress) -> bool:
+        value = int(ip)
+        if ip.version == 4:
+            starts, ends = self._starts4, self._ends4
+        else:
+            starts, ends = self._starts6, self._ends6
+        i = bisect_right(starts, value) - 1
+        return i >= 0 and value <= ends[i]
+
+    def __len__(self) -> int:
+        return len(self._starts4) + len(self._starts6)
+
+
+def parse_prefix(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A CIDR, or a bare IP as a single-host prefix (sing-box accepts both); host bits allowed."""
+    text = str(text).strip()
+    if "/" not in text:
+        ip = ipaddress.ip_address(text)
+        return ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}")
+    net = ipaddress.ip_network(text, strict=False)
+    if net.version == 6 and net.prefixlen >= 96:
+        mapped = net.network_address.ipv4_mapped
+        if mapped is not None:  # ::ffff:a.b.c.d/N is the IPv4 range the kernel would see
+            return ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
+    return net
+
+
+def _addresses(meta: FlowMeta, source: bool) -> tuple[IPAddress, ...]:
+    if source:
+        return (meta.source,) if meta.source is not None else ()
+    if meta.destination is not None:
+        return (meta.destination,)
+    return meta.resolved
+
+
+class IPCIDRItem:
+    """`ip_cidr` / `source_ip_cidr`. Inside a rule set marked `rule_set_ip_cidr_match_source`,
+    a destination item checks the source address instead (sing-box semantics)."""
+
+    __slots__ = ("_ranges", "_source", "_texts")
+
+    def __init__(self, prefixes: Sequence[str], *, source: bool) -> None:
+        self._texts = list(prefixes)
+        self._ranges = IPRangeSet(parse_prefix(p) for p in self._texts)
+        self._source = source
+
+    def _hit(self, meta: FlowMeta, state: MatchState) -> IPAddress | None:
+        use_source = self._source or state.ip_cidr_match_source
+        for ip in _addresses(meta, use_source):
+            if ip in self._ranges:
+                return ip
+        return None
+
+    def match(self, meta: FlowMeta, state: MatchState) -> bool:
+        return self._hit(meta, state) is not None
+
+    def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
+        ip = self._hit(meta, state)
+        if ip is None:
+            return None
+        net = next(p for p in self._texts if ip in parse_prefix(p))
+        return f"{self._name()} '{net}' contains {ip}"
+
+    def _name(self) -> str:
+        return "source_ip_cidr" if self._source else "ip_cidr"
+
+    def __str__(self) -> str:
+        return f"{self._name()}={_preview(self._texts)}"
+
+
+#: What sing-box treats as not public (its `IsPublicAddr` negated): private, loopback,
+#: link-local, multicast, interface-local multicast and unspecified addresses.
+PRIVATE_RANGES = IPRangeSet(
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/32", "10.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+        "192.168.0.0/16", "224.0.0.0/4",
+        "::/128", "::1/128", "fc00::/7", "fe80::/10", "ff00::/8",
+    )
+)  # fmt: skip
+
+
+class IPIsPrivateItem:
+    """`ip_is_private` / `source_ip_is_private`."""
+
+    __slots__ = ("_source",)
+
+    def __init__(self, *, source: bool) -> None:
+        self._source = source
+
+    def _hit(self, meta: FlowMeta) -> IPAddress | None:
+        for ip in _addresses(meta, self._source):
+            if ip in PRIVATE_RANGES:
+                return ip
+        return None
+
+    def match(self, meta: FlowMeta, state: MatchState) -> bool:
+        return self._hit(meta) is not None
+
+    def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
+        ip = self._hit(meta)
+        return None if ip is None else f"{self._name()}: {ip} is private"
+
+    def _name(self) -> str:
+        return "source_ip_is_private" if self._source else "ip_is_private"
+
+    def __str__(self) -> str:
+        return f"{self._name()}=true"
+
+
+class GeoIPItem:
+    """`geoip` / `source_geoip`: the address's country (from a MaxMind DB) is in the list.
+
+    The code `private` matches private addresses, as sing-box's geoip did.
+    """
+
+    __slots__ = ("_codes", "_db", "_private", "_source")
+
+    def __init__(self, codes: Iterable[str], db: GeoIPDatabase | None, *, source: bool) -> None:
+        self._codes = frozenset(c.lower() for c in codes)
+        self._private = "private" in self._codes
+        self._db = db
+        self._source = source
+
+    def _hit(self, meta: FlowMeta) -> tuple[IPAddress, str] | None:
+        for ip in _addresses(meta, self._source):
+            if self._private and ip in PRIVATE_RANGES:
+                return ip, "private"
+            if self._db is not None:
+                country = self._db.country(ip)
+                if country is not None and country in self._codes:
+                    return ip, country
+        return None
+
+    def match(self, meta: FlowMeta, state: MatchState) -> bool:
+        return self._hit(meta) is not None
+
+    def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
+        hit = self._hit(meta)
+        return None if hit is None else f"{self._name()}: {hit[0]} is in '{hit[1]}'"
+
+    def _name(self) -> str:
+        return "source_geoip" if self._source else "geoip"
+
+    def __str__(self) -> str:
+        return f"{self._name()}={_preview(sorted(self._codes))}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Ports
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """sing-box's `"A:B"`, `":B"` (from 0) or `"A:"` (to 65535)."""
+    text = str(text).strip()
+    if text.count(":") != 1:
+        raise ValueError(f"'{text}' is not a port range like '1000:2000'")
+    low_text, high_text = text.split(":")
+    try:
+        low = int(low_text) if low_text else 0
+        high = int(high_text) if high_text else 65535
+    except ValueError:
+        raise ValueError(f"'{text}' is not a port range like '1000:2000'") from None
+    if not (0 <= low <= 65535 and 0 <= high <= 65535):
+        raise ValueError(f"'{text}': ports are 0 to 65535")
+    if low > high:
+        raise ValueError(f"'{text}': the range starts after it ends")
+    return low, high
+
+
+class PortItem:
+    """`port`, `port_range` and their `source_` twins, merged into one set plus ranges."""
+
+    __slots__ = ("_field", "_ports", "_ranges", "_source", "_texts")
+
+    def __init__(
+        self, ports: Iterable[int], ranges: Iterable[str], *, source: bool, field: str
+    ) -> None:
+        self._ports = frozenset(int(p) for p in ports)
+        self._texts = list(ranges)
+        self._ranges = [parse_port_range(r) for r in self._texts]
+        self._source = source
+        self._field = field
+
+    def _port(self, meta: FlowMeta) -> int:
+        return meta.source_port if self._source else meta.destination_port
+
+    def match(self, meta: FlowMeta, state: MatchState) -> bool:
+        port = meta.source_port if self._source else meta.destination_port
+        if port in self._ports:
+            return True
+        return any(low <= port <= high for low, high in self._ranges)
+
+    def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
+        port = self._port(meta)
+        if port in self._ports:
+            return f"{self._field} {port}"
+        for text, (low, high) in zip(self._texts, self._ranges, strict=True):
+            if low <= port <= high:
+                return f"{self._field}_range '{text}' contains {port}"
+        return None
+
+    def __str__(self) -> str:
+        parts = []
+        if self._ports:
+            parts.append(f"{self._field}={_preview(sorted(self._ports))}")
+        if self._texts:
+            parts.append(f"{self._field}_range={_preview(self._texts)}")
+        return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything else: a field of the metadata compared against a set
+
+
+class FieldInItem:
+    """`network`, `inbound`, `protocol`, `auth_user`, `ip_version`: the value is in a set."""
+
+    __slots__ = ("_attr", "_name", "_values")
+
+    def __init__(self, name: str, attr: str, values: Iterable[object]) -> None:
+        self._name = name
+        self._attr = attr
+        self._values = frozenset(values)
+
+    def _value(self, meta: FlowMeta) -> object:
+        if self._attr == "ip_version":
+            if meta.destination is not None:
+                return meta.destination.version
+            return meta.resolved[0].version if meta.resolved else None
+        return getattr(meta, self._attr)
+
+    def match(self, meta: FlowMeta, state: MatchState) -> bool:
+        return self._value(meta) in self._values
+
+    def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
+        value = self._value(meta)
+        return f"{self._name} {value}" if value in self._values else None
+
+    def __str__(self) -> str:
+        return f"{self._name}={_preview(sorted(str(v) for v in self._values))}"
+
+
+class RuleSetItem:
+    """`rule_set`: any rule of any named set matches, sharing the outer rule's match state.
+
+    Sharing is what sing-box does: an inner set's `domain_suffix` hit satisfies the outer rule's
+    destination-address group, so a rule `{ip_cidr: [...], rule_set: [x]}` matches either.
+    """
+
+    __slots__ = ("_match_source", "_sets", "_tags")
+
+    def __init__(
+        self, tags: Sequence[str], sets: Sequence[Sequence[HeadlessRule]], *, match_source: bool
+    ) -> None:
+        self._tags = list(tags)
+        self._sets = [list(s) for s in sets]
+        self._match_source = match_source
+
+    def match(self, meta: FlowMeta, state: MatchState) -> bool:
+        state.ip_cidr_match_source = self._match_source
+        for rules in self._sets:
+            for rule in rules:
+                if rule.match(meta, state):
+                    return True
+        return False
+
+    def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
+        state.ip_cidr_match_source = self._match_source
+        for tag, rules in zip(self._tags, self._sets, strict=True):
+            for index, rule in enumerate(rules):
+                if rule.match(meta, state):
+                    why = rule.explain(meta)
+                    return f"rule_set '{tag}' rule {index}" + (f" ({why})" if why else "")
+        return None
+
+    def __str__(self) -> str:
+        return f"rule_set={_preview(self._tags)}"

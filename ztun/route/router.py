@@ -1,0 +1,111 @@
+"""The router: walks the compiled rules for one flow and returns a Decision.
+
+First matching rule with a final action wins; `route.final` applies when none does. Non-final
+actions do not end the walk: `route-options` accumulates options, `sniff` hands control back to
+the caller (who sniffs the first bytes and calls `decide` again from `resume_at`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ztun.route.action import Decision, Route, RouteOptions, Sniff
+from ztun.route.metadata import FlowMeta
+from ztun.route.rule import DefaultRule, LogicalRule, MatchState
+
+Rule = DefaultRule | LogicalRule
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """`Decision` plus the human reasons, for `ztun route`."""
+
+    decision: Decision
+    reasons: tuple[str, ...]
+
+
+class Router:
+    """Compiled rules plus the final outbound. Thread-safe: a match keeps its state local."""
+
+    __slots__ = ("_final_decision", "_plain", "final", "outbound_types", "rules")
+
+    def __init__(
+        self, rules: Sequence[Rule], final: str, outbound_types: dict[str, str] | None = None
+    ) -> None:
+        self.rules = list(rules)
+        self.final = final
+        #: outbound tag → type (direct, socks, block), for callers that print decisions
+        self.outbound_types = dict(outbound_types or {})
+        # The decision of rule i when nothing matched before it is always the same object:
+        # building a Decision per flow would cost as much as the match itself.
+        self._plain: list[Decision | None] = []
+        for index, rule in enumerate(self.rules):
+            action = rule.action
+            if action is None or isinstance(action, RouteOptions):
+                self._plain.append(None)
+                continue
+            options = dict(action.options) if isinstance(action, Route) else {}
+            self._plain.append(
+                Decision(action, index, rule.text, options, index + 1, ((index, rule.text),))
+            )
+        self._final_decision = Decision(Route(final), None, "final", {}, len(self.rules), ())
+
+    def decide(
+        self, meta: FlowMeta, start: int = 0, options: dict[str, object] | None = None
+    ) -> Decision:
+        """The decision for `meta`, walking rules from index `start`.
+
+        Stops at a `sniff` rule (returned as the Decision, with `resume_at`) so the caller can
+        sniff; `options` carries route-options gathered before a resume.
+        """
+        gathered: dict[str, object] = dict(options or {})
+        trace: list[tuple[int, str]] = []
+        state = MatchState()
+        rules = self.rules
+        for index in range(start, len(rules)):
+            rule = rules[index]
+            state.reset()
+            if not rule.match(meta, state):
+                continue
+            if not trace and not gathered and (plain := self._plain[index]) is not None:
+                return plain
+            action = rule.action
+            trace.append((index, rule.text))
+            if isinstance(action, RouteOptions):
+                gathered.update(action.options)
+                continue
+            if isinstance(action, Sniff):
+                return Decision(action, index, rule.text, gathered, index + 1, tuple(trace))
+            if isinstance(action, Route) and action.options:
+                gathered.update(action.options)
+            assert action is not None  # compile gives every top-level rule an action
+            return Decision(action, index, rule.text, gathered, index + 1, tuple(trace))
+        if not trace and not gathered:
+            return self._final_decision
+        return Decision(Route(self.final), None, "final", gathered, len(rules), tuple(trace))
+
+    def decide_all(self, meta: FlowMeta) -> Decision:
+        """The decision when sniffing has nothing to add (metadata already complete)."""
+        decision = self.decide(meta)
+        if not isinstance(decision.action, Sniff):
+            return decision
+        trace = list(decision.trace)
+        while isinstance(decision.action, Sniff):
+            decision = self.decide(meta, decision.resume_at, decision.options)
+            trace.extend(decision.trace)
+        return Decision(
+            decision.action, decision.rule_index, decision.rule, decision.options,
+            decision.resume_at, tuple(trace),
+        )  # fmt: skip
+
+    def explain(self, meta: FlowMeta) -> Explanation:
+        """`decide_all` plus why each matching rule matched."""
+        decision = self.decide_all(meta)
+        reasons = []
+        for index, _text in decision.trace:
+            rule = self.rules[index]
+            reasons.append(f"rule {index} ({rule.action}): {rule.explain(meta)}")
+        if decision.rule_index is None:
+            reasons.append(f"no rule decided, so route.final '{self.final}' applies")
+        return Explanation(decision, tuple(reasons))
