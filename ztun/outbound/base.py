@@ -7,13 +7,14 @@ mapping from a kind to the SOCKS5 reply code and HTTP status the inbound answers
 from __future__ import annotations
 
 import errno
-import re
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+from ztun.config.duration import parse_duration
 from ztun.errors import ZtunError
 from ztun.proto.socks5 import Address, Reply
 from ztun.route.metadata import FlowMeta
@@ -92,6 +93,9 @@ def kind_of(exc: OSError) -> ErrorKind:
 
 
 def describe(exc: BaseException) -> str:
+    """A short reason: "Connection refused", not asyncio's "Connect call failed (...)"."""
+    if isinstance(exc, OSError) and exc.errno and not isinstance(exc, socket.gaierror):
+        return os.strerror(exc.errno)
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
@@ -138,35 +142,11 @@ class Outbound(Protocol):
     async def close(self) -> None: ...
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d)")
-_UNIT = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-    "d": 86400.0,
-}
-
-
 def seconds(value: object, default: float) -> float:
-    """A config duration (Go-style string such as "1m30s", or a number of seconds) in seconds.
-
-    The config checker has already validated the value; this only converts it.
-    """
+    """A config duration in seconds, or `default` when absent (the checker validated it)."""
     if value is None:
         return default
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    text = str(value).strip()
-    total, pos = 0.0, 0
-    for m in _DURATION_PART.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNIT[m.group(2)]
-        pos = m.end()
-    if pos != len(text) or not text:
-        raise ZtunError(f"not a duration: {value!r}")
-    return total
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise ZtunError(str(e)) from None
