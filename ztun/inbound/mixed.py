@@ -481,7 +481,10 @@ class UdpAssociation:
         flow = Flow(meta, dest)
         tag: str | None
         try:
-            tag = self.dispatcher.decide(flow).tag
+            outbound = self.dispatcher.decide(flow)
+            tag = outbound.tag
+            if outbound.type == "block":
+                flow.end = "blocked"  # its session drops and counts every datagram
         except RejectedError as e:
             flow.end, flow.error, tag = "blocked", str(e), None
         uf = _UdpFlow(flow, tag, now)
