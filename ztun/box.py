@@ -167,10 +167,24 @@ def _runner() -> asyncio.Runner:
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
+def _raise_fd_limit() -> None:
+    """Each flow holds two sockets (plus pipes while data moves): lift the soft open-file
+    limit to the hard one, as Go programs such as sing-box do at start."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def run(path: str | Path, log_level: str | None = None, *, grace: float = GRACE_PERIOD) -> int:
     """Run the config at `path` until a signal; the exit code."""
     data, router = load(path)
     setup_logging(data.get("log"), log_level)
+    _raise_fd_limit()
     runner = asyncio.Runner() if os.environ.get("ZTUN_LOOP") == "asyncio" else _runner()
     with runner:
         return runner.run(_serve(data, router, grace))

@@ -35,7 +35,7 @@ COPY_BUFFER = 256 * 1024
 #: Pump rounds per wake-up before yielding to other flows (fairness between connections).
 _MAX_ROUNDS = 16
 #: Empty pipes kept for reuse: saves four syscalls per connection under a high connection rate.
-_POOL_MAX = 64
+_POOL_MAX = 256
 _pipe_pool: list[tuple[int, int, int]] = []
 
 # Errors that mean "the peer went away"; anything else is unexpected but still ends the relay.
@@ -88,6 +88,7 @@ class _Direction:
         "pipe",
         "reading",
         "relay",
+        "splice",
         "src",
         "src_fd",
         "start",
@@ -98,8 +99,11 @@ class _Direction:
         self.relay = relay
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
-        self.pipe = _new_pipe() if splice else None
-        self.buf = None if splice else memoryview(bytearray(COPY_BUFFER))
+        # Pipes and buffers are taken only while data is in flight, so an idle connection costs
+        # no file descriptors or buffer memory (1000 open connections stay cheap).
+        self.splice = splice
+        self.pipe: tuple[int, int, int] | None = None
+        self.buf: memoryview | None = None
         self.start = 0  # copy mode: first unsent byte in buf
         self.end = 0  # copy mode: one past the last received byte; splice mode: bytes in pipe
         self.count = 0
@@ -117,9 +121,16 @@ class _Direction:
         if self.done:
             return
         try:
-            if self.pipe is not None:
+            if self.splice:
+                if self.pipe is None:
+                    self.pipe = _new_pipe()
                 self._pump_splice()
+                if self.end == 0 and len(_pipe_pool) < _POOL_MAX:
+                    _pipe_pool.append(self.pipe)
+                    self.pipe = None
             else:
+                if self.buf is None:
+                    self.buf = memoryview(bytearray(COPY_BUFFER))
                 self._pump_copy()
         except OSError as e:
             self.relay.fail(e)
@@ -195,6 +206,9 @@ class _Direction:
         if moved:
             self.relay.active = True
 
+    def arm(self) -> None:
+        self._want(read=True, write=False)
+
     def _want(self, read: bool, write: bool) -> None:
         loop = self.relay.loop
         if read != self.reading:
@@ -255,9 +269,9 @@ class _Relay:
     def start(self) -> None:
         if self.idle_timeout > 0:
             self.timer = self.loop.call_later(self.idle_timeout / 4, self._tick)
-        self.up.pump()
-        if not self.ended:
-            self.down.pump()
+        # Wait for data rather than pump now: nothing is taken until a side has bytes.
+        self.up.arm()
+        self.down.arm()
 
     def _tick(self) -> None:
         # Activity is a flag set by the pumps, checked four times per idle period, so the hot
