@@ -246,9 +246,9 @@ class Profiler:
     def __enter__(self) -> Profiler:
         if self.enabled:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.p = subprocess.Popen(["py-spy", "record", "--format", "raw", "--rate", "200",
-                                       "--nonblocking", "-o", str(self.out), "-p", str(self.pid)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            cmd = ["py-spy", "record", "--format", "raw", "--rate", "200", "--nonblocking",
+                   "-o", str(self.out), "-p", str(self.pid)]  # fmt: skip
+            self.p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.5)
         return self
 
@@ -286,7 +286,7 @@ def start_ztun(tmp: Path, port: int, socks_port: int) -> subprocess.Popen[bytes]
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen([sys.executable, "-m", "ztun", "run", str(cfg)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp / "ztun.log", "wb"))  # noqa: SIM115
+                            stdout=subprocess.DEVNULL, stderr=open(tmp / "ztun.log", "wb"))
 
 
 def start_singbox_router(tmp: Path, port: int, socks_port: int) -> subprocess.Popen[bytes]:
@@ -328,7 +328,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("bulk", "connrate", "rss"), default=None)
     args = ap.parse_args()
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="ztun-bench-") as d:
