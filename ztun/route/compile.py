@@ -365,9 +365,12 @@ def compile_router(
     catch_all: int | None = None
     for i, raw in enumerate(as_list(route.get("rules"))):
         path: ConfigPath = ("route", "rules", i)
+        errors_before = sum(d.severity == "error" for d in compiler.diagnostics)
         rule = compiler.rule(raw, path, headless=False, top=True)
         if rule is None:
             continue
+        # A rule whose fields failed to compile lost items; it must not pass for a catch-all.
+        broken = sum(d.severity == "error" for d in compiler.diagnostics) > errors_before
         if catch_all is not None:
             compiler.warn(f"this rule can never match: rule {catch_all} before it matches "
                           "every flow", path)  # fmt: skip
@@ -379,7 +382,7 @@ def compile_router(
         ):
             compiler.error(f"unknown outbound '{action.outbound}'", (*path, "outbound"))
         final_action = isinstance(rule.action, Route | Reject | HijackDNS)
-        if rule.is_catch_all and final_action and catch_all is None:
+        if rule.is_catch_all and final_action and catch_all is None and not broken:
             catch_all = i
         rules.append(rule)
     if catch_all is not None and route.get("final") is not None:
