@@ -314,9 +314,13 @@ class HeadlessMatcher:
         self.rules = list(rules)
 
     def match(self, meta: FlowMeta) -> bool:
-        # One state for the whole set, as sing-box shares it across a set's rules.
+        # Each rule alone, on fresh state, as `sing-box rule-set match` evaluates a set.
         state = MatchState()
-        return any(rule.match(meta, state) for rule in self.rules)
+        for rule in self.rules:
+            state.reset()
+            if rule.match(meta, state):
+                return True
+        return False
 
 
 def compile_router(
