@@ -132,12 +132,16 @@ def check_file(path: str | Path, *, offline: bool = True) -> CheckResult:
         return CheckResult(None, _place(None, exc.diagnostics))
     diagnostics = list(loaded.diagnostics)
     diagnostics.extend(validate(loaded))
-    schema_ok = not any(d.severity == "error" for d in diagnostics)
+    errors_before = len(diagnostics)
     geoip = _open_geoip(loaded, diagnostics)
-    rule_sets = _load_rule_sets(loaded, diagnostics, offline=offline) if schema_ok else {}
+    geoip_failed = len(diagnostics) > errors_before
+    # Rule sets load even when the schema found mistakes elsewhere: a missing file is one more
+    # thing the user wants to hear about in the same run.
+    rule_sets = _load_rule_sets(loaded, diagnostics, offline=offline)
     router, compile_diagnostics = compile_router(
-        loaded.data, rule_sets=rule_sets, geoip=geoip, report_references=False
-    )
+        loaded.data, rule_sets=rule_sets, geoip=geoip, report_references=False,
+        geoip_failed=geoip_failed,
+    )  # fmt: skip
     diagnostics.extend(_merge_compile(diagnostics, compile_diagnostics))
     result = CheckResult(loaded, _place(loaded, diagnostics))
     if not result.errors:

@@ -73,6 +73,8 @@ class _Compiler:
     rule_sets: Mapping[str, Sequence[HeadlessRule]]
     geoip: GeoIPDatabase | None
     report_references: bool
+    #: the config names a GeoIP database that could not be opened (already reported)
+    geoip_failed: bool = False
     diagnostics: list[Diagnostic] = field(default_factory=list)
 
     def error(self, message: str, path: ConfigPath) -> None:
@@ -134,7 +136,7 @@ class _Compiler:
 
     def _geoip(self, codes: list[Any], path: ConfigPath, *, source: bool) -> RuleItem:
         real = [str(c) for c in codes if str(c).lower() != "private"]
-        if real and self.geoip is None:
+        if real and self.geoip is None and not self.geoip_failed:
             self.error(
                 "geoip rules need a GeoIP database: set route.geoip.path to a MaxMind .mmdb file",
                 path,
@@ -329,6 +331,7 @@ def compile_router(
     rule_sets: Mapping[str, Sequence[Any]] | None = None,
     geoip: GeoIPDatabase | None = None,
     report_references: bool = True,
+    geoip_failed: bool = False,
 ) -> tuple[Router | None, list[Diagnostic]]:
     """Compile `data['route']` into a Router.
 
@@ -339,7 +342,7 @@ def compile_router(
     route = data.get("route") or {}
     if not isinstance(route, Mapping):
         return None, [Diagnostic("'route' must be a mapping", ("route",))]
-    compiler = _Compiler({}, geoip, report_references)
+    compiler = _Compiler({}, geoip, report_references, geoip_failed)
 
     compiled_sets: dict[str, list[HeadlessRule]] = {}
     set_index = {
