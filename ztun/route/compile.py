@@ -207,6 +207,7 @@ class _Compiler:
                 self.error("a rule inside a rule set cannot name another rule set",
                            (*path, "rule_set"))  # fmt: skip
             sets = []
+            tags = [str(t) for t in tags]
             for i, tag in enumerate(tags):
                 if tag in self.rule_sets:
                     sets.append(self.rule_sets[tag])
@@ -346,7 +347,7 @@ def compile_router(
 
     compiled_sets: dict[str, list[HeadlessRule]] = {}
     set_index = {
-        entry.get("tag"): i
+        str(entry.get("tag")): i
         for i, entry in enumerate(as_list(route.get("rule_set")))
         if isinstance(entry, Mapping)
     }
@@ -365,7 +366,7 @@ def compile_router(
     final = route.get("final")
     if final is None:
         final = str(outbounds[0].get("tag")) if outbounds else "direct"
-    elif report_references and final not in outbound_types:
+    elif report_references and str(final) not in outbound_types:
         compiler.error(f"route.final names unknown outbound '{final}'", ("route", "final"))
 
     rules = []

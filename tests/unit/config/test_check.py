@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -37,7 +38,9 @@ CONFIGS = st.fixed_dictionaries(
 )  # fmt: skip
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("ZTUN_FUZZ", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(CONFIGS)
 def test_check_never_raises(tmp_path: Path, data: dict) -> None:
     path = tmp_path / "config.yaml"
