@@ -38,8 +38,14 @@ CONFIGS = st.fixed_dictionaries(
 )  # fmt: skip
 
 
+#: ZTUN_FUZZ=3000 for a longer run
+FUZZ_EXAMPLES = int(os.environ.get("ZTUN_FUZZ", "150"))
+
+
 @settings(
-    max_examples=int(os.environ.get("ZTUN_FUZZ", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(CONFIGS)
 def test_check_never_raises(tmp_path: Path, data: dict) -> None:
