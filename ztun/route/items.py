@@ -115,10 +115,31 @@ class DomainItem:
         return " ".join(parts)
 
 
-class DomainKeywordItem:
+class _DomainSearchItem:
+    """Shared shape of the items that search the domain for the first entry that hits."""
+
+    __slots__ = ()
+    #: how `explain` words a hit: "domain_keyword 'x' in 'name'"
+    _field = ""
+    _verb = ""
+
+    def _first(self, domain: str) -> str | None:
+        raise NotImplementedError
+
+    def match(self, meta: FlowMeta, state: MatchState) -> bool:
+        domain = meta.domain
+        return bool(domain) and self._first(domain) is not None  # type: ignore[arg-type]
+
+    def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
+        hit = self._first(meta.domain) if meta.domain else None
+        return None if hit is None else f"{self._field} '{hit}' {self._verb} '{meta.domain}'"
+
+
+class DomainKeywordItem(_DomainSearchItem):
     """`domain_keyword`: a substring anywhere in the domain (one automaton for many keywords)."""
 
     __slots__ = ("_automaton", "_keywords")
+    _field, _verb = "domain_keyword", "in"
 
     def __init__(self, keywords: Iterable[str]) -> None:
         self._keywords = [k.lower() for k in keywords]
@@ -142,22 +163,15 @@ class DomainKeywordItem:
                 return k
         return None
 
-    def match(self, meta: FlowMeta, state: MatchState) -> bool:
-        domain = meta.domain
-        return bool(domain) and self._first(domain) is not None  # type: ignore[arg-type]
-
-    def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
-        hit = self._first(meta.domain) if meta.domain else None
-        return None if hit is None else f"domain_keyword '{hit}' in '{meta.domain}'"
-
     def __str__(self) -> str:
         return f"domain_keyword={_preview(self._keywords)}"
 
 
-class DomainRegexItem:
+class DomainRegexItem(_DomainSearchItem):
     """`domain_regex`: unanchored search, like Go's `MatchString` that sing-box uses."""
 
     __slots__ = ("_patterns", "_sources")
+    _field, _verb = "domain_regex", "matches"
 
     def __init__(self, patterns: Iterable[str]) -> None:
         self._sources = list(patterns)
@@ -168,14 +182,6 @@ class DomainRegexItem:
             if pattern.search(domain):
                 return source
         return None
-
-    def match(self, meta: FlowMeta, state: MatchState) -> bool:
-        domain = meta.domain
-        return bool(domain) and self._first(domain) is not None  # type: ignore[arg-type]
-
-    def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
-        hit = self._first(meta.domain) if meta.domain else None
-        return None if hit is None else f"domain_regex '{hit}' matches '{meta.domain}'"
 
     def __str__(self) -> str:
         return f"domain_regex={_preview(self._sources)}"
