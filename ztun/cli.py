@@ -46,8 +46,9 @@ def check(config: ConfigArg, as_json: JsonOpt = False) -> None:
         }
         typer.echo(json.dumps(out, indent=2))
     else:
+        # One stream keeps errors and warnings in file order.
         for d in result.diagnostics:
-            typer.echo(str(d), err=d.severity == "error")
+            typer.echo(str(d), err=True)
         if result.errors:
             typer.echo(
                 f"{len(result.errors)} error(s), {len(result.warnings)} warning(s)", err=True

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ztun.config.loader import LoadedConfig, load_config
-from ztun.config.validate import validate
+from ztun.config.validate import format_path, validate
 from ztun.errors import ConfigError, Diagnostic, ZtunError
 from ztun.route.compile import as_list, compile_router
 from ztun.route.router import Router
@@ -71,6 +71,32 @@ def _load_rule_sets(
     return dict(result.sets)
 
 
+def _overlaps(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    """One path lies inside the other (or they are the same)."""
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
+
+
+def _merge_compile(diagnostics: list[Diagnostic], compiled: list[Diagnostic]) -> list[Diagnostic]:
+    """Compiler findings the validator has not already reported, in config words.
+
+    The schema catches many of the same mistakes (a malformed port range, say); one mistake
+    should give one message. Compiler warnings are dropped while errors exist: they reason
+    about rules that may not be what the user meant yet.
+    """
+    flagged = [d.path for d in diagnostics if d.severity == "error" and d.path]
+    has_errors = any(d.severity == "error" for d in diagnostics + compiled)
+    merged = []
+    for d in compiled:
+        if d.severity == "warning" and has_errors:
+            continue
+        if d.severity == "error" and any(_overlaps(d.path, p) for p in flagged):
+            continue
+        message = f"{format_path(d.path)}: {d.message}" if d.path else d.message
+        merged.append(Diagnostic(message, d.path, d.mark, d.severity))
+    return merged
+
+
 def _place(loaded: LoadedConfig | None, diagnostics: list[Diagnostic]) -> list[Diagnostic]:
     """Give each diagnostic its mark, drop repeats, and sort by where they were written."""
     placed: list[Diagnostic] = []
@@ -106,13 +132,17 @@ def check_file(path: str | Path, *, offline: bool = True) -> CheckResult:
         return CheckResult(None, _place(None, exc.diagnostics))
     diagnostics = list(loaded.diagnostics)
     diagnostics.extend(validate(loaded))
-    schema_ok = not any(d.severity == "error" for d in diagnostics)
+    errors_before = len(diagnostics)
     geoip = _open_geoip(loaded, diagnostics)
-    rule_sets = _load_rule_sets(loaded, diagnostics, offline=offline) if schema_ok else {}
+    geoip_failed = len(diagnostics) > errors_before
+    # Rule sets load even when the schema found mistakes elsewhere: a missing file is one more
+    # thing the user wants to hear about in the same run.
+    rule_sets = _load_rule_sets(loaded, diagnostics, offline=offline)
     router, compile_diagnostics = compile_router(
-        loaded.data, rule_sets=rule_sets, geoip=geoip, report_references=False
-    )
-    diagnostics.extend(compile_diagnostics)
+        loaded.data, rule_sets=rule_sets, geoip=geoip, report_references=False,
+        geoip_failed=geoip_failed,
+    )  # fmt: skip
+    diagnostics.extend(_merge_compile(diagnostics, compile_diagnostics))
     result = CheckResult(loaded, _place(loaded, diagnostics))
     if not result.errors:
         result.router = router

@@ -73,6 +73,8 @@ class _Compiler:
     rule_sets: Mapping[str, Sequence[HeadlessRule]]
     geoip: GeoIPDatabase | None
     report_references: bool
+    #: the config names a GeoIP database that could not be opened (already reported)
+    geoip_failed: bool = False
     diagnostics: list[Diagnostic] = field(default_factory=list)
 
     def error(self, message: str, path: ConfigPath) -> None:
@@ -134,7 +136,7 @@ class _Compiler:
 
     def _geoip(self, codes: list[Any], path: ConfigPath, *, source: bool) -> RuleItem:
         real = [str(c) for c in codes if str(c).lower() != "private"]
-        if real and self.geoip is None:
+        if real and self.geoip is None and not self.geoip_failed:
             self.error(
                 "geoip rules need a GeoIP database: set route.geoip.path to a MaxMind .mmdb file",
                 path,
@@ -205,6 +207,7 @@ class _Compiler:
                 self.error("a rule inside a rule set cannot name another rule set",
                            (*path, "rule_set"))  # fmt: skip
             sets = []
+            tags = [str(t) for t in tags]
             for i, tag in enumerate(tags):
                 if tag in self.rule_sets:
                     sets.append(self.rule_sets[tag])
@@ -314,9 +317,13 @@ class HeadlessMatcher:
         self.rules = list(rules)
 
     def match(self, meta: FlowMeta) -> bool:
-        # One state for the whole set, as sing-box shares it across a set's rules.
+        # Each rule alone, on fresh state, as `sing-box rule-set match` evaluates a set.
         state = MatchState()
-        return any(rule.match(meta, state) for rule in self.rules)
+        for rule in self.rules:
+            state.reset()
+            if rule.match(meta, state):
+                return True
+        return False
 
 
 def compile_router(
@@ -325,6 +332,7 @@ def compile_router(
     rule_sets: Mapping[str, Sequence[Any]] | None = None,
     geoip: GeoIPDatabase | None = None,
     report_references: bool = True,
+    geoip_failed: bool = False,
 ) -> tuple[Router | None, list[Diagnostic]]:
     """Compile `data['route']` into a Router.
 
@@ -335,11 +343,11 @@ def compile_router(
     route = data.get("route") or {}
     if not isinstance(route, Mapping):
         return None, [Diagnostic("'route' must be a mapping", ("route",))]
-    compiler = _Compiler({}, geoip, report_references)
+    compiler = _Compiler({}, geoip, report_references, geoip_failed)
 
     compiled_sets: dict[str, list[HeadlessRule]] = {}
     set_index = {
-        entry.get("tag"): i
+        str(entry.get("tag")): i
         for i, entry in enumerate(as_list(route.get("rule_set")))
         if isinstance(entry, Mapping)
     }
@@ -358,16 +366,19 @@ def compile_router(
     final = route.get("final")
     if final is None:
         final = str(outbounds[0].get("tag")) if outbounds else "direct"
-    elif report_references and final not in outbound_types:
+    elif report_references and str(final) not in outbound_types:
         compiler.error(f"route.final names unknown outbound '{final}'", ("route", "final"))
 
     rules = []
     catch_all: int | None = None
     for i, raw in enumerate(as_list(route.get("rules"))):
         path: ConfigPath = ("route", "rules", i)
+        errors_before = sum(d.severity == "error" for d in compiler.diagnostics)
         rule = compiler.rule(raw, path, headless=False, top=True)
         if rule is None:
             continue
+        # A rule whose fields failed to compile lost items; it must not pass for a catch-all.
+        broken = sum(d.severity == "error" for d in compiler.diagnostics) > errors_before
         if catch_all is not None:
             compiler.warn(f"this rule can never match: rule {catch_all} before it matches "
                           "every flow", path)  # fmt: skip
@@ -379,7 +390,7 @@ def compile_router(
         ):
             compiler.error(f"unknown outbound '{action.outbound}'", (*path, "outbound"))
         final_action = isinstance(rule.action, Route | Reject | HijackDNS)
-        if rule.is_catch_all and final_action and catch_all is None:
+        if rule.is_catch_all and final_action and catch_all is None and not broken:
             catch_all = i
         rules.append(rule)
     if catch_all is not None and route.get("final") is not None:

@@ -115,10 +115,31 @@ class DomainItem:
         return " ".join(parts)
 
 
-class DomainKeywordItem:
+class _DomainSearchItem:
+    """Shared shape of the items that search the domain for the first entry that hits."""
+
+    __slots__ = ()
+    #: how `explain` words a hit: "domain_keyword 'x' in 'name'"
+    _field = ""
+    _verb = ""
+
+    def _first(self, domain: str) -> str | None:
+        raise NotImplementedError
+
+    def match(self, meta: FlowMeta, state: MatchState) -> bool:
+        domain = meta.domain
+        return bool(domain) and self._first(domain) is not None  # type: ignore[arg-type]
+
+    def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
+        hit = self._first(meta.domain) if meta.domain else None
+        return None if hit is None else f"{self._field} '{hit}' {self._verb} '{meta.domain}'"
+
+
+class DomainKeywordItem(_DomainSearchItem):
     """`domain_keyword`: a substring anywhere in the domain (one automaton for many keywords)."""
 
     __slots__ = ("_automaton", "_keywords")
+    _field, _verb = "domain_keyword", "in"
 
     def __init__(self, keywords: Iterable[str]) -> None:
         self._keywords = [k.lower() for k in keywords]
@@ -142,22 +163,15 @@ class DomainKeywordItem:
                 return k
         return None
 
-    def match(self, meta: FlowMeta, state: MatchState) -> bool:
-        domain = meta.domain
-        return bool(domain) and self._first(domain) is not None  # type: ignore[arg-type]
-
-    def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
-        hit = self._first(meta.domain) if meta.domain else None
-        return None if hit is None else f"domain_keyword '{hit}' in '{meta.domain}'"
-
     def __str__(self) -> str:
         return f"domain_keyword={_preview(self._keywords)}"
 
 
-class DomainRegexItem:
+class DomainRegexItem(_DomainSearchItem):
     """`domain_regex`: unanchored search, like Go's `MatchString` that sing-box uses."""
 
     __slots__ = ("_patterns", "_sources")
+    _field, _verb = "domain_regex", "matches"
 
     def __init__(self, patterns: Iterable[str]) -> None:
         self._sources = list(patterns)
@@ -168,14 +182,6 @@ class DomainRegexItem:
             if pattern.search(domain):
                 return source
         return None
-
-    def match(self, meta: FlowMeta, state: MatchState) -> bool:
-        domain = meta.domain
-        return bool(domain) and self._first(domain) is not None  # type: ignore[arg-type]
-
-    def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
-        hit = self._first(meta.domain) if meta.domain else None
-        return None if hit is None else f"domain_regex '{hit}' matches '{meta.domain}'"
 
     def __str__(self) -> str:
         return f"domain_regex={_preview(self._sources)}"
@@ -456,10 +462,14 @@ class FieldInItem:
 
 
 class RuleSetItem:
-    """`rule_set`: any rule of any named set matches, sharing the outer rule's match state.
+    """`rule_set`: the flow matches any of the named sets.
 
-    Sharing is what sing-box does: an inner set's `domain_suffix` hit satisfies the outer rule's
-    destination-address group, so a rule `{ip_cidr: [...], rule_set: [x]}` matches either.
+    As sing-box 1.14.4 does it (pinned by tests/integration/test_singbox_oracle.py):
+    - a set of exactly one plain rule is *merged* into the rule that names it, group by group:
+      it shares the outer rule's match state, so `{port: 80, rule_set: [s]}` with
+      `s = [{ip_cidr: 10/8, port: 443}]` means `ip_cidr 10/8 and port 80 or 443`;
+    - any other set (two or more rules, or one logical rule) is one condition of its own: each of
+      its rules is matched alone, on fresh state, and the set matches when one of them does.
     """
 
     __slots__ = ("_match_source", "_sets", "_tags")
@@ -467,25 +477,43 @@ class RuleSetItem:
     def __init__(
         self, tags: Sequence[str], sets: Sequence[Sequence[HeadlessRule]], *, match_source: bool
     ) -> None:
+        from ztun.route.rule import DefaultRule
+
         self._tags = list(tags)
-        self._sets = [list(s) for s in sets]
+        #: per set: (merged rule or None, the set's rules)
+        self._sets = [
+            (s[0] if len(s) == 1 and isinstance(s[0], DefaultRule) else None, list(s)) for s in sets
+        ]
         self._match_source = match_source
 
+    def _match_set(
+        self, merged: HeadlessRule | None, rules: list[HeadlessRule], meta: FlowMeta,
+        state: MatchState,
+    ) -> int | None:  # fmt: skip
+        """Index of the rule of one set that matches, or None."""
+        if merged is not None:
+            state.ip_cidr_match_source = self._match_source
+            return 0 if merged.match(meta, state) else None
+        alone = type(state)()
+        for index, rule in enumerate(rules):
+            alone.reset()
+            alone.ip_cidr_match_source = self._match_source
+            if rule.match(meta, alone):
+                return index
+        return None
+
     def match(self, meta: FlowMeta, state: MatchState) -> bool:
-        state.ip_cidr_match_source = self._match_source
-        for rules in self._sets:
-            for rule in rules:
-                if rule.match(meta, state):
-                    return True
+        for merged, rules in self._sets:
+            if self._match_set(merged, rules, meta, state) is not None:
+                return True
         return False
 
     def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
-        state.ip_cidr_match_source = self._match_source
-        for tag, rules in zip(self._tags, self._sets, strict=True):
-            for index, rule in enumerate(rules):
-                if rule.match(meta, state):
-                    why = rule.explain(meta)
-                    return f"rule_set '{tag}' rule {index}" + (f" ({why})" if why else "")
+        for tag, (merged, rules) in zip(self._tags, self._sets, strict=True):
+            index = self._match_set(merged, rules, meta, state)
+            if index is not None:
+                why = rules[index].explain(meta)
+                return f"rule_set '{tag}' rule {index}" + (f" ({why})" if why else "")
         return None
 
     def __str__(self) -> str:

@@ -135,17 +135,34 @@ def test_logical_rules() -> None:
     assert decide(rules, FlowMeta(network="tcp", destination_port=443)).outbound == "direct"
 
 
-def test_rule_set_entries_join_the_outer_rule_groups() -> None:
-    sets = {"s": [{"domain": ["b.example"]}, {"ip_cidr": ["203.0.113.0/24"], "port": [22]}]}
-    rules = [{"ip_cidr": ["198.51.100.0/24"], "rule_set": ["s"], "outbound": "proxy"}]
+def test_set_of_one_rule_merges_into_the_outer_groups() -> None:
+    # sing-box 1.14.4: a one-rule set adds its entries to the naming rule's groups.
+    sets = {"one": [{"ip_cidr": ["203.0.113.0/24"], "port": [22]}]}
+    rules = [{"ip_cidr": ["198.51.100.0/24"], "port": [80], "rule_set": ["one"],
+              "outbound": "proxy"}]  # fmt: skip
     r = router(rules, sets=sets)
-    assert r.decide_all(FlowMeta(domain="b.example")).outbound == "proxy"
-    assert r.decide_all(FlowMeta(destination=ip("198.51.100.1"))).outbound == "proxy"
-    assert r.decide_all(FlowMeta(destination=ip("203.0.113.1"), destination_port=22)).outbound \
-        == "proxy"  # fmt: skip
-    assert r.decide_all(FlowMeta(destination=ip("203.0.113.1"), destination_port=80)).outbound \
-        == "direct"  # fmt: skip
-    assert r.decide_all(FlowMeta(domain="c.example")).outbound == "direct"
+    for dest, port, want in [
+        ("198.51.100.1", 80, "proxy"), ("198.51.100.1", 22, "proxy"),
+        ("203.0.113.1", 80, "proxy"), ("203.0.113.1", 22, "proxy"),
+        ("203.0.113.1", 443, "direct"), ("192.0.2.1", 80, "direct"),
+    ]:  # fmt: skip
+        meta = FlowMeta(destination=ip(dest), destination_port=port)
+        assert r.decide_all(meta).outbound == want, (dest, port)
+
+
+def test_set_of_several_rules_is_one_condition() -> None:
+    # ...while a set of two or more rules is matched rule by rule, alone, and ANDed.
+    sets = {"s": [{"domain": ["b.example"]}, {"ip_cidr": ["203.0.113.0/24"], "port": [22]}]}
+    r = router([{"port": [22, 80], "rule_set": ["s"], "outbound": "proxy"}], sets=sets)
+    assert r.decide_all(FlowMeta(domain="b.example", destination_port=80)).outbound == "proxy"
+    meta = FlowMeta(destination=ip("203.0.113.1"), destination_port=22)
+    assert r.decide_all(meta).outbound == "proxy"
+    meta = FlowMeta(destination=ip("203.0.113.1"), destination_port=80)
+    assert r.decide_all(meta).outbound == "direct"  # the set's own port is not met
+    assert r.decide_all(FlowMeta(domain="b.example", destination_port=443)).outbound == "direct"
+    # The outer rule's own address fields do not stand in for the set.
+    r = router([{"domain": ["a.example"], "rule_set": ["s"], "outbound": "proxy"}], sets=sets)
+    assert r.decide_all(FlowMeta(domain="a.example")).outbound == "direct"
 
 
 def test_rule_set_ip_cidr_match_source() -> None:
@@ -180,8 +197,10 @@ def test_actions_and_sniff_resume() -> None:
 
 def test_explain_names_the_matching_entries() -> None:
     sets = {"ads": [{"domain_suffix": ["ads.example"]}]}
-    rules = [{"rule_set": ["ads"], "outbound": "block"},
-             {"domain_keyword": ["video"], "port_range": ["400:500"], "outbound": "proxy"}]
+    rules = [
+        {"rule_set": ["ads"], "outbound": "block"},
+        {"domain_keyword": ["video"], "port_range": ["400:500"], "outbound": "proxy"},
+    ]
     r = router(rules, sets=sets)
     e = r.explain(FlowMeta(domain="x.ads.example"))
     assert "rule_set 'ads' rule 0" in e.reasons[0] and "ads.example" in e.reasons[0]

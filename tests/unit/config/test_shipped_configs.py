@@ -1,0 +1,121 @@
+"""Every shipped profile and example loads, validates and checks with zero errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import re
+from pathlib import Path
+
+import pytest
+
+from ztun.config.loader import PROFILE_DIR, list_profiles, load_config, load_config_text
+from ztun.config.validate import SCHEMA_PATH, validate
+
+ROOT = Path(__file__).resolve().parents[3]
+SHIPPED = sorted((ROOT / "configs").glob("*/*.yaml"))
+PROFILES = ["block-ads", "bypass-private", "geoip-split", "global-proxy", "split-dns"]
+EXAMPLES = ["local-proxy", "profile-override", "tun-split"]
+HAS_CHECK = importlib.util.find_spec("ztun.config.check") is not None
+
+# documentation, private, loopback and ULA ranges are the only addresses examples may use
+ALLOWED = [ipaddress.ip_network(n) for n in (
+    "127.0.0.0/8", "::1/128", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32",
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7", "fe80::/10", "198.18.0.0/15",
+)]  # fmt: skip
+IPV4ISH = re.compile(r"(?<![\w.])(\d{1,3}(?:\.\d{1,3}){3})(?:/\d+)?(?![\w.])")
+
+
+def test_the_expected_files_are_shipped() -> None:
+    assert {p.stem for p in (ROOT / "configs" / "profiles").glob("*.yaml")} >= set(PROFILES)
+    assert {p.stem for p in (ROOT / "configs" / "examples").glob("*.yaml")} >= set(EXAMPLES)
+    assert PROFILE_DIR == ROOT / "configs" / "profiles"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_config_loads_and_validates(path: Path) -> None:
+    loaded = load_config(path, env={})
+    problems = [str(d) for d in loaded.diagnostics + validate(loaded)]
+    assert problems == []
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_config_header_and_description(path: Path) -> None:
+    first = path.read_text().splitlines()[0]
+    ref = first.removeprefix("# yaml-language-server: $schema=")
+    assert ref != first, "the first line must be the yaml-language-server schema line"
+    assert (path.parent / ref).resolve() == SCHEMA_PATH
+    description = load_config(path, env={}).data.get("description")
+    assert isinstance(description, str) and description and "\n" not in description
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_config_uses_only_documentation_or_private_addresses(path: Path) -> None:
+    for match in IPV4ISH.finditer(path.read_text()):
+        address = ipaddress.ip_address(match.group(1))
+        assert any(address in net for net in ALLOWED), f"{path.name}: {address}"
+    loaded = load_config(path, env={})
+    for value in _strings(loaded.data):
+        try:
+            network = ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            continue
+        assert any(network.subnet_of(net) for net in ALLOWED if net.version == network.version), (
+            f"{path.name}: {value}"
+        )
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in _strings(item)]
+    return []
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_each_profile_can_be_included_by_name_from_elsewhere(name: str, tmp_path: Path) -> None:
+    loaded = load_config_text(f"include: [{name}]\n", base_dir=tmp_path, env={})
+    assert [str(d) for d in loaded.diagnostics + validate(loaded)] == []
+    for key in ("geoip",):
+        path = loaded.data.get("route", {}).get(key, {}).get("path")
+        if path:
+            assert loaded.resolve_path(path).is_file()
+    for rule_set in loaded.data.get("route", {}).get("rule_set", []):
+        if rule_set.get("type") == "local":
+            assert loaded.resolve_path(rule_set["path"]).is_file()
+
+
+def test_profiles_are_listed_with_their_descriptions() -> None:
+    listed = {name: desc for name, desc, _ in list_profiles()}
+    for name in PROFILES:
+        assert listed[name] == load_config(PROFILE_DIR / f"{name}.yaml", env={}).data["description"]
+
+
+def test_environment_overrides_the_profile_defaults() -> None:
+    env = {"ZTUN_SOCKS_SERVER": "203.0.113.7", "ZTUN_SOCKS_PORT": "1081",
+           "ZTUN_DIRECT_COUNTRY": "de"}  # fmt: skip
+    loaded = load_config(PROFILE_DIR / "geoip-split.yaml", env=env)
+    proxy = loaded.data["outbounds"][1]
+    assert (proxy["server"], proxy["server_port"]) == ("203.0.113.7", 1081)
+    assert loaded.data["route"]["rules"][0]["geoip"] == "de"
+
+
+def test_local_proxy_example_is_the_rootless_one() -> None:
+    data = load_config(ROOT / "configs" / "examples" / "local-proxy.yaml", env={}).data
+    assert [(i["type"], i["listen"], i["listen_port"]) for i in data["inbounds"]] == [
+        ("mixed", "127.0.0.1", 2080)
+    ]
+    assert {o["type"] for o in data["outbounds"]} == {"direct", "block"}
+
+
+@pytest.mark.skipif(not HAS_CHECK, reason="ztun/config/check.py (the lead's pipeline) is missing")
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_config_passes_check_file(path: Path) -> None:
+    from ztun.config.check import check_file
+
+    result = check_file(path)
+    assert [str(d) for d in result.diagnostics] == []
+    assert result.router is not None

@@ -1,0 +1,498 @@
+"""Checking a loaded config: the JSON schema plus the cross-references the schema cannot express.
+
+Owns the translation of schema errors into one clear Diagnostic each, placed at the offending key
+(with "did you mean" for misspelt keys, tags and enum values), and the semantic checks that
+sing-box's own `check` misses: references to missing tags, duplicate tags, a config without
+outbounds, DNS defaults that cannot work, and TUN prefixes too small for the system stack.
+
+Value-level checks (CIDR parsing, regex compiling, port-range bounds, GeoIP files) belong to the
+rule compiler. `validate` never raises, whatever shape the data has.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+from collections.abc import Iterator, Sequence
+from functools import cache
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+
+from ztun.config.loader import LoadedConfig
+from ztun.config.schema import SCHEMA_PATH
+from ztun.config.schema import schema as load_schema
+from ztun.errors import ConfigPath, Diagnostic, Mark, Severity
+
+__all__ = ["SCHEMA_PATH", "format_path", "load_schema", "validate"]
+
+_Finding = tuple[ConfigPath, str, Severity]
+
+_TYPE_WORDS = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "object": "a mapping",
+    "array": "a list",
+    "null": "nothing",
+}
+
+
+@cache
+def _validator() -> Draft202012Validator:
+    return Draft202012Validator(load_schema())
+
+
+def validate(loaded: LoadedConfig) -> list[Diagnostic]:
+    """Every schema and reference problem of the merged config, sorted by position.
+
+    Does not repeat `loaded.diagnostics` (problems found while loading): callers report both.
+    """
+    findings: list[_Finding] = []
+    try:
+        findings.extend(_schema_findings(loaded.data))
+    except RecursionError:
+        findings.append(((), "the config is nested too deeply to check", "error"))
+    except Exception as exc:  # never raise: report, and let the other checks run
+        findings.append(((), f"internal error while checking the schema: {exc!r}", "error"))
+    checks = (
+        _duplicate_tags,
+        _references,
+        _outbound_presence,
+        _dns_defaults,
+        _tun_prefixes,
+        _listen_clashes,
+    )
+    for check in checks:
+        try:
+            findings.extend(check(loaded.data, loaded))
+        except Exception as exc:  # a bug in one check must not hide the others' findings
+            findings.append(((), f"internal error while checking the config: {exc!r}", "error"))
+    out: list[Diagnostic] = []
+    seen: set[tuple[ConfigPath, str]] = set()
+    for path, message, severity in findings:
+        if (path, message) in seen:
+            continue
+        seen.add((path, message))
+        out.append(Diagnostic(message, path, loaded.mark_for(path), severity))
+    order = {name: index for index, name in enumerate(loaded.files)}
+
+    def position(d: Diagnostic) -> tuple[int, int, int, int]:
+        if d.mark is None:
+            return (1, 0, 0, 0)
+        return (0, order.get(d.mark.file, len(order)), d.mark.line, d.mark.column)
+
+    out.sort(key=position)
+    return out
+
+
+# --- wording --------------------------------------------------------------------------------------
+
+
+def format_path(path: Sequence[str | int]) -> str:
+    """A config path in config words: ("route", "rules", 3, "port") -> "route.rules[3].port"."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "config"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _did_you_mean(word: Any, candidates: Sequence[Any]) -> str:
+    if not isinstance(word, str):
+        return ""
+    names = [str(c) for c in candidates]
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    if not close:
+        close = [n for n in names if n.lower() == word.lower()]
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+# --- schema ---------------------------------------------------------------------------------------
+
+
+def _schema_findings(data: Any) -> Iterator[_Finding]:
+    for error in _validator().iter_errors(data):
+        yield from _explain(error)
+
+
+def _x_error(schema: Any, instance: Any) -> str | None:
+    if isinstance(schema, dict) and isinstance(schema.get("x-error"), str):
+        return str(schema["x-error"]).replace("{value}", _show(instance))
+    return None
+
+
+def _pick(error: ValidationError) -> list[ValidationError]:
+    """The sub-errors of an anyOf/oneOf that say most about what is wrong, or none.
+
+    An empty list means the alternatives as a whole explain it best (the wrapper's x-error, or
+    a list of the types that would have been accepted).
+    """
+    subs = list(error.context or [])
+    if not subs:
+        return []
+    depth = len(error.absolute_path)
+    deeper = [e for e in subs if len(e.absolute_path) > depth]
+    if deeper:
+        # a branch got further into the value (e.g. the list form of a listable): report every
+        # problem that branch found, there
+        best = max(deeper, key=lambda e: (len(e.absolute_path), e.validator != "type"))
+        branch = best.relative_schema_path[0] if best.relative_schema_path else None
+        return [e for e in deeper if (e.relative_schema_path or [None])[0] == branch]
+    specific = [e for e in subs if e.validator != "type"]
+    with_text = [e for e in specific if _x_error(e.schema, e.instance)]
+    if with_text:
+        return with_text[:1]
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    if specific and (schema.get("x-listable") or not _x_error(schema, error.instance)):
+        # a single value of the right type but a wrong value: the item's own error is precise
+        return specific[:1]
+    return []
+
+
+def _explain(error: ValidationError) -> Iterator[_Finding]:
+    path: ConfigPath = tuple(error.absolute_path)
+    where = format_path(path)
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    instance = error.instance
+    kind = error.validator
+
+    if kind in ("anyOf", "oneOf"):
+        chosen = _pick(error)
+        if chosen:
+            for sub in chosen:
+                yield from _explain(sub)
+            return
+        text = _x_error(schema, instance)
+        if text is None:
+            types = [s.get("type") for s in error.validator_value if isinstance(s, dict)]
+            words = [_TYPE_WORDS.get(t, str(t)) for t in types if isinstance(t, str)]
+            text = f"expected {' or '.join(words) or 'another value'}, got {_show(instance)}"
+        yield (path, f"{where}: {text}", "error")
+        return
+
+    if kind == "additionalProperties" and isinstance(instance, dict):
+        allowed = list(schema.get("properties", {}))
+        hints = schema.get("x-hints", {}) if isinstance(schema.get("x-hints"), dict) else {}
+        for key in instance:
+            if key in allowed:
+                continue
+            message = f"{where}: unknown key {key!r}"
+            if key in hints:
+                message += f": {hints[key]}"
+            else:
+                suggestion = _did_you_mean(key, allowed)
+                if suggestion:
+                    message += suggestion
+                elif len(allowed) <= 16:
+                    message += f" (known keys: {', '.join(allowed)})"
+            yield ((*path, key), message, "error")
+        return
+
+    if kind == "required" and isinstance(instance, dict):
+        custom = _x_error(schema, instance)
+        for name in error.validator_value:
+            if name not in instance:
+                text = custom or f"missing required key {name!r}"
+                yield (path, f"{where}: {text}", "error")
+        return
+
+    custom = _x_error(schema, instance)
+    if custom is not None:
+        yield (path, f"{where}: {custom}", "error")
+        return
+
+    value = error.validator_value
+    if kind == "type":
+        wanted = value if isinstance(value, list) else [value]
+        words = " or ".join(_TYPE_WORDS.get(str(t), str(t)) for t in wanted)
+        text = f"expected {words}, got {_show(instance)}"
+    elif kind == "enum":
+        options = ", ".join(str(v) for v in value)
+        text = f"{_show(instance)} is not one of: {options}{_did_you_mean(instance, value)}"
+    elif kind == "const":
+        text = f"{_show(instance)} must be {value!r}"
+    elif kind == "minimum":
+        text = f"{_show(instance)} is below the minimum {value}"
+    elif kind == "maximum":
+        text = f"{_show(instance)} is above the maximum {value}"
+    elif kind == "minLength":
+        text = "must not be empty" if value == 1 else f"needs at least {value} characters"
+    elif kind == "minItems":
+        text = f"needs at least {value} item{'s' if value != 1 else ''}"
+    elif kind == "pattern":
+        text = f"{_show(instance)} does not match the pattern {value}"
+    elif kind in ("not", "false"):
+        text = "is not allowed here"
+    else:
+        text = error.message
+    yield (path, f"{where}: {text}", "error")
+
+
+# --- semantic checks ------------------------------------------------------------------------------
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _listable(value: Any, path: ConfigPath) -> Iterator[tuple[Any, ConfigPath]]:
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            yield item, (*path, index)
+    elif value is not None:
+        yield value, path
+
+
+def _tagged(items: Any, path: ConfigPath) -> Iterator[tuple[str, ConfigPath, dict[str, Any]]]:
+    for index, item in enumerate(_list(items)):
+        if isinstance(item, dict) and isinstance(item.get("tag"), str):
+            yield item["tag"], (*path, index), item
+
+
+_TAGGED_LISTS: tuple[tuple[ConfigPath, str], ...] = (
+    (("inbounds",), "inbound"),
+    (("outbounds",), "outbound"),
+    (("route", "rule_set"), "rule set"),
+    (("dns", "servers"), "DNS server"),
+)
+
+
+def _get(data: Any, path: ConfigPath) -> Any:
+    for key in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)  # type: ignore[call-overload]
+    return data
+
+
+def _where(loaded: LoadedConfig, path: ConfigPath) -> str:
+    mark: Mark | None = loaded.mark_for(path)
+    return f"{format_path(path)} ({mark})" if mark else format_path(path)
+
+
+def _duplicate_tags(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
+    for list_path, what in _TAGGED_LISTS:
+        first: dict[str, ConfigPath] = {}
+        for tag, item_path, _ in _tagged(_get(data, list_path), list_path):
+            if tag in first:
+                yield (
+                    (*item_path, "tag"),
+                    f"{format_path((*item_path, 'tag'))}: duplicate {what} tag {tag!r}; "
+                    f"{_where(loaded, (*first[tag], 'tag'))} already uses it",
+                    "error",
+                )
+            else:
+                first[tag] = item_path
+
+
+def _unknown(
+    value: Any, path: ConfigPath, known: list[str], what: str, severity: Severity = "error"
+) -> Iterator[_Finding]:
+    known = list(dict.fromkeys(known))
+    for item, item_path in _listable(value, path):
+        if not isinstance(item, str) or item in known:
+            continue
+        message = f"{format_path(item_path)}: no {what} tagged {item!r}"
+        suggestion = _did_you_mean(item, known)
+        if suggestion:
+            message += suggestion
+        elif known:
+            message += f" ({what}s: {', '.join(known)})"
+        else:
+            message += f" (there are no {what}s)"
+        if severity == "warning":
+            message += "; this rule can never match"
+        yield (item_path, message, severity)
+
+
+def _walk_rules(rules: Any, path: ConfigPath) -> Iterator[tuple[dict[str, Any], ConfigPath, bool]]:
+    """Every rule with its path; the flag says whether it is a top-level rule (with an action)."""
+    stack: list[tuple[Any, ConfigPath, bool]] = [
+        (rule, (*path, index), True) for index, rule in enumerate(_list(rules))
+    ]
+    stack.reverse()
+    while stack:
+        rule, rule_path, top = stack.pop()
+        if not isinstance(rule, dict):
+            continue
+        yield rule, rule_path, top
+        if rule.get("type") == "logical":
+            nested = [
+                (sub, (*rule_path, "rules", index), False)
+                for index, sub in enumerate(_list(rule.get("rules")))
+            ]
+            stack.extend(reversed(nested))
+
+
+def _references(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
+    del loaded
+    outbounds = [t for t, _, _ in _tagged(_get(data, ("outbounds",)), ("outbounds",))]
+    inbounds = [t for t, _, _ in _tagged(_get(data, ("inbounds",)), ("inbounds",))]
+    rule_sets = [t for t, _, _ in _tagged(_get(data, ("route", "rule_set")), ())]
+    servers = [t for t, _, _ in _tagged(_get(data, ("dns", "servers")), ())]
+
+    for section, target, known, what in (
+        ("route", "outbound", outbounds, "outbound"),
+        ("dns", "server", servers, "DNS server"),
+    ):
+        rules_path: ConfigPath = (section, "rules")
+        for rule, path, top in _walk_rules(_get(data, rules_path), rules_path):
+            if top and target in rule:
+                yield from _unknown(rule[target], (*path, target), known, what)
+            if "rule_set" in rule:
+                yield from _unknown(rule["rule_set"], (*path, "rule_set"), rule_sets, "rule set")
+            if "inbound" in rule:
+                yield from _unknown(
+                    rule["inbound"], (*path, "inbound"), inbounds, "inbound", "warning"
+                )
+
+    final = _get(data, ("route", "final"))
+    if final is not None:
+        yield from _unknown(final, ("route", "final"), outbounds, "outbound")
+    dns_final = _get(data, ("dns", "final"))
+    if dns_final is not None:
+        yield from _unknown(dns_final, ("dns", "final"), servers, "DNS server")
+    for _, path, server in _tagged(_get(data, ("dns", "servers")), ("dns", "servers")):
+        if "detour" in server:
+            yield from _unknown(server["detour"], (*path, "detour"), outbounds, "outbound")
+    for index, rule_set in enumerate(_list(_get(data, ("route", "rule_set")))):
+        if isinstance(rule_set, dict) and "download_detour" in rule_set:
+            path = ("route", "rule_set", index, "download_detour")
+            yield from _unknown(rule_set["download_detour"], path, outbounds, "outbound")
+
+
+def _outbound_presence(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
+    del loaded
+    outbounds = _get(data, ("outbounds",))
+    if outbounds is None or outbounds == []:
+        yield (
+            ("outbounds",),
+            "no outbounds: add at least one (e.g. {type: direct, tag: direct})",
+            "error",
+        )
+    elif isinstance(outbounds, list) and _get(data, ("route", "final")) is None:
+        first = outbounds[0]
+        if not (isinstance(first, dict) and isinstance(first.get("tag"), str)):
+            yield (
+                ("outbounds", 0),
+                "outbounds[0]: route.final is not set, so the first outbound is the default, "
+                "but it has no tag; add a tag or set route.final",
+                "error",
+            )
+
+
+def _dns_defaults(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
+    del loaded
+    dns = _dict(_get(data, ("dns",)))
+    servers = list(_tagged(dns.get("servers"), ("dns", "servers")))
+    kinds = {tag: server.get("type") for tag, _, server in servers}
+    final = dns.get("final")
+    if isinstance(final, str):
+        if kinds.get(final) == "fakeip":
+            yield (
+                ("dns", "final"),
+                f"dns.final: {final!r} is a fakeip server, which cannot be "
+                "the default: choose a server that resolves for real",
+                "error",
+            )
+    elif final is None and servers and kinds.get(servers[0][0]) == "fakeip":
+        yield (
+            (*servers[0][1], "type"),
+            f"{format_path(servers[0][1])}: the first DNS server is "
+            "the default when dns.final is not set, and a fakeip server cannot be the default: "
+            "set dns.final or put another server first",
+            "error",
+        )
+    if _list(dns.get("rules")) and not _list(dns.get("servers")):
+        yield (
+            ("dns", "rules"),
+            "dns.rules: there are no dns.servers for the rules to use",
+            "error",
+        )
+
+
+def _tun_prefixes(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
+    del loaded
+    for index, inbound in enumerate(_list(_get(data, ("inbounds",)))):
+        if not isinstance(inbound, dict) or inbound.get("type") != "tun":
+            continue
+        seen_versions: set[int] = set()
+        base: ConfigPath = ("inbounds", index, "address")
+        for item, path in _listable(inbound.get("address"), base):
+            if not isinstance(item, str) or "/" not in item:
+                continue  # the schema reports an address without a prefix length
+            try:
+                iface = ipaddress.ip_interface(item)
+            except ValueError:
+                continue  # malformed prefixes are reported by the schema and the compiler
+            if iface.version in seen_versions:
+                continue
+            # the system stack uses the first prefix of each family: address A and A+1
+            seen_versions.add(iface.version)
+            network = iface.network
+            if network.prefixlen == network.max_prefixlen:
+                wider = 30 if iface.version == 4 else 126
+                yield (
+                    path,
+                    f"{format_path(path)}: {item} leaves no second address for the "
+                    f"system stack, which needs {iface.ip + 1} too: use a /{wider} such as "
+                    f"{iface.ip}/{wider}",
+                    "error",
+                )
+                continue
+            try:
+                peer = iface.ip + 1
+            except ValueError:  # the last address of the family has no successor
+                peer = None
+            if peer is None or peer not in network:
+                first_host = network.network_address + 1
+                yield (
+                    path,
+                    f"{format_path(path)}: the system stack needs the address after "
+                    f"{iface.ip}, which is outside {network}: use an earlier address such as "
+                    f"{first_host}/{network.prefixlen}",
+                    "error",
+                )
+
+
+def _listen_clashes(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
+    used: dict[tuple[str, int], ConfigPath] = {}
+    for index, inbound in enumerate(_list(_get(data, ("inbounds",)))):
+        if not isinstance(inbound, dict) or inbound.get("type") != "mixed":
+            continue
+        port = inbound.get("listen_port")
+        listen = inbound.get("listen", "127.0.0.1")
+        if not isinstance(port, int) or isinstance(port, bool) or not isinstance(listen, str):
+            continue
+        path: ConfigPath = ("inbounds", index, "listen_port")
+        if (listen, port) in used:
+            yield (
+                path,
+                f"{format_path(path)}: {listen}:{port} is already used by "
+                f"{_where(loaded, used[(listen, port)])}",
+                "error",
+            )
+        else:
+            used[(listen, port)] = path
