@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ztun.dispatch import Dispatcher, RouterLike, wait_closed
-from ztun.errors import ConfigError, ZtunError
+from ztun.errors import ZtunError
 from ztun.inbound.mixed import MixedInbound
 from ztun.outbound.base import Outbound
 from ztun.outbound.registry import build_outbound
@@ -71,29 +71,10 @@ def setup_logging(options: Mapping[str, Any] | None, override: str | None = None
 
 def load(path: str | Path) -> tuple[dict[str, Any], RouterLike]:
     """The config data and its router; raises ConfigError listing every mistake."""
-    try:
-        from ztun.config.check import load_and_compile
-    except ImportError:  # pragma: no cover - the config loader is not on this branch yet
-        return _load_plain(path)
+    from ztun.config.check import load_and_compile
+
     loaded, router = load_and_compile(path)
     return dict(loaded.data), router
-
-
-def _load_plain(path: str | Path) -> tuple[dict[str, Any], RouterLike]:
-    """Stand-in for the config loader while it is not merged: plain YAML, rules compiled."""
-    import yaml
-
-    from ztun.route.compile import compile_router
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ZtunError(f"{path}: {e}") from None
-    router, diagnostics = compile_router(data)
-    if router is None:
-        raise ConfigError(diagnostics)
-    return data, router
 
 
 class Box:
