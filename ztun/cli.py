@@ -191,6 +191,19 @@ def profiles(as_json: JsonOpt = False) -> None:
 
 
 @app.command()
+def run(
+    config: ConfigArg,
+    log_level: Annotated[
+        str | None, typer.Option("--log-level", help="Override log.level (debug, info, warn…).")
+    ] = None,
+) -> None:
+    """Start the inbounds and route every flow until SIGINT/SIGTERM."""
+    from ztun.box import run as run_box
+
+    raise typer.Exit(run_box(config, log_level))
+
+
+@app.command()
 def version() -> None:
     """Print ztun's version."""
     typer.echo(f"ztun {__version__}")

@@ -1,0 +1,194 @@
+"""`ztun run`: build inbounds, outbounds and the router from a config, run them, stop cleanly.
+
+Owns: the lifecycle (start inbounds; on the first SIGINT/SIGTERM stop accepting, let open flows
+finish with FIN for a bounded grace period, then close the rest and exit 0; on a second signal
+exit at once), the event loop choice (uvloop when installed), and logging setup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ztun.dispatch import Dispatcher, RouterLike, wait_closed
+from ztun.errors import ConfigError, ZtunError
+from ztun.inbound.mixed import MixedInbound
+from ztun.outbound.base import Outbound
+from ztun.outbound.registry import build_outbound
+
+log = logging.getLogger("ztun")
+
+#: Seconds open flows get to finish after the first signal.
+GRACE_PERIOD = 5.0
+
+_LEVELS = {
+    "trace": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "fatal": logging.CRITICAL,
+    "panic": logging.CRITICAL,
+}
+
+
+def setup_logging(options: Mapping[str, Any] | None, override: str | None = None) -> None:
+    """Configure the `ztun` logger from the config's `log` block; `override` is --log-level."""
+    opts = dict(options or {})
+    name = (override or opts.get("level") or "info").lower()
+    if name not in _LEVELS:
+        raise ZtunError(f"unknown log level {name!r} (use one of {', '.join(_LEVELS)})")
+    root = logging.getLogger("ztun")
+    root.handlers.clear()
+    root.propagate = False
+    if opts.get("disabled") and override is None:
+        root.addHandler(logging.NullHandler())
+        root.setLevel(logging.CRITICAL + 1)
+        return
+    output = opts.get("output")
+    handler: logging.Handler
+    if output:
+        try:
+            handler = logging.FileHandler(output, encoding="utf-8")
+        except OSError as e:
+            raise ZtunError(f"log.output: cannot open {output}: {e.strerror}") from None
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    fmt = "%(levelname)s %(message)s"
+    if opts.get("timestamp", True):
+        fmt = "%(asctime)s " + fmt
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(_LEVELS[name])
+
+
+def load(path: str | Path) -> tuple[dict[str, Any], RouterLike]:
+    """The config data and its router; raises ConfigError listing every mistake."""
+    try:
+        from ztun.config.check import load_and_compile
+    except ImportError:  # pragma: no cover - the config loader is not on this branch yet
+        return _load_plain(path)
+    loaded, router = load_and_compile(path)
+    return dict(loaded.data), router
+
+
+def _load_plain(path: str | Path) -> tuple[dict[str, Any], RouterLike]:
+    """Stand-in for the config loader while it is not merged: plain YAML, rules compiled."""
+    import yaml
+
+    from ztun.route.compile import compile_router
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ZtunError(f"{path}: {e}") from None
+    router, diagnostics = compile_router(data)
+    if router is None:
+        raise ConfigError(diagnostics)
+    return data, router
+
+
+class Box:
+    def __init__(
+        self, data: Mapping[str, Any], router: RouterLike, *, grace: float = GRACE_PERIOD
+    ) -> None:
+        self.data = data
+        self.grace = grace
+        outbounds: dict[str, Outbound] = {}
+        for opts in data.get("outbounds") or []:
+            outbounds[opts["tag"]] = build_outbound(opts)
+        self.dispatcher = Dispatcher(router, outbounds)
+        self.inbounds: list[MixedInbound] = []
+        for opts in data.get("inbounds") or []:
+            if opts.get("type") == "mixed":
+                self.inbounds.append(MixedInbound.from_options(opts, self.dispatcher))
+            else:
+                raise ZtunError(
+                    f"inbound {opts.get('tag')!r}: type {opts.get('type')!r} is not available "
+                    "in `ztun run` yet"
+                )
+        if not self.inbounds:
+            raise ZtunError("the config has no inbound to run")
+        self._stop = asyncio.Event()
+        self._signals = 0
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("%s: stopping (again to exit at once)", signal.Signals(signum).name)
+            self._stop.set()
+            return
+        log.warning("%s again: exiting now", signal.Signals(signum).name)
+        logging.shutdown()
+        os._exit(1)
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        started: list[MixedInbound] = []
+        try:
+            for inbound in self.inbounds:
+                await inbound.start()
+                started.append(inbound)
+        except ZtunError:
+            for inbound in started:
+                await inbound.stop()
+            raise
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        log.info("ztun started: %d inbound(s), %d outbound(s)",
+                 len(self.inbounds), len(self.dispatcher.outbounds))  # fmt: skip
+        await self._stop.wait()
+        for inbound in self.inbounds:
+            await inbound.stop()
+        tasks = set().union(*(i.tasks for i in self.inbounds))
+        if tasks:
+            log.info("waiting up to %gs for %d open flow(s)", self.grace, len(tasks))
+        clean = await wait_closed(tasks, self.grace)
+        if not clean:
+            log.info("grace period over: closed the remaining flows")
+        await self.dispatcher.close()
+        log.info("ztun stopped")
+        return 0
+
+
+def _runner() -> asyncio.Runner:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+
+def _raise_fd_limit() -> None:
+    """Each flow holds two sockets (plus pipes while data moves): lift the soft open-file
+    limit to the hard one, as Go programs such as sing-box do at start."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def run(path: str | Path, log_level: str | None = None, *, grace: float = GRACE_PERIOD) -> int:
+    """Run the config at `path` until a signal; the exit code."""
+    data, router = load(path)
+    setup_logging(data.get("log"), log_level)
+    _raise_fd_limit()
+    runner = asyncio.Runner() if os.environ.get("ZTUN_LOOP") == "asyncio" else _runner()
+    with runner:
+        return runner.run(_serve(data, router, grace))
+
+
+async def _serve(data: Mapping[str, Any], router: RouterLike, grace: float) -> int:
+    return await Box(data, router, grace=grace).serve()

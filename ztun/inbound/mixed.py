@@ -1,0 +1,555 @@
+"""The `mixed` inbound: SOCKS5, SOCKS4/4a and HTTP proxy on one TCP port.
+
+Owns: the listening socket, protocol detection from the first byte (0x05 SOCKS5, 0x04 SOCKS4/4a,
+anything else HTTP), the handshakes (through the sans-I/O codecs in ztun.proto), user checks,
+the replies for each outcome, and SOCKS5 UDP ASSOCIATE: one UDP relay socket per association,
+bound to the life of its TCP control connection, with a routing decision per destination.
+
+Limits: at most `max_flows` connections at once (more are closed at accept), a handshake
+timeout, and a bounded table of UDP destinations per association.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ztun.dispatch import Dispatcher, Flow, RejectedError, log_flow, meta_for
+from ztun.errors import ProtocolError
+from ztun.outbound.base import ErrorKind, OutboundError, UdpSession
+from ztun.proto import http_proxy, socks5
+from ztun.proto.socks5 import Address, AuthMethod, Command, Reply
+
+log = logging.getLogger("ztun.inbound")
+
+MAX_FLOWS = 4096
+HANDSHAKE_TIMEOUT = 10.0
+MAX_UDP_FLOWS = 1024
+#: Datagrams kept per outbound while its UDP session is being opened.
+MAX_UDP_PENDING = 64
+#: After an outbound failed to open a UDP session, drop its datagrams this long before retrying.
+UDP_RETRY_DELAY = 0.5
+
+T = TypeVar("T")
+
+
+class _Closed(Exception):
+    """The client closed the connection during the handshake."""
+
+
+@dataclass(slots=True)
+class _TcpRequest:
+    """What a handshake asked for, and how to answer it."""
+
+    proto: str  # "socks5", "socks4", "http-connect", "http"
+    dest: Address
+    user: str | None
+    leftover: bytes
+    http: http_proxy.ProxyRequest | None = None
+
+
+class MixedInbound:
+    type = "mixed"
+
+    def __init__(
+        self,
+        tag: str,
+        dispatcher: Dispatcher,
+        *,
+        listen: str = "127.0.0.1",
+        listen_port: int,
+        users: Mapping[str, str] | None = None,
+        max_flows: int = MAX_FLOWS,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> None:
+        self.tag = tag
+        self.dispatcher = dispatcher
+        self.listen = listen
+        self.listen_port = listen_port
+        self.users = dict(users or {})
+        self.max_flows = max_flows
+        self.handshake_timeout = handshake_timeout
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.sock: socket.socket | None = None
+        self.refused = 0
+        self.dropped_fragments = 0
+
+    @classmethod
+    def from_options(cls, opts: Mapping[str, Any], dispatcher: Dispatcher) -> MixedInbound:
+        users = {str(u["username"]): str(u.get("password", "")) for u in opts.get("users") or []}
+        return cls(
+            opts["tag"],
+            dispatcher,
+            listen=str(opts.get("listen") or "127.0.0.1"),
+            listen_port=int(opts["listen_port"]),
+            users=users,
+        )
+
+    # -- listening ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self.listen else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.listen, self.listen_port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError as e:
+            sock.close()
+            raise OutboundError(
+                ErrorKind.GENERAL,
+                f"inbound {self.tag!r}: cannot listen on {self.listen}:{self.listen_port}: "
+                f"{e.strerror or e}",
+            ) from None
+        self.sock = sock
+        self.listen_port = sock.getsockname()[1]
+        loop.add_reader(sock.fileno(), self._on_accept)
+        log.info("inbound %s (mixed) listening on %s", self.tag, self._where)
+
+    @property
+    def _where(self) -> str:
+        host = f"[{self.listen}]" if ":" in self.listen else self.listen
+        return f"{host}:{self.listen_port}"
+
+    async def stop(self) -> None:
+        """Stop accepting; flows already open go on."""
+        if self.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+    def _on_accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.sock is not None
+        for _ in range(64):
+            try:
+                conn, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and friends: say so, try again on the next wake-up
+                log.warning("inbound %s: accept failed: %s", self.tag, e.strerror or e)
+                return
+            if len(self.tasks) >= self.max_flows:
+                self.refused += 1
+                conn.close()
+                if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
+                    log.warning(
+                        "inbound %s: %d connections refused (max %d open flows)",
+                        self.tag,
+                        self.refused,
+                        self.max_flows,
+                    )
+                continue
+            conn.setblocking(False)
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = loop.create_task(self._handle(conn, (str(addr[0]), int(addr[1]))))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    # -- one connection -------------------------------------------------------------------
+
+    async def _handle(self, conn: socket.socket, source: tuple[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        buf = bytearray()
+        try:
+            try:
+                async with asyncio.timeout(self.handshake_timeout):
+                    first = await loop.sock_recv(conn, 16384)
+                    if not first:
+                        return
+                    buf += first
+                    if buf[0] == socks5.VERSION5:
+                        req = await self._socks5_handshake(conn, buf)
+                    elif buf[0] == socks5.VERSION4:
+                        req = await self._socks4_handshake(conn, buf)
+                    else:
+                        req = await self._http_handshake(conn, buf)
+            except TimeoutError:
+                log.debug("inbound %s: %s:%d: handshake timed out", self.tag, *source)
+                return
+            except _Closed:
+                return
+            except ProtocolError as e:
+                log.warning("inbound %s: %s:%d: bad request: %s", self.tag, *source, e)
+                if buf and buf[0] not in (socks5.VERSION4, socks5.VERSION5):
+                    status = 431 if "too large" in str(e) else 400
+                    with contextlib.suppress(OSError):
+                        await loop.sock_sendall(conn, http_proxy.build_response(status))
+                return
+            except OSError as e:
+                log.debug("inbound %s: %s:%d: %s", self.tag, *source, e.strerror or e)
+                return
+            if req is None:
+                return
+            if isinstance(req, _UdpAssociateRequest):
+                await UdpAssociation(self, conn, source, req.user).run()
+                return
+            await self._tcp_flow(conn, source, req)
+        finally:
+            conn.close()
+
+    async def _need(
+        self, conn: socket.socket, buf: bytearray, parse: Callable[[bytearray], T | None]
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        while True:
+            res = parse(buf)
+            if res is not None:
+                return res
+            data = await loop.sock_recv(conn, 16384)
+            if not data:
+                raise _Closed
+            buf += data
+
+    async def _socks5_handshake(
+        self, conn: socket.socket, buf: bytearray
+    ) -> _TcpRequest | _UdpAssociateRequest | None:
+        loop = asyncio.get_running_loop()
+        greeting, n = await self._need(conn, buf, socks5.parse_greeting)
+        del buf[:n]
+        wanted = AuthMethod.USERPASS if self.users else AuthMethod.NO_AUTH
+        if wanted not in greeting.methods:
+            await loop.sock_sendall(conn, socks5.build_method_selection(AuthMethod.NO_ACCEPTABLE))
+            log.warning(
+                "inbound %s: SOCKS5 client offers no %s method",
+                self.tag,
+                "username/password" if self.users else "no-auth",
+            )
+            return None
+        await loop.sock_sendall(conn, socks5.build_method_selection(wanted))
+        user = None
+        if self.users:
+            creds, n = await self._need(conn, buf, socks5.parse_userpass)
+            del buf[:n]
+            ok = self.users.get(creds.username) == creds.password
+            await loop.sock_sendall(conn, socks5.build_userpass_reply(ok))
+            if not ok:
+                log.warning("inbound %s: SOCKS5 auth failed for user %r", self.tag, creds.username)
+                return None
+            user = creds.username
+        request, n = await self._need(conn, buf, socks5.parse_request)
+        del buf[:n]
+        if request.command == Command.CONNECT:
+            return _TcpRequest("socks5", request.address, user, bytes(buf))
+        if request.command == Command.UDP_ASSOCIATE:
+            return _UdpAssociateRequest(request.address, user)
+        await loop.sock_sendall(conn, socks5.build_reply(Reply.COMMAND_NOT_SUPPORTED))
+        return None
+
+    async def _socks4_handshake(self, conn: socket.socket, buf: bytearray) -> _TcpRequest | None:
+        loop = asyncio.get_running_loop()
+        request, n = await self._need(conn, buf, socks5.parse_socks4_request)
+        del buf[:n]
+        if self.users or request.command != Command.CONNECT:
+            # SOCKS4 cannot carry a password, so it cannot pass a users list.
+            await loop.sock_sendall(conn, socks5.build_socks4_reply(False))
+            if self.users:
+                log.warning("inbound %s: SOCKS4 refused: this inbound requires users", self.tag)
+            return None
+        return _TcpRequest("socks4", request.address, None, bytes(buf))
+
+    async def _http_handshake(self, conn: socket.socket, buf: bytearray) -> _TcpRequest | None:
+        loop = asyncio.get_running_loop()
+        request, n = await self._need(conn, buf, http_proxy.parse_request)
+        del buf[:n]
+        user = None
+        if self.users:
+            creds = http_proxy.proxy_credentials(request)
+            if creds is None or self.users.get(creds[0]) != creds[1]:
+                await loop.sock_sendall(
+                    conn,
+                    http_proxy.build_response(
+                        407, extra_headers=(("Proxy-Authenticate", 'Basic realm="ztun"'),)
+                    ),
+                )
+                if creds is not None:
+                    log.warning("inbound %s: HTTP proxy auth failed for %r", self.tag, creds[0])
+                return None
+            user = creds[0]
+        dest = Address(request.host, request.port)
+        proto = "http-connect" if request.is_connect else "http"
+        return _TcpRequest(proto, dest, user, bytes(buf), request)
+
+    async def _tcp_flow(
+        self, conn: socket.socket, source: tuple[str, int], req: _TcpRequest
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        meta = meta_for("tcp", req.dest, source, self.tag, req.user)
+        flow = Flow(meta, req.dest)
+        try:
+            remote = await self.dispatcher.open_tcp(flow)
+        except OutboundError as e:
+            if isinstance(e, RejectedError) and e.drop:
+                return
+            with contextlib.suppress(OSError):
+                await loop.sock_sendall(conn, _failure_reply(req, e))
+            return
+        try:
+            initial = req.leftover
+            if req.proto == "socks5":
+                await loop.sock_sendall(conn, socks5.build_reply(Reply.SUCCEEDED))
+            elif req.proto == "socks4":
+                await loop.sock_sendall(conn, socks5.build_socks4_reply(True))
+            elif req.proto == "http-connect":
+                await loop.sock_sendall(conn, http_proxy.build_response(200))
+            else:
+                assert req.http is not None
+                initial = http_proxy.build_origin_request(req.http) + req.leftover
+            await self.dispatcher.relay_tcp(flow, conn, remote, initial)
+        except OSError as e:
+            flow.end, flow.error = "reset", e.strerror or str(e)
+            log_flow(flow)
+        finally:
+            remote.close()
+
+
+def _failure_reply(req: _TcpRequest, e: OutboundError) -> bytes:
+    if req.proto == "socks5":
+        return socks5.build_reply(e.socks_reply)
+    if req.proto == "socks4":
+        return socks5.build_socks4_reply(False)
+    return http_proxy.build_response(e.http_status)
+
+
+@dataclass(slots=True)
+class _UdpAssociateRequest:
+    address: Address
+    user: str | None
+
+
+# ---------------------------------------------------------------------------------------------
+# UDP ASSOCIATE
+
+
+@dataclass(slots=True)
+class _UdpFlow:
+    flow: Flow
+    outbound: str | None  # None: rejected, datagrams are dropped
+    last: float
+
+
+class UdpAssociation:
+    """One client's UDP ASSOCIATE: its relay socket, its flows (one per destination, each with
+    its own routing decision) and one outbound session per outbound tag."""
+
+    def __init__(
+        self, inbound: MixedInbound, conn: socket.socket, source: tuple[str, int], user: str | None
+    ) -> None:
+        self.inbound = inbound
+        self.dispatcher = inbound.dispatcher
+        self.conn = conn
+        self.source = source
+        self.user = user
+        self.loop = asyncio.get_running_loop()
+        self.udp: socket.socket | None = None
+        self.client: tuple[Any, ...] | None = None
+        self.flows: OrderedDict[tuple[str, int], _UdpFlow] = OrderedDict()
+        self.sessions: dict[str, UdpSession] = {}
+        self.opening: dict[str, list[tuple[Address, bytes]]] = {}
+        self.retry_after: dict[str, float] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+
+    async def run(self) -> None:
+        local_ip = str(self.conn.getsockname()[0])
+        family = socket.AF_INET6 if ":" in local_ip else socket.AF_INET
+        self.udp = socket.socket(family, socket.SOCK_DGRAM)
+        sweep: asyncio.TimerHandle | None = None
+        try:
+            self.udp.bind((local_ip, 0))
+            self.udp.setblocking(False)
+            bound = Address(local_ip, self.udp.getsockname()[1])
+            await self.loop.sock_sendall(self.conn, socks5.build_reply(Reply.SUCCEEDED, bound))
+            self.loop.add_reader(self.udp.fileno(), self._on_client)
+            sweep = self.loop.call_later(self._sweep_interval, self._sweep)
+            # The association lives as long as the control connection (RFC 1928 §7).
+            while True:
+                data = await self.loop.sock_recv(self.conn, 4096)
+                if not data:
+                    break
+        except OSError:
+            pass
+        finally:
+            self.closed = True
+            if sweep is not None:
+                sweep.cancel()
+            self._shutdown("closed")
+
+    @property
+    def _sweep_interval(self) -> float:
+        return max(self.dispatcher.udp_idle_timeout / 4, 0.05)
+
+    def _shutdown(self, why: str) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for uf in self.flows.values():
+            self._end_flow(uf, why)
+        self.flows.clear()
+        for s in self.sessions.values():
+            s.close()
+        self.sessions.clear()
+        if self.udp is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(self.udp.fileno())
+            self.udp.close()
+
+    def _end_flow(self, uf: _UdpFlow, why: str) -> None:
+        if not uf.flow.end:
+            uf.flow.end = why
+        log_flow(uf.flow)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        idle = self.dispatcher.udp_idle_timeout
+        for key in [k for k, uf in self.flows.items() if now - uf.last >= idle]:
+            self._end_flow(self.flows.pop(key), "idle")
+        in_use = {uf.outbound for uf in self.flows.values()}
+        for tag in [t for t in self.sessions if t not in in_use]:
+            self.sessions.pop(tag).close()
+        if not self.closed:
+            self.loop.call_later(self._sweep_interval, self._sweep)
+
+    # client → outbound
+    def _on_client(self) -> None:
+        assert self.udp is not None
+        for _ in range(64):
+            try:
+                data, addr = self.udp.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if self.client is None:
+                # Only the client that owns the control connection may use this relay.
+                if _same_ip(addr[0], self.source[0]):
+                    self.client = addr
+                else:
+                    continue
+            elif addr != self.client:
+                continue
+            try:
+                dgram = socks5.parse_udp_datagram(data)
+            except ProtocolError:
+                continue
+            if dgram.frag != 0:
+                self.inbound.dropped_fragments += 1
+                continue
+            self._forward(dgram.address, dgram.payload)
+
+    def _forward(self, dest: Address, payload: bytes) -> None:
+        key = (dest.host, dest.port)
+        now = self.loop.time()
+        uf = self.flows.get(key)
+        if uf is None:
+            uf = self._new_flow(dest, now)
+        else:
+            self.flows.move_to_end(key)
+        uf.last = now
+        tag = uf.outbound
+        if tag is None:
+            return
+        uf.flow.up += len(payload)
+        session = self.sessions.get(tag)
+        if session is not None and not session.closed:
+            session.send(uf.flow.dest, payload)
+            return
+        pending = self.opening.get(tag)
+        if pending is not None:
+            if len(pending) < MAX_UDP_PENDING:
+                pending.append((uf.flow.dest, payload))
+            return
+        if now < self.retry_after.get(tag, 0.0):
+            return
+        self.opening[tag] = [(uf.flow.dest, payload)]
+        task = self.loop.create_task(self._open_session(tag, uf.flow))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _new_flow(self, dest: Address, now: float) -> _UdpFlow:
+        meta = meta_for("udp", dest, (self.client[0], self.client[1]) if self.client else None,
+                        self.inbound.tag, self.user)  # fmt: skip
+        flow = Flow(meta, dest)
+        tag: str | None
+        try:
+            outbound = self.dispatcher.decide(flow)
+            tag = outbound.tag
+            if outbound.type == "block":
+                flow.end = "blocked"  # its session drops and counts every datagram
+        except RejectedError as e:
+            flow.end, flow.error, tag = "blocked", str(e), None
+        uf = _UdpFlow(flow, tag, now)
+        self.flows[(dest.host, dest.port)] = uf
+        if len(self.flows) > MAX_UDP_FLOWS:
+            _, oldest = self.flows.popitem(last=False)
+            self._end_flow(oldest, "evicted")
+        return uf
+
+    async def _open_session(self, tag: str, flow: Flow) -> None:
+        outbound = self.dispatcher.outbounds[tag]
+        try:
+            session = await outbound.open_udp(
+                flow.meta,
+                self._on_reply,
+                lambda why, tag=tag: self._on_session_end(tag, why),
+            )
+        except OutboundError as e:
+            pending = self.opening.pop(tag, [])
+            self.retry_after[tag] = self.loop.time() + UDP_RETRY_DELAY
+            log.warning("udp via %s: %s (%d datagram(s) dropped)", tag, e, len(pending))
+            self._end_flows_of(tag, "failed", str(e))
+            return
+        if self.closed:
+            session.close()
+            return
+        self.sessions[tag] = session
+        for dest, payload in self.opening.pop(tag, []):
+            session.send(dest, payload)
+
+    def _on_session_end(self, tag: str, why: str) -> None:
+        # A dead proxy or control connection ends its flows; the next datagram re-associates.
+        if self.sessions.get(tag) is not None and self.sessions[tag].closed:
+            del self.sessions[tag]
+        if why != "idle":
+            log.warning("udp via %s: session ended: %s", tag, why)
+        self._end_flows_of(tag, "reset" if why != "idle" else "idle", why)
+
+    def _end_flows_of(self, tag: str, end: str, error: str | None) -> None:
+        for key in [k for k, uf in self.flows.items() if uf.outbound == tag]:
+            uf = self.flows.pop(key)
+            uf.flow.end = end
+            if end != "idle":
+                uf.flow.error = error
+            self._end_flow(uf, end)
+
+    # outbound → client
+    def _on_reply(self, src: Address, payload: bytes) -> None:
+        if self.closed or self.udp is None or self.client is None:
+            return
+        uf = self.flows.get((src.host, src.port))
+        if uf is not None:
+            uf.flow.down += len(payload)
+            uf.last = self.loop.time()
+        with contextlib.suppress(OSError):
+            self.udp.sendto(socks5.build_udp_datagram(src, payload), self.client)
+
+
+def _same_ip(a: str, b: str) -> bool:
+    try:
+        ia, ib = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    except ValueError:
+        return a == b
+    if ia.version == 6 and ia.ipv4_mapped is not None:
+        ia = ia.ipv4_mapped
+    if ib.version == 6 and ib.ipv4_mapped is not None:
+        ib = ib.ipv4_mapped
+    return ia == ib

@@ -1,0 +1,152 @@
+"""What every outbound offers, and the errors an outbound can end a flow with.
+
+Owns: the `Outbound` and `UdpSession` interfaces, `OutboundError` with its kinds, and the
+mapping from a kind to the SOCKS5 reply code and HTTP status the inbound answers with.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from ztun.config.duration import parse_duration
+from ztun.errors import ZtunError
+from ztun.proto.socks5 import Address, Reply
+from ztun.route.metadata import FlowMeta
+
+#: Called with (source address, payload) for each datagram that comes back.
+DatagramHandler = Callable[[Address, bytes], None]
+#: Called once when a UDP session ends on its own (control connection lost, socket error).
+CloseHandler = Callable[[str], None]
+
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_UDP_TIMEOUT = 60.0
+
+
+class ErrorKind(Enum):
+    REFUSED = "connection refused"
+    HOST_UNREACHABLE = "host unreachable"
+    NETWORK_UNREACHABLE = "network unreachable"
+    TIMEOUT = "timed out"
+    DNS = "name resolution failed"
+    PROXY_DOWN = "proxy unreachable"
+    AUTH = "proxy authentication failed"
+    BLOCKED = "blocked"
+    UNSUPPORTED = "not supported"
+    GENERAL = "failed"
+
+
+_SOCKS_REPLY = {
+    ErrorKind.REFUSED: Reply.CONNECTION_REFUSED,
+    ErrorKind.HOST_UNREACHABLE: Reply.HOST_UNREACHABLE,
+    ErrorKind.NETWORK_UNREACHABLE: Reply.NETWORK_UNREACHABLE,
+    ErrorKind.TIMEOUT: Reply.HOST_UNREACHABLE,
+    ErrorKind.DNS: Reply.HOST_UNREACHABLE,
+    ErrorKind.PROXY_DOWN: Reply.GENERAL_FAILURE,
+    ErrorKind.AUTH: Reply.GENERAL_FAILURE,
+    ErrorKind.BLOCKED: Reply.NOT_ALLOWED,
+    ErrorKind.UNSUPPORTED: Reply.COMMAND_NOT_SUPPORTED,
+    ErrorKind.GENERAL: Reply.GENERAL_FAILURE,
+}
+
+
+class OutboundError(ZtunError):
+    """A flow could not be opened through an outbound; `str()` is the one log line to show."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    @property
+    def socks_reply(self) -> int:
+        return int(_SOCKS_REPLY[self.kind])
+
+    @property
+    def http_status(self) -> int:
+        if self.kind is ErrorKind.TIMEOUT:
+            return 504
+        if self.kind is ErrorKind.BLOCKED:
+            return 403
+        return 502
+
+
+_ERRNO_KIND = {
+    errno.ECONNREFUSED: ErrorKind.REFUSED,
+    errno.EHOSTUNREACH: ErrorKind.HOST_UNREACHABLE,
+    errno.ENETUNREACH: ErrorKind.NETWORK_UNREACHABLE,
+    errno.ETIMEDOUT: ErrorKind.TIMEOUT,
+    errno.EADDRNOTAVAIL: ErrorKind.NETWORK_UNREACHABLE,
+}
+
+
+def kind_of(exc: OSError) -> ErrorKind:
+    if isinstance(exc, TimeoutError) and exc.errno is None:
+        return ErrorKind.TIMEOUT
+    if isinstance(exc, socket.gaierror):
+        return ErrorKind.DNS
+    return _ERRNO_KIND.get(exc.errno or 0, ErrorKind.GENERAL)
+
+
+def describe(exc: BaseException) -> str:
+    """A short reason: "Connection refused", not asyncio's "Connect call failed (...)"."""
+    if isinstance(exc, OSError) and exc.errno and not isinstance(exc, socket.gaierror):
+        return os.strerror(exc.errno)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+@dataclass
+class Counters:
+    """Per-outbound counters (read by tests and, later, by an API)."""
+
+    tcp_flows: int = 0
+    udp_sessions: int = 0
+    errors: int = 0
+    blocked_tcp: int = 0
+    blocked_udp: int = 0
+    dropped_fragments: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class UdpSession(Protocol):
+    """Datagrams from one inbound association through one outbound."""
+
+    closed: bool
+
+    def send(self, dest: Address, payload: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Outbound(Protocol):
+    tag: str
+    type: str
+    counters: Counters
+
+    async def connect_tcp(self, dest: Address, meta: FlowMeta) -> socket.socket:
+        """A connected, non-blocking socket to `dest`, or OutboundError."""
+        ...
+
+    async def open_udp(
+        self, meta: FlowMeta, on_datagram: DatagramHandler, on_close: CloseHandler
+    ) -> UdpSession:
+        """A session that sends datagrams anywhere and hands back what returns."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def seconds(value: object, default: float) -> float:
+    """A config duration in seconds, or `default` when absent (the checker validated it)."""
+    if value is None:
+        return default
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise ZtunError(str(e)) from None

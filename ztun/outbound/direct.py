@@ -1,0 +1,330 @@
+"""The `direct` outbound: connect to the destination from this host.
+
+Owns: dial options (bind_interface → SO_BINDTODEVICE, routing_mark → SO_MARK, connect_timeout),
+resolving a domain destination by `domain_strategy` with Happy Eyeballs (RFC 8305) when both
+families are there, and direct UDP sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from ztun.outbound.base import (
+    DEFAULT_CONNECT_TIMEOUT,
+    CloseHandler,
+    Counters,
+    DatagramHandler,
+    ErrorKind,
+    OutboundError,
+    describe,
+    kind_of,
+    seconds,
+)
+from ztun.proto.socks5 import Address
+from ztun.route.metadata import FlowMeta
+
+#: RFC 8305 "Connection Attempt Delay".
+ATTEMPT_DELAY = 0.25
+SO_MARK = getattr(socket, "SO_MARK", 36)
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+_STRATEGIES = ("prefer_ipv4", "prefer_ipv6", "ipv4_only", "ipv6_only")
+
+
+def _routing_mark(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return int(value, 0)
+    return int(value)  # type: ignore[call-overload]
+
+
+def order_addresses(infos: list[str], strategy: str | None) -> list[str]:
+    """Addresses in the order to try: filtered by strategy, then families interleaved
+    (RFC 8305 §4) starting with the preferred one."""
+    v4 = [a for a in infos if ":" not in a]
+    v6 = [a for a in infos if ":" in a]
+    if strategy == "ipv4_only":
+        return v4
+    if strategy == "ipv6_only":
+        return v6
+    if strategy == "prefer_ipv4":
+        first, second = v4, v6
+    elif strategy == "prefer_ipv6":
+        first, second = v6, v4
+    else:
+        # The resolver's order (RFC 6724) says which family comes first.
+        first, second = (v6, v4) if infos and ":" in infos[0] else (v4, v6)
+    out: list[str] = []
+    for i in range(max(len(first), len(second))):
+        out += first[i : i + 1] + second[i : i + 1]
+    return out
+
+
+class DirectOutbound:
+    type = "direct"
+
+    def __init__(
+        self,
+        tag: str,
+        *,
+        bind_interface: str | None = None,
+        routing_mark: int | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        domain_strategy: str | None = None,
+    ) -> None:
+        if domain_strategy is not None and domain_strategy not in _STRATEGIES:
+            raise OutboundError(ErrorKind.GENERAL, f"unknown domain_strategy {domain_strategy!r}")
+        self.tag = tag
+        self.bind_interface = bind_interface
+        self.routing_mark = routing_mark
+        self.connect_timeout = connect_timeout
+        self.domain_strategy = domain_strategy
+        self.counters = Counters()
+
+    @classmethod
+    def from_options(cls, opts: Mapping[str, Any]) -> DirectOutbound:
+        return cls(
+            opts["tag"],
+            bind_interface=opts.get("bind_interface"),
+            routing_mark=_routing_mark(opts.get("routing_mark")),
+            connect_timeout=seconds(opts.get("connect_timeout"), DEFAULT_CONNECT_TIMEOUT),
+            domain_strategy=opts.get("domain_strategy"),
+        )
+
+    # -- socket options -------------------------------------------------------------------
+
+    def _apply_dial_options(self, sock: socket.socket) -> None:
+        try:
+            if self.bind_interface:
+                sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, self.bind_interface.encode())
+        except OSError as e:
+            raise OutboundError(
+                ErrorKind.GENERAL,
+                f"direct outbound {self.tag!r}: cannot bind to interface "
+                f"{self.bind_interface!r}: {describe(e)}",
+            ) from None
+        try:
+            if self.routing_mark:
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.routing_mark)
+        except OSError as e:
+            raise OutboundError(
+                ErrorKind.GENERAL,
+                f"direct outbound {self.tag!r}: cannot set routing_mark "
+                f"{self.routing_mark:#x} (needs CAP_NET_ADMIN): {describe(e)}",
+            ) from None
+
+    # -- resolution -----------------------------------------------------------------------
+
+    async def resolve(self, host: str) -> list[str]:
+        """The addresses to try for `host` (an IP literal is itself), by domain_strategy."""
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return [str(ip)]
+        loop = asyncio.get_running_loop()
+        family = {
+            "ipv4_only": socket.AF_INET,
+            "ipv6_only": socket.AF_INET6,
+        }.get(self.domain_strategy or "", socket.AF_UNSPEC)
+        try:
+            infos = await loop.getaddrinfo(host, None, family=family, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise OutboundError(ErrorKind.DNS, f"cannot resolve {host}: {describe(e)}") from None
+        seen: list[str] = []
+        for info in infos:
+            a = str(info[4][0])
+            if a not in seen:
+                seen.append(a)
+        addrs = order_addresses(seen, self.domain_strategy)
+        if not addrs:
+            raise OutboundError(
+                ErrorKind.DNS, f"{host} has no address allowed by {self.domain_strategy}"
+            )
+        return addrs
+
+    # -- TCP ------------------------------------------------------------------------------
+
+    async def connect_tcp(self, dest: Address, meta: FlowMeta) -> socket.socket:
+        self.counters.tcp_flows += 1
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                addrs = await self.resolve(dest.host)
+                return await self._happy_eyeballs(addrs, dest.port)
+        except TimeoutError:
+            self.counters.errors += 1
+            raise OutboundError(
+                ErrorKind.TIMEOUT, f"connect to {dest} timed out after {self.connect_timeout:g}s"
+            ) from None
+        except OutboundError:
+            self.counters.errors += 1
+            raise
+        except OSError as e:
+            self.counters.errors += 1
+            raise OutboundError(kind_of(e), f"connect to {dest}: {describe(e)}") from None
+
+    async def _connect_one(self, ip: str, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._apply_dial_options(sock)
+            await asyncio.get_running_loop().sock_connect(sock, (ip, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _happy_eyeballs(self, addrs: list[str], port: int) -> socket.socket:
+        if len(addrs) == 1:
+            return await self._connect_one(addrs[0], port)
+        pending: set[asyncio.Task[socket.socket]] = set()
+        last_error: BaseException | None = None
+        winner: socket.socket | None = None
+        try:
+            for ip in addrs:
+                pending.add(asyncio.create_task(self._connect_one(ip, port)))
+                # Start the next attempt after the delay, or at once when one fails.
+                winner, last_error = await self._first(pending, ATTEMPT_DELAY, last_error)
+                if winner is not None:
+                    return winner
+            while pending and winner is None:
+                winner, last_error = await self._first(pending, None, last_error)
+            if winner is not None:
+                return winner
+            assert last_error is not None
+            raise last_error
+        finally:
+            for t in pending:
+                t.cancel()
+            for t in pending:
+                with contextlib.suppress(BaseException):
+                    s = await t
+                    s.close()
+
+    @staticmethod
+    async def _first(
+        pending: set[asyncio.Task[socket.socket]],
+        timeout: float | None,
+        last_error: BaseException | None,
+    ) -> tuple[socket.socket | None, BaseException | None]:
+        done, _ = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        winner = None
+        for t in done:
+            pending.discard(t)
+            exc = t.exception()
+            if exc is not None:
+                last_error = exc
+            elif winner is None:
+                winner = t.result()
+            else:
+                t.result().close()
+        return winner, last_error
+
+    # -- UDP ------------------------------------------------------------------------------
+
+    async def open_udp(
+        self, meta: FlowMeta, on_datagram: DatagramHandler, on_close: CloseHandler
+    ) -> DirectUdpSession:
+        self.counters.udp_sessions += 1
+        return DirectUdpSession(self, on_datagram, on_close)
+
+    async def close(self) -> None:
+        return None
+
+
+class DirectUdpSession:
+    """One unconnected UDP socket per family, created when first needed; replies from a
+    resolved domain's address are reported as coming from the domain."""
+
+    def __init__(
+        self, outbound: DirectOutbound, on_datagram: DatagramHandler, on_close: CloseHandler
+    ) -> None:
+        self.outbound = outbound
+        self.on_datagram = on_datagram
+        self.on_close = on_close
+        self.closed = False
+        self._socks: dict[int, socket.socket] = {}
+        self._resolved: dict[str, str] = {}  # domain -> ip
+        self._reverse: dict[tuple[str, int], Address] = {}  # (ip, port) -> domain address
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _sock(self, family: int) -> socket.socket:
+        s = self._socks.get(family)
+        if s is None:
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            s.setblocking(False)
+            self.outbound._apply_dial_options(s)
+            s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            self._loop.add_reader(s.fileno(), self._on_readable, s)
+            self._socks[family] = s
+        return s
+
+    def send(self, dest: Address, payload: bytes) -> None:
+        if self.closed:
+            return
+        ip = self._resolved.get(dest.host)
+        if ip is None and dest.is_domain:
+            t = self._loop.create_task(self._resolve_and_send(dest, payload))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+            return
+        self._sendto(ip or dest.host, dest, payload)
+
+    async def _resolve_and_send(self, dest: Address, payload: bytes) -> None:
+        try:
+            addrs = await asyncio.wait_for(
+                self.outbound.resolve(dest.host), self.outbound.connect_timeout
+            )
+        except (OutboundError, TimeoutError):
+            self.outbound.counters.errors += 1
+            return
+        self._resolved[dest.host] = addrs[0]
+        self._sendto(addrs[0], dest, payload)
+
+    def _sendto(self, ip: str, dest: Address, payload: bytes) -> None:
+        if self.closed:
+            return
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        if dest.is_domain:
+            self._reverse[(ip, dest.port)] = dest
+        try:
+            self._sock(family).sendto(payload, (ip, dest.port))
+        except (BlockingIOError, InterruptedError):
+            pass  # UDP may drop under load; so may we
+        except OutboundError:
+            self.outbound.counters.errors += 1
+        except OSError:
+            self.outbound.counters.errors += 1
+
+    def _on_readable(self, s: socket.socket) -> None:
+        for _ in range(64):
+            try:
+                data, addr = s.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # ICMP errors surface here on some kernels; the next datagram may work.
+                return
+            key = (str(addr[0]), int(addr[1]))
+            src = self._reverse.get(key) or Address(*key)
+            self.on_datagram(src, data)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for t in self._tasks:
+            t.cancel()
+        for s in self._socks.values():
+            self._loop.remove_reader(s.fileno())
+            s.close()
+        self._socks.clear()

@@ -1,0 +1,1 @@
+"""Sans-I/O protocol codecs: bytes in, parsed values or bytes to send out. No sockets, no clocks."""
