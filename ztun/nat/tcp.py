@@ -235,3 +235,8 @@ class TcpNat:
 
     def ports(self) -> list[int]:
         return list(self._ports)
+
+
+def unfinished(nat: TcpNat) -> int:
+    """How many flows have not yet seen both FINs (or a RST): used to drain at shutdown."""
+    return sum(1 for e in nat._ports.values() if e[_FINS] != 3)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ztun.errors import ZtunError
+from ztun.platform.linux.tun_device import in_netlink_thread
 
 log = logging.getLogger("ztun.route")
 
@@ -128,6 +129,9 @@ class AutoRoute:
         self.active = False
 
     def apply(self) -> None:
+        in_netlink_thread(self._apply)
+
+    def _apply(self) -> None:
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
@@ -180,6 +184,10 @@ def _describe(kw: dict[str, Any]) -> str:
 
 
 def _delete(rules: list[dict[str, Any]], routes: list[dict[str, Any]]) -> None:
+    in_netlink_thread(lambda: _delete_sync(rules, routes))
+
+
+def _delete_sync(rules: list[dict[str, Any]], routes: list[dict[str, Any]]) -> None:
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 

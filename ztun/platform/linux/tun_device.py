@@ -14,8 +14,13 @@ import ipaddress
 import os
 import socket
 import struct
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 from ztun.errors import ZtunError
+
+T = TypeVar("T")
 
 TUN_PATH = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
@@ -95,7 +100,35 @@ def _set_iff(fd: int, name: str) -> str:
     return out[:IFNAMSIZ].rstrip(b"\0").decode()
 
 
+def in_netlink_thread(fn: Callable[[], T]) -> T:
+    """Run `fn` (which uses pyroute2's synchronous API) on a thread of its own.
+
+    pyroute2's synchronous API drives an asyncio loop internally and refuses to run inside a
+    running one (ztun's), so netlink work happens on a short-lived thread; the caller waits
+    for it, which is fine for the few calls at start and stop.
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:
+            error.append(e)
+
+    t = threading.Thread(target=work, name="ztun-netlink")
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
 def _configure(name: str, addresses: list[Interface], mtu: int) -> int:
+    return in_netlink_thread(lambda: _configure_sync(name, addresses, mtu))
+
+
+def _configure_sync(name: str, addresses: list[Interface], mtu: int) -> int:
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
