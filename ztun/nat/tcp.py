@@ -109,7 +109,11 @@ class TcpNat:
         else:
             key = bytes(buf[a0:a1]) + ports
             e = self._flows.get(key)
-            if e is None:
+            if e is None or (e[_FINS] and buf[t + 13] & (_SYN | _ACK | _RST) == _SYN):
+                if e is not None:
+                    # The four-tuple is reused after a close: a fresh port, so the new SYN
+                    # never meets the old connection's state in the kernel.
+                    self.remove(e[_PORT])
                 flags = buf[t + 13]
                 if flags & (_SYN | _ACK | _RST) == _SYN:
                     return NEW

@@ -128,3 +128,18 @@ def test_udp_table_lru_and_expiry() -> None:
     assert len(t) == 0
     assert t.put("x", "X", 0.0) == [] and t.put("x", "Y", 0.0) == ["X"]
     assert t.clear() == ["Y"]
+
+
+def test_reused_four_tuple_gets_a_fresh_port() -> None:
+    nat = TcpNat(A4, B4, P)
+    d = bytes([203, 0, 113, 5])
+    n = nat.add(A4, 2000, d, 80, 0.0)
+    fin = bytearray(segment(A4, d, 2000, 80, FIN | ACK))
+    assert nat.translate(fin, len(fin), 1.0) == FORWARD
+    syn = bytearray(segment(A4, d, 2000, 80, SYN))
+    assert nat.translate(syn, len(syn), 2.0) == NEW  # not the closing flow's port
+    assert nat.lookup(n) is None
+    assert nat.add(A4, 2000, d, 80, 2.0) != n
+    # a retransmitted SYN of an open flow keeps its port
+    syn2 = bytearray(segment(A4, d, 2000, 80, SYN))
+    assert nat.translate(syn2, len(syn2), 2.5) == FORWARD
