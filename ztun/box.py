@@ -19,6 +19,7 @@ from typing import Any
 from ztun.dispatch import Dispatcher, RouterLike, wait_closed
 from ztun.errors import ZtunError
 from ztun.inbound.mixed import MixedInbound
+from ztun.inbound.tun import TunInbound
 from ztun.outbound.base import Outbound
 from ztun.outbound.registry import build_outbound
 
@@ -87,10 +88,12 @@ class Box:
         for opts in data.get("outbounds") or []:
             outbounds[opts["tag"]] = build_outbound(opts)
         self.dispatcher = Dispatcher(router, outbounds)
-        self.inbounds: list[MixedInbound] = []
+        self.inbounds: list[MixedInbound | TunInbound] = []
         for opts in data.get("inbounds") or []:
             if opts.get("type") == "mixed":
                 self.inbounds.append(MixedInbound.from_options(opts, self.dispatcher))
+            elif opts.get("type") == "tun":  # issue 4: the TUN inbound
+                self.inbounds.append(TunInbound.from_options(opts, self.dispatcher, data))
             else:
                 raise ZtunError(
                     f"inbound {opts.get('tag')!r}: type {opts.get('type')!r} is not available "
@@ -113,7 +116,7 @@ class Box:
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
-        started: list[MixedInbound] = []
+        started: list[MixedInbound | TunInbound] = []
         try:
             for inbound in self.inbounds:
                 await inbound.start()

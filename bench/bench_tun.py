@@ -1,0 +1,221 @@
+"""ztun's tun inbound against sing-box 1.14.4's `tun` (stack: system), same topology, same run.
+
+Needs root, /dev/net/tun, iproute2 and iperf3. Builds a client and a server namespace joined
+by a veth (MTU 9000; see tests/integration/netns.py), runs one tunnel at a time in the client
+namespace with auto_route and a direct outbound, and measures:
+
+- iperf3 throughput up (client → server) and down (-R);
+- CPU-seconds per GB of the tunnel process (utime + stime from /proc over the iperf3 runs);
+- connections per second and p50/p99 setup time with 64 in parallel (connect until the first
+  echoed byte, so the outbound connect is included);
+- RSS of the tunnel process with 1000 open connections;
+- UDP echo round trip p50.
+
+    python bench/bench_tun.py [--seconds 5] [--rounds 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.integration.netns import (  # noqa: E402
+    DIRECT4,
+    Topology,
+    in_ns,
+    topology,
+    wait_tcp,
+    wait_until,
+)
+from tests.integration.peers import Proc, singbox_path  # noqa: E402
+
+TUN_ADDR = ["198.18.0.1/30", "fdfe:dcba:9876::1/126"]
+LOAD = str(REPO / "bench" / "tun_load.py")
+ECHO = str(REPO / "tests" / "integration" / "tun_server.py")
+CLK = os.sysconf("SC_CLK_TCK")
+
+ZTUN_CONFIG = f"""\
+log: {{level: {os.environ.get("BENCH_LOG_LEVEL", "warn")}}}
+inbounds:
+  - {{type: tun, tag: tun-in, interface_name: ztun0, address: {json.dumps(TUN_ADDR)},
+     mtu: 9000, auto_route: true, stack: system}}
+outbounds:
+  - {{type: direct, tag: direct}}
+"""
+
+SINGBOX_CONFIG = {
+    "log": {"level": "warn"},
+    "inbounds": [
+        {
+            "type": "tun",
+            "tag": "tun-in",
+            "interface_name": "ztun0",
+            "address": TUN_ADDR,
+            "mtu": 9000,
+            "auto_route": True,
+            "stack": "system",
+        }
+    ],
+    "outbounds": [{"type": "direct", "tag": "direct"}],
+    "route": {"auto_detect_interface": True},
+}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start(name: str, t: Topology, tmp: Path) -> Proc:
+    env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(tmp / "state"))
+    if name == "ztun":
+        cfg = tmp / "ztun.yaml"
+        cfg.write_text(ZTUN_CONFIG)
+        args = [sys.executable, "-m", "ztun", "run", str(cfg)]
+    else:
+        cfg = tmp / "sing-box.json"
+        cfg.write_text(json.dumps(SINGBOX_CONFIG))
+        args = [singbox_path(), "run", "-c", str(cfg)]
+    proc = Proc(["ip", "netns", "exec", t.client, *args], tmp / f"{name}.log", env)
+    probe = [sys.executable, LOAD, "udp", DIRECT4, "7", "1"]
+
+    def ready() -> bool:
+        # The client namespace reaches the server without a tunnel too: wait for the
+        # tunnel's own rules, else the first test would run (partly) around it.
+        if proc.p.poll() is not None:
+            raise RuntimeError(f"{name} exited: {proc.text()}")
+        if "lookup 2022" not in in_ns(t.client, "ip", "rule").stdout:
+            return False
+        r = in_ns(t.client, *probe, check=False, timeout=10)
+        return r.returncode == 0 and '"lost": 0' in r.stdout
+
+    try:
+        if not wait_until(ready, 30):
+            raise RuntimeError(f"{name} did not come up: {proc.text()}")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+def iperf(t: Topology, tmp: Path, seconds: float, reverse: bool, tries: int = 3) -> dict[str, Any]:
+    """One iperf3 run against a fresh one-off server (an iperf3 server left "busy" by an
+    earlier tunnel's test must not spoil the next); retried when iperf3 itself fails."""
+    args = ["iperf3", "-c", DIRECT4, "-t", str(seconds), "-J"] + (["-R"] if reverse else [])
+    error = ""
+    for attempt in range(tries):
+        server = Proc(["ip", "netns", "exec", t.server, "iperf3", "-s", "-1"], tmp / "iperf3.log")
+        try:
+            # Not a connect: iperf3 takes any connection for a test.
+            wait_until(lambda: ":5201" in in_ns(t.server, "ss", "-ltnH").stdout, 15)
+            out = json.loads(in_ns(t.client, *args, timeout=seconds + 30, check=False).stdout)
+        finally:
+            server.stop()
+        if "sum_received" in out.get("end", {}):
+            s = out["end"]["sum_received"]
+            return {"bits_per_second": s["bits_per_second"], "bytes": s["bytes"],
+                    "failed_runs": attempt}  # fmt: skip
+        error = str(out.get("error", out))
+        time.sleep(1)
+    raise RuntimeError(f"iperf3 failed {tries} times: {error}")
+
+
+def measure(name: str, t: Topology, tmp: Path, seconds: float) -> dict[str, Any]:
+    proc = start(name, t, tmp)
+    res: dict[str, Any] = {}
+    try:
+        pid = proc.pid
+        for direction, rev in (("up", False), ("down", True)):
+            print(f"{name}: iperf3 {direction}", file=sys.stderr, flush=True)
+            c0 = cpu_seconds(pid)
+            r = iperf(t, tmp, seconds, rev)
+            cpu = cpu_seconds(pid) - c0  # includes failed runs: an upper bound then
+            res[f"iperf_{direction}_gbit"] = r["bits_per_second"] / 1e9
+            res[f"cpu_s_per_gb_{direction}"] = cpu / (r["bytes"] / 1e9)
+            res[f"iperf_{direction}_failed_runs"] = r["failed_runs"]
+        out = in_ns(t.client, sys.executable, LOAD, "rate", DIRECT4, "7", "64", str(seconds),
+                    timeout=seconds + 60).stdout  # fmt: skip
+        rate = json.loads(out)
+        res["conn_per_s"] = rate["per_second"]
+        res["setup_p50_ms"] = rate["p50_ms"]
+        res["setup_p99_ms"] = rate["p99_ms"]
+        res["conn_errors"] = rate["errors"]
+        time.sleep(1)
+        holder = subprocess.Popen(["ip", "netns", "exec", t.client, sys.executable, LOAD, "hold",
+                                   DIRECT4, "7", "1000"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert holder.stdout is not None and holder.stdin is not None
+        line = holder.stdout.readline().strip()
+        time.sleep(0.5)
+        res["rss_mib_1000_conns"] = rss_mib(pid) if line == "ready" else float("nan")
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.communicate(timeout=60)
+        out = in_ns(t.client, sys.executable, LOAD, "udp", DIRECT4, "7", "2000", timeout=120).stdout
+        res["udp_p50_us"] = json.loads(out)["p50_us"]
+    except BaseException:
+        print(f"--- {name} log ---\n{proc.text()[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        proc.stop()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--only", choices=["ztun", "sing-box"], help="measure one tunnel")
+    args = ap.parse_args()
+    import tempfile
+
+    results: dict[str, list[dict[str, Any]]] = {"ztun": [], "sing-box": []}
+    names = [n for n in ("sing-box", "ztun") if not args.only or n == args.only]
+    for rnd in range(args.rounds):
+        for name in names if rnd % 2 == 0 else names[::-1]:
+            # A fresh topology per measurement: the TIME_WAIT sockets of one tunnel's
+            # connection test would otherwise slow the next one's connect() calls.
+            with tempfile.TemporaryDirectory(prefix="bench-tun-") as d, topology() as t:
+                tmp = Path(os.environ.get("BENCH_TMP") or d)  # BENCH_TMP keeps the logs
+                echo = Proc(["ip", "netns", "exec", t.server, sys.executable, ECHO],
+                            tmp / "echo.log")  # fmt: skip
+                try:
+                    wait_tcp(t.server, "127.0.0.1", 7)
+                    results[name].append(measure(name, t, tmp, args.seconds))
+                finally:
+                    echo.stop()
+    summary = {}
+    for name, rounds in results.items():
+        if not rounds:
+            print(json.dumps({name: rounds}, indent=2))
+            return
+        keys = rounds[0].keys()
+        summary[name] = {k: sorted(r[k] for r in rounds)[len(rounds) // 2] for k in keys}
+    print(f"{'metric':24} {'ztun':>12} {'sing-box':>12} {'ratio':>8}")
+    for k in summary["ztun"]:
+        z, s = summary["ztun"][k], summary["sing-box"][k]
+        ratio = z / s if s else float("nan")
+        print(f"{k:24} {z:12.3f} {s:12.3f} {ratio:8.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"rounds": results, "median": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Pure address-translation tables for the TUN inbound (TCP system-stack NAT, UDP sessions)."""

@@ -1,0 +1,1 @@
+"""Operating-system specific code (devices, routes)."""

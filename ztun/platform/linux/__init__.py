@@ -1,0 +1,1 @@
+"""Linux: the TUN device and policy routing (auto_route)."""

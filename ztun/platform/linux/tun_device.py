@@ -1,0 +1,152 @@
+"""The Linux TUN device: open `/dev/net/tun`, name it, give it addresses, MTU and link state.
+
+The device is non-persistent: it exists while ztun holds its file descriptor, so even a
+SIGKILL takes it (and every route through it) away. Addresses and link state go through
+pyroute2 (rtnetlink); the device itself through `fcntl.ioctl(TUNSETIFF)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from ztun.errors import ZtunError
+
+T = TypeVar("T")
+
+TUN_PATH = "/dev/net/tun"
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFA_F_NODAD = 0x02
+IFNAMSIZ = 16
+
+Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+class TunError(ZtunError):
+    """The TUN device cannot be made or configured; the message says what to do."""
+
+
+class TunDevice:
+    """An open TUN device. `fd` is non-blocking; one read or write is one IP packet."""
+
+    def __init__(self, fd: int, name: str, index: int) -> None:
+        self.fd = fd
+        self.name = name
+        self.index = index
+
+    @classmethod
+    def open(cls, name: str, addresses: list[Interface], mtu: int) -> TunDevice:
+        fd = _open_tun(name)
+        try:
+            real = _set_iff(fd, name)
+            index = _configure(real, addresses, mtu)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, real, index)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
+def _open_tun(name: str) -> int:
+    try:
+        return os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise TunError(
+            f"{TUN_PATH} does not exist: load the tun module (modprobe tun) or, in a "
+            "container, pass the device in (--device /dev/net/tun)"
+        ) from None
+    except PermissionError:
+        raise TunError(
+            f"cannot open {TUN_PATH}: the tun inbound needs root (or CAP_NET_ADMIN)"
+        ) from None
+    except OSError as e:
+        raise TunError(f"cannot open {TUN_PATH}: {e.strerror}") from None
+
+
+def _set_iff(fd: int, name: str) -> str:
+    if len(name.encode()) >= IFNAMSIZ:
+        raise TunError(f"interface_name {name!r} is longer than {IFNAMSIZ - 1} bytes")
+    ifr = struct.pack("16sH22x", (name or "tun%d").encode(), IFF_TUN | IFF_NO_PI)
+    try:
+        out = fcntl.ioctl(fd, TUNSETIFF, ifr)
+    except OSError as e:
+        if e.errno == errno.EPERM:
+            raise TunError("creating a TUN device needs root (or CAP_NET_ADMIN)") from None
+        if e.errno == errno.EBUSY:
+            raise TunError(
+                f"interface {name!r} is in use (another ztun or VPN holds it); "
+                "choose another interface_name"
+            ) from None
+        if e.errno == errno.EINVAL:
+            raise TunError(
+                f"interface {name!r} exists and is not a TUN device; choose another interface_name"
+            ) from None
+        raise TunError(f"cannot create TUN device {name!r}: {e.strerror}") from None
+    return out[:IFNAMSIZ].rstrip(b"\0").decode()
+
+
+def in_netlink_thread(fn: Callable[[], T]) -> T:
+    """Run `fn` (which uses pyroute2's synchronous API) on a thread of its own.
+
+    pyroute2's synchronous API drives an asyncio loop internally and refuses to run inside a
+    running one (ztun's), so netlink work happens on a short-lived thread; the caller waits
+    for it, which is fine for the few calls at start and stop.
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:
+            error.append(e)
+
+    t = threading.Thread(target=work, name="ztun-netlink")
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def _configure(name: str, addresses: list[Interface], mtu: int) -> int:
+    return in_netlink_thread(lambda: _configure_sync(name, addresses, mtu))
+
+
+def _configure_sync(name: str, addresses: list[Interface], mtu: int) -> int:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with IPRoute() as ipr:
+        try:
+            index = int(ipr.link_lookup(ifname=name)[0])
+            ipr.link("set", index=index, mtu=mtu)
+            for a in addresses:
+                if a.version == 6:
+                    # No duplicate address detection: the address is needed at once, and
+                    # nobody else is on a point-to-point TUN link.
+                    ipr.addr("add", index=index, address=str(a.ip), prefixlen=a.network.prefixlen,
+                             family=socket.AF_INET6, flags=IFA_F_NODAD)  # fmt: skip
+                else:
+                    ipr.addr("add", index=index, address=str(a.ip), prefixlen=a.network.prefixlen)
+            ipr.link("set", index=index, state="up")
+        except NetlinkError as e:
+            raise TunError(f"cannot configure TUN device {name}: {os.strerror(e.code)}") from None
+        except IndexError:
+            raise TunError(f"TUN device {name} vanished while being configured") from None
+    return index
