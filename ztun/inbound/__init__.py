@@ -1,1 +1,1 @@
-"""Inbounds: where flows come in (the mixed SOCKS/HTTP proxy; the TUN later)."""
+"""Inbounds: where flows come in (the mixed SOCKS/HTTP proxy, the TUN device)."""
