@@ -77,9 +77,9 @@ class TcpNat:
 
     # -- the per-packet path --------------------------------------------------------------
 
-    def translate(self, buf: bytearray, size: int, now: float, partial: bool = False) -> int:
+    def translate(self, buf: bytearray, size: int, now: float, partial: int = 0) -> int:
         """Rewrite the TCP packet `buf[:size]` in place: FORWARD, NEW, or a Drop reason.
-        `partial`: the TCP checksum field holds a partial sum (virtio-net NEEDS_CSUM)."""
+        `partial` (non-zero): the TCP checksum field holds a partial sum (virtio NEEDS_CSUM)."""
         if self.v4:
             if size < 40:
                 return Drop.TRUNCATED
