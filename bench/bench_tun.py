@@ -14,8 +14,8 @@ namespace with auto_route and a direct outbound, and measures:
     python bench/bench_tun.py [--seconds 5] [--rounds 1] [--json out.json]
     python bench/bench_tun.py --only ztun --rounds 1 --profile   # py-spy over the iperf3 runs
 
-`--profile` needs py-spy: it samples ztun during each iperf3 run and prints where the time
-went (self time per frame, and the share of a few known functions including their callees).
+`--profile` needs py-spy: it samples ztun during each iperf3 run and the connection test, and
+prints where the time went (self time per line, and the share of functions with callees).
 ZTUN_TUN_OFFLOAD=0 in the environment makes ztun open the TUN without virtio-net offload.
 """
 
@@ -202,8 +202,9 @@ def measure(
             res[f"iperf_{direction}_gbit"] = r["bits_per_second"] / 1e9
             res[f"cpu_s_per_gb_{direction}"] = cpu / (r["bytes"] / 1e9)
             res[f"iperf_{direction}_failed_runs"] = r["failed_runs"]
-        out = in_ns(t.client, sys.executable, LOAD, "rate", DIRECT4, "7", "64", str(seconds),
-                    timeout=seconds + 60).stdout  # fmt: skip
+        with Profiler(pid, "conn", profile and name == "ztun", RESULTS):
+            out = in_ns(t.client, sys.executable, LOAD, "rate", DIRECT4, "7", "64", str(seconds),
+                        timeout=seconds + 60).stdout  # fmt: skip
         rate = json.loads(out)
         res["conn_per_s"] = rate["per_second"]
         res["setup_p50_ms"] = rate["p50_ms"]
