@@ -12,6 +12,9 @@ A packet's way (TCP, flow S:sp → D:dp, TUN address A, fake peer B = A+1, liste
     app ──S:sp→D:dp──▶ TUN ──read──▶ NAT: B:n→A:P ──write──▶ TUN ──▶ kernel TCP ──▶ listener
     app ◀──D:dp→S:sp── TUN ◀─write── NAT: back    ◀──read─── TUN ◀── A:P→B:n (kernel replies)
     accept() → peer port n → (S:sp, D:dp) → router → outbound socket → relay (splice)
+
+With TUN offload (the default; see ztun.packet.virtio) each read may be a TCP super-packet of
+up to 64 KiB with an unfinished checksum, rewritten and written back whole with its header.
 """
 
 from __future__ import annotations
