@@ -12,6 +12,11 @@ namespace with auto_route and a direct outbound, and measures:
 - UDP echo round trip p50.
 
     python bench/bench_tun.py [--seconds 5] [--rounds 1] [--json out.json]
+    python bench/bench_tun.py --only ztun --rounds 1 --profile   # py-spy over the iperf3 runs
+
+`--profile` needs py-spy: it samples ztun during each iperf3 run and the connection test, and
+prints where the time went (self time per line, and the share of functions with callees).
+ZTUN_TUN_OFFLOAD=0 in the environment makes ztun open the TUN without virtio-net offload.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +48,7 @@ TUN_ADDR = ["198.18.0.1/30", "fdfe:dcba:9876::1/126"]
 LOAD = str(REPO / "bench" / "tun_load.py")
 ECHO = str(REPO / "tests" / "integration" / "tun_server.py")
 CLK = os.sysconf("SC_CLK_TCK")
+RESULTS = REPO / "bench" / "results"
 
 ZTUN_CONFIG = f"""\
 log: {{level: {os.environ.get("BENCH_LOG_LEVEL", "warn")}}}
@@ -136,21 +143,68 @@ def iperf(t: Topology, tmp: Path, seconds: float, reverse: bool, tries: int = 3)
     raise RuntimeError(f"iperf3 failed {tries} times: {error}")
 
 
-def measure(name: str, t: Topology, tmp: Path, seconds: float) -> dict[str, Any]:
+class Profiler:
+    """py-spy on the ztun process while one iperf3 run lasts; prints where the samples fell."""
+
+    def __init__(self, pid: int, label: str, enabled: bool, out_dir: Path) -> None:
+        self.pid, self.label, self.enabled = pid, label, enabled
+        self.out = out_dir / f"profile-tun-{label}.txt"
+        self.p: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Profiler:
+        if self.enabled:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            cmd = ["py-spy", "record", "--format", "raw", "--rate", "250", "--nonblocking",
+                   "-o", str(self.out), "-p", str(self.pid)]  # fmt: skip
+            self.p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.p is None:
+            return
+        self.p.send_signal(signal.SIGINT)
+        self.p.wait(30)
+        leaf_time: dict[str, int] = {}
+        incl: dict[str, int] = {}
+        total = 0
+        for line in self.out.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            frames = stack.split(";")
+            n = int(count)
+            total += n
+            leaf_time[frames[-1]] = leaf_time.get(frames[-1], 0) + n
+            for f in {f.split(" (")[0] for f in frames}:
+                incl[f] = incl.get(f, 0) + n
+        print(f"profile {self.label}: {total} samples ({self.out}); top self time:")
+        for leaf, n in sorted(leaf_time.items(), key=lambda kv: -kv[1])[:15]:
+            print(f"  {100 * n / max(total, 1):5.1f}%  {leaf}")
+        print("  including callees:")
+        for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:25]:
+            print(f"  {100 * n / max(total, 1):5.1f}%  {f}")
+
+
+def measure(
+    name: str, t: Topology, tmp: Path, seconds: float, profile: bool = False
+) -> dict[str, Any]:
     proc = start(name, t, tmp)
     res: dict[str, Any] = {}
     try:
         pid = proc.pid
         for direction, rev in (("up", False), ("down", True)):
             print(f"{name}: iperf3 {direction}", file=sys.stderr, flush=True)
-            c0 = cpu_seconds(pid)
-            r = iperf(t, tmp, seconds, rev)
-            cpu = cpu_seconds(pid) - c0  # includes failed runs: an upper bound then
+            with Profiler(pid, direction, profile and name == "ztun", RESULTS):
+                c0 = cpu_seconds(pid)
+                r = iperf(t, tmp, seconds, rev)
+                cpu = cpu_seconds(pid) - c0  # includes failed runs: an upper bound then
             res[f"iperf_{direction}_gbit"] = r["bits_per_second"] / 1e9
             res[f"cpu_s_per_gb_{direction}"] = cpu / (r["bytes"] / 1e9)
             res[f"iperf_{direction}_failed_runs"] = r["failed_runs"]
-        out = in_ns(t.client, sys.executable, LOAD, "rate", DIRECT4, "7", "64", str(seconds),
-                    timeout=seconds + 60).stdout  # fmt: skip
+        with Profiler(pid, "conn", profile and name == "ztun", RESULTS):
+            out = in_ns(t.client, sys.executable, LOAD, "rate", DIRECT4, "7", "64", str(seconds),
+                        timeout=seconds + 60).stdout  # fmt: skip
         rate = json.loads(out)
         res["conn_per_s"] = rate["per_second"]
         res["setup_p50_ms"] = rate["p50_ms"]
@@ -183,6 +237,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--only", choices=["ztun", "sing-box"], help="measure one tunnel")
+    ap.add_argument("--profile", action="store_true", help="py-spy ztun during iperf3")
     args = ap.parse_args()
     import tempfile
 
@@ -198,16 +253,18 @@ def main() -> None:
                             tmp / "echo.log")  # fmt: skip
                 try:
                     wait_tcp(t.server, "127.0.0.1", 7)
-                    results[name].append(measure(name, t, tmp, args.seconds))
+                    results[name].append(measure(name, t, tmp, args.seconds, args.profile))
                 finally:
                     echo.stop()
     summary = {}
     for name, rounds in results.items():
         if not rounds:
-            print(json.dumps({name: rounds}, indent=2))
-            return
+            continue
         keys = rounds[0].keys()
         summary[name] = {k: sorted(r[k] for r in rounds)[len(rounds) // 2] for k in keys}
+    if len(summary) < 2:
+        print(json.dumps(summary, indent=2))
+        return
     print(f"{'metric':24} {'ztun':>12} {'sing-box':>12} {'ratio':>8}")
     for k in summary["ztun"]:
         z, s = summary["ztun"][k], summary["sing-box"][k]

@@ -70,10 +70,11 @@ def config_text() -> str:
                          block4=BLOCK4, block6=BLOCK6)  # fmt: skip
 
 
-def start_ztun(t: Topology, tmp: Path, name: str = "ztun") -> Proc:
+def start_ztun(t: Topology, tmp: Path, name: str = "ztun", offload: bool = True) -> Proc:
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(config_text())
-    env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(tmp / "state"))
+    env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(tmp / "state"),
+               ZTUN_TUN_OFFLOAD="1" if offload else "0")  # fmt: skip
     proc = Proc(["ip", "netns", "exec", t.client, sys.executable, "-m", "ztun", "run", str(cfg)],
                 tmp / f"{name}.log", env)  # fmt: skip
     ok = wait_until(lambda: "ztun started" in proc.text() or proc.p.poll() is not None, 20)
@@ -177,6 +178,62 @@ def test_failed_outbound_resets(env: Env, target: str) -> None:
     r = client(env, "refused", target, "9")
     assert r["how"] in ("errno 104", "errno 111"), r
     assert float(r["seconds"]) < 2  # type: ignore[arg-type]
+
+
+#: Sends N random bytes to a TCP echo server while reading them back; prints whether the
+#: echo was byte-exact (both directions through the TUN, with or without super-packets).
+BULK_ECHO = """\
+import hashlib, os, socket, sys, threading
+host, n = sys.argv[1], int(sys.argv[2])
+data = os.urandom(n)
+s = socket.create_connection((host, 7), 10)
+s.settimeout(30)
+threading.Thread(target=lambda: (s.sendall(data), s.shutdown(socket.SHUT_WR))).start()
+got = bytearray()
+while chunk := s.recv(1 << 20):
+    got += chunk
+print("exact" if hashlib.sha256(got).digest() == hashlib.sha256(data).digest() else len(got))
+"""
+
+
+def bulk_echo(t: Topology, host: str, size: int = 32 << 20) -> str:
+    return in_ns(t.client, sys.executable, "-c", BULK_ECHO, host, str(size),
+                 timeout=90).stdout.strip()  # fmt: skip
+
+
+def test_offload_on_by_default(env: Env) -> None:
+    assert "offload on" in env.ztun.text(), env.ztun.text()
+
+
+@pytest.mark.parametrize("target", [DIRECT4, DIRECT6])
+def test_bulk_echo_exact(env: Env, target: str) -> None:
+    assert bulk_echo(env.t, target) == "exact"
+
+
+def test_plain_mode_without_offload(tmp_path: Path) -> None:
+    """ZTUN_TUN_OFFLOAD=0: the TUN without virtio-net headers still carries TCP both ways
+    byte-exact, UDP and ICMP (the fallback when a kernel refuses the offload ioctls)."""
+    require_tun_environment()
+    with topology() as t:
+        server = str(Path(__file__).parent / "tun_server.py")
+        echo = Proc(["ip", "netns", "exec", t.server, sys.executable, server],
+                    tmp_path / "echo.log")  # fmt: skip
+        try:
+            wait_tcp(t.server, "127.0.0.1", 7)
+            z = start_ztun(t, tmp_path, offload=False)
+            try:
+                assert "offload off" in z.text(), z.text()
+                for target in (DIRECT4, DIRECT6):
+                    assert bulk_echo(t, target, 8 << 20) == "exact"
+                    r = json.loads(t.client_python("tun_client.py", "udp", target, "7", "1",
+                                                   "1400", "8000"))  # fmt: skip
+                    assert set(r.values()) == {"ok"}, r
+                r = in_ns(t.client, "ping", "-c", "1", "-W", "2", "203.0.113.99", check=False)
+                assert r.returncode == 0, r.stdout + r.stderr
+            finally:
+                assert stop(z, signal.SIGTERM)[0] == 0, z.text()
+        finally:
+            echo.stop()
 
 
 def test_1000_concurrent_connections(env: Env) -> None:

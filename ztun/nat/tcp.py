@@ -9,6 +9,10 @@ socket has peer B:n, and `lookup(n)` gives back the original four-tuple.
 Only addresses, ports and checksums change. The checksum adjustments (RFC 1624) are the same
 for every segment of a flow, so they are computed once per flow; the per-segment work is two
 slice assignments and two 16-bit adds. Time comes in as `now`.
+
+With TUN offload a segment may carry an unfinished checksum (`partial`, virtio-net
+NEEDS_CSUM): its TCP checksum field then holds the non-complemented pseudo-header sum, which
+moves by the address adjustment alone (see ztun.packet.virtio); the ports are summed later.
 """
 
 from __future__ import annotations
@@ -73,8 +77,9 @@ class TcpNat:
 
     # -- the per-packet path --------------------------------------------------------------
 
-    def translate(self, buf: bytearray, size: int, now: float) -> int:
-        """Rewrite the TCP packet `buf[:size]` in place: FORWARD, NEW, or a Drop reason."""
+    def translate(self, buf: bytearray, size: int, now: float, partial: int = 0) -> int:
+        """Rewrite the TCP packet `buf[:size]` in place: FORWARD, NEW, or a Drop reason.
+        `partial` (non-zero): the TCP checksum field holds a partial sum (virtio NEEDS_CSUM)."""
         if self.v4:
             if size < 40:
                 return Drop.TRUNCATED
@@ -130,9 +135,14 @@ class TcpNat:
             buf[10] = c >> 8
             buf[11] = c & 0xFF
         o = t + 16
-        c = (~((buf[o] << 8) | buf[o + 1]) & 0xFFFF) + d_tcp
-        c = (c & 0xFFFF) + (c >> 16)
-        c = ~((c & 0xFFFF) + (c >> 16)) & 0xFFFF
+        if partial:
+            c = ((buf[o] << 8) | buf[o + 1]) + d_ip
+            c = (c & 0xFFFF) + (c >> 16)
+            c = (c & 0xFFFF) + (c >> 16)
+        else:
+            c = (~((buf[o] << 8) | buf[o + 1]) & 0xFFFF) + d_tcp
+            c = (c & 0xFFFF) + (c >> 16)
+            c = ~((c & 0xFFFF) + (c >> 16)) & 0xFFFF
         buf[o] = c >> 8
         buf[o + 1] = c & 0xFF
         flags = buf[t + 13]

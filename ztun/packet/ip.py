@@ -40,6 +40,7 @@ class Drop(IntEnum):
     REJECTED = 14
     ICMP_TYPE = 15
     STOPPING = 16
+    GSO = 17  # a super-packet of a kind that was never negotiated with the TUN (UDP GSO)
 
 
 #: IPv6 extension headers (RFC 8200 §4) that ztun does not walk: such packets are dropped.

@@ -73,3 +73,41 @@ def test_tun_options_defaults() -> None:
                                 {"route": {"default_mark": "0x10"}})  # fmt: skip
     assert t.mtu == 9000 and t.udp_timeout == 60 and t.icmp == "reply" and t.mark == 0x10
     assert t.v4 == (bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2])) and t.v6 is None
+
+
+def test_offload_falls_back_when_the_kernel_refuses(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No TUNGETFEATURES, or no IFF_VNET_HDR in it: a plain device and one log line; a refused
+    TUNSETOFFLOAD keeps the headers (they work without super-packets) and logs it."""
+    calls: list[int] = []
+
+    def refuse(fd: int, req: int, arg: object = 0, mutate: bool = True) -> int:
+        calls.append(req)
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(tun_device.fcntl, "ioctl", refuse)
+    with caplog.at_level("INFO", logger="ztun.tun"):
+        assert tun_device._try_offload(-1, "ztun0") is False
+    assert calls == [tun_device.TUNGETFEATURES]
+    assert "no offload" in caplog.text
+
+    def no_vnet(fd: int, req: int, arg: object = 0, mutate: bool = True) -> int:
+        arg[0] = tun_device.IFF_TUN | tun_device.IFF_NO_PI  # type: ignore[index]
+        return 0
+
+    monkeypatch.setattr(tun_device.fcntl, "ioctl", no_vnet)
+    assert tun_device._try_offload(-1, "ztun0") is False
+
+    def refuse_offload(fd: int, req: int, arg: object = 0, mutate: bool = True) -> int:
+        calls.append(req)
+        if req == tun_device.TUNSETOFFLOAD:
+            raise OSError(22, "Invalid argument")
+        return 0
+
+    calls.clear()
+    monkeypatch.setattr(tun_device.fcntl, "ioctl", refuse_offload)
+    with caplog.at_level("INFO", logger="ztun.tun"):
+        tun_device._set_offload(-1)
+    assert calls == [tun_device.TUNSETVNETHDRSZ, tun_device.TUNSETOFFLOAD]
+    assert "offload refused" in caplog.text
