@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ztun import netio
 from ztun.dispatch import Dispatcher, Flow, RejectedError, log_flow, meta_for
 from ztun.errors import ProtocolError
 from ztun.outbound.base import ErrorKind, OutboundError, UdpSession
@@ -160,20 +161,26 @@ class MixedInbound:
 
     async def _handle(self, conn: socket.socket, source: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
+        # One watch on the client socket for the whole handshake; the relay takes it over.
+        waiter = netio.Waiter(loop, conn)
         buf = bytearray()
         try:
             try:
                 async with asyncio.timeout(self.handshake_timeout):
-                    first = await loop.sock_recv(conn, 16384)
+                    try:
+                        # Most clients send right after connecting: often already here.
+                        first = conn.recv(16384)
+                    except (BlockingIOError, InterruptedError):
+                        first = await self._recv(conn, waiter)
                     if not first:
                         return
                     buf += first
                     if buf[0] == socks5.VERSION5:
-                        req = await self._socks5_handshake(conn, buf)
+                        req = await self._socks5_handshake(conn, waiter, buf)
                     elif buf[0] == socks5.VERSION4:
-                        req = await self._socks4_handshake(conn, buf)
+                        req = await self._socks4_handshake(conn, waiter, buf)
                     else:
-                        req = await self._http_handshake(conn, buf)
+                        req = await self._http_handshake(conn, waiter, buf)
             except TimeoutError:
                 log.debug("inbound %s: %s:%d: handshake timed out", self.tag, *source)
                 return
@@ -192,30 +199,44 @@ class MixedInbound:
             if req is None:
                 return
             if isinstance(req, _UdpAssociateRequest):
+                waiter.close()
                 await UdpAssociation(self, conn, source, req.user).run()
                 return
             await self._tcp_flow(conn, source, req)
         finally:
+            waiter.close()
             conn.close()
 
+    @staticmethod
+    async def _recv(conn: socket.socket, waiter: netio.Waiter) -> bytes:
+        while True:
+            await waiter.readable()
+            try:
+                return conn.recv(16384)
+            except (BlockingIOError, InterruptedError):
+                continue
+
     async def _need(
-        self, conn: socket.socket, buf: bytearray, parse: Callable[[bytearray], T | None]
+        self,
+        conn: socket.socket,
+        waiter: netio.Waiter,
+        buf: bytearray,
+        parse: Callable[[bytearray], T | None],
     ) -> T:
-        loop = asyncio.get_running_loop()
         while True:
             res = parse(buf)
             if res is not None:
                 return res
-            data = await loop.sock_recv(conn, 16384)
+            data = await self._recv(conn, waiter)
             if not data:
                 raise _Closed
             buf += data
 
     async def _socks5_handshake(
-        self, conn: socket.socket, buf: bytearray
+        self, conn: socket.socket, waiter: netio.Waiter, buf: bytearray
     ) -> _TcpRequest | _UdpAssociateRequest | None:
         loop = asyncio.get_running_loop()
-        greeting, n = await self._need(conn, buf, socks5.parse_greeting)
+        greeting, n = await self._need(conn, waiter, buf, socks5.parse_greeting)
         del buf[:n]
         wanted = AuthMethod.USERPASS if self.users else AuthMethod.NO_AUTH
         if wanted not in greeting.methods:
@@ -229,7 +250,7 @@ class MixedInbound:
         await loop.sock_sendall(conn, socks5.build_method_selection(wanted))
         user = None
         if self.users:
-            creds, n = await self._need(conn, buf, socks5.parse_userpass)
+            creds, n = await self._need(conn, waiter, buf, socks5.parse_userpass)
             del buf[:n]
             ok = self.users.get(creds.username) == creds.password
             await loop.sock_sendall(conn, socks5.build_userpass_reply(ok))
@@ -237,7 +258,7 @@ class MixedInbound:
                 log.warning("inbound %s: SOCKS5 auth failed for user %r", self.tag, creds.username)
                 return None
             user = creds.username
-        request, n = await self._need(conn, buf, socks5.parse_request)
+        request, n = await self._need(conn, waiter, buf, socks5.parse_request)
         del buf[:n]
         if request.command == Command.CONNECT:
             return _TcpRequest("socks5", request.address, user, bytes(buf))
@@ -246,9 +267,11 @@ class MixedInbound:
         await loop.sock_sendall(conn, socks5.build_reply(Reply.COMMAND_NOT_SUPPORTED))
         return None
 
-    async def _socks4_handshake(self, conn: socket.socket, buf: bytearray) -> _TcpRequest | None:
+    async def _socks4_handshake(
+        self, conn: socket.socket, waiter: netio.Waiter, buf: bytearray
+    ) -> _TcpRequest | None:
         loop = asyncio.get_running_loop()
-        request, n = await self._need(conn, buf, socks5.parse_socks4_request)
+        request, n = await self._need(conn, waiter, buf, socks5.parse_socks4_request)
         del buf[:n]
         if self.users or request.command != Command.CONNECT:
             # SOCKS4 cannot carry a password, so it cannot pass a users list.
@@ -258,9 +281,11 @@ class MixedInbound:
             return None
         return _TcpRequest("socks4", request.address, None, bytes(buf))
 
-    async def _http_handshake(self, conn: socket.socket, buf: bytearray) -> _TcpRequest | None:
+    async def _http_handshake(
+        self, conn: socket.socket, waiter: netio.Waiter, buf: bytearray
+    ) -> _TcpRequest | None:
         loop = asyncio.get_running_loop()
-        request, n = await self._need(conn, buf, http_proxy.parse_request)
+        request, n = await self._need(conn, waiter, buf, http_proxy.parse_request)
         del buf[:n]
         user = None
         if self.users:

@@ -22,6 +22,7 @@ from typing import Any
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
 from python_socks.async_.asyncio import Proxy
 
+from ztun import netio
 from ztun.errors import ProtocolError
 from ztun.outbound.base import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -173,6 +174,7 @@ class SocksOutbound:
         """
         loop = asyncio.get_running_loop()
         sock: socket.socket | None = None
+        waiter: netio.Waiter | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 try:
@@ -181,7 +183,8 @@ class SocksOutbound:
                     sock.setblocking(False)
                     with contextlib.suppress(OSError):
                         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    await loop.sock_connect(sock, addr[1])
+                    waiter = netio.Waiter(loop, sock)
+                    await netio.connect(sock, addr[1], waiter)
                 except OSError as e:
                     why = f"{self._where}: cannot reach the proxy: {describe(e)}"
                     raise OutboundError(ErrorKind.PROXY_DOWN, why) from None
@@ -189,25 +192,28 @@ class SocksOutbound:
                     Command.CONNECT, dest, self.username, self.password, pipeline=True
                 )
                 await loop.sock_sendall(sock, hs.data_to_send())
-                full = False
+                ready = False  # nothing can be back yet: wait before the first read
                 while not hs.done:
+                    if not ready:
+                        await waiter.readable()
                     n = hs.need
-                    data = b""
-                    if full:
-                        # The last read filled up: the rest of the answer is likely there.
-                        with contextlib.suppress(BlockingIOError, InterruptedError):
-                            data = sock.recv(n)
-                            if not data:
-                                hs.receive_data(data)  # raises: closed mid-handshake
-                    if not data:
-                        data = await loop.sock_recv(sock, n)
-                    full = len(data) == n
-                    hs.receive_data(data)
+                    try:
+                        data = sock.recv(n)
+                    except (BlockingIOError, InterruptedError):
+                        ready = False
+                        continue
+                    hs.receive_data(data)  # b"" raises: closed mid-handshake
+                    # A read that filled up means the rest of the answer is likely there.
+                    ready = len(data) == n
                     out = hs.data_to_send()
                     if out:
                         await loop.sock_sendall(sock, out)
+                        ready = False
+            waiter.close()
             return sock
         except BaseException as e:
+            if waiter is not None:
+                waiter.close()
             if sock is not None:
                 sock.close()
             mapped = self._map_error(e, dest)
