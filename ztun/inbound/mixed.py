@@ -101,6 +101,9 @@ class MixedInbound:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Set once here: Linux copies it to every accepted socket (one syscall per flow less).
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind((self.listen, self.listen_port))
             sock.listen(1024)
             sock.setblocking(False)
@@ -151,8 +154,6 @@ class MixedInbound:
                     )
                 continue
             conn.setblocking(False)
-            with contextlib.suppress(OSError):
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = loop.create_task(self._handle(conn, (str(addr[0]), int(addr[1]))))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
