@@ -119,3 +119,32 @@ def test_connect_ok_and_refused(run: Runner) -> None:
             s.close()
 
     run(main())
+
+
+def test_deadline_fails_the_pending_and_later_waits(run: Runner) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        w = netio.Waiter(loop, a)
+        try:
+            w.set_deadline(0.05)
+            t0 = loop.time()
+            with pytest.raises(TimeoutError):
+                await w.readable()
+            assert loop.time() - t0 >= 0.04
+            with pytest.raises(TimeoutError):
+                await w.writable()  # expired for good
+            # A cleared deadline never fires.
+            w2 = netio.Waiter(loop, b)
+            w2.set_deadline(0.02)
+            w2.clear_deadline()
+            loop.call_later(0.1, a.send, b"x")
+            assert await recv(w2, b) == b"x"
+            w2.close()
+        finally:
+            w.close()
+            a.close()
+            b.close()
+
+    run(main())

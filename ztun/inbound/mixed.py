@@ -167,21 +167,23 @@ class MixedInbound:
         buf = bytearray()
         try:
             try:
-                async with asyncio.timeout(self.handshake_timeout):
-                    try:
-                        # Most clients send right after connecting: often already here.
-                        first = conn.recv(16384)
-                    except (BlockingIOError, InterruptedError):
-                        first = await self._recv(conn, waiter)
-                    if not first:
-                        return
-                    buf += first
-                    if buf[0] == socks5.VERSION5:
-                        req = await self._socks5_handshake(conn, waiter, buf)
-                    elif buf[0] == socks5.VERSION4:
-                        req = await self._socks4_handshake(conn, waiter, buf)
-                    else:
-                        req = await self._http_handshake(conn, waiter, buf)
+                # The handshake only ever blocks in the waiter, so its deadline bounds it.
+                waiter.set_deadline(self.handshake_timeout)
+                try:
+                    # Most clients send right after connecting: often already here.
+                    first = conn.recv(16384)
+                except (BlockingIOError, InterruptedError):
+                    first = await self._recv(conn, waiter)
+                if not first:
+                    return
+                buf += first
+                if buf[0] == socks5.VERSION5:
+                    req = await self._socks5_handshake(conn, waiter, buf)
+                elif buf[0] == socks5.VERSION4:
+                    req = await self._socks4_handshake(conn, waiter, buf)
+                else:
+                    req = await self._http_handshake(conn, waiter, buf)
+                waiter.clear_deadline()
             except TimeoutError:
                 log.debug("inbound %s: %s:%d: handshake timed out", self.tag, *source)
                 return
@@ -236,25 +238,26 @@ class MixedInbound:
     async def _socks5_handshake(
         self, conn: socket.socket, waiter: netio.Waiter, buf: bytearray
     ) -> _TcpRequest | _UdpAssociateRequest | None:
-        loop = asyncio.get_running_loop()
         greeting, n = await self._need(conn, waiter, buf, socks5.parse_greeting)
         del buf[:n]
         wanted = AuthMethod.USERPASS if self.users else AuthMethod.NO_AUTH
         if wanted not in greeting.methods:
-            await loop.sock_sendall(conn, socks5.build_method_selection(AuthMethod.NO_ACCEPTABLE))
+            await netio.send_all(
+                conn, socks5.build_method_selection(AuthMethod.NO_ACCEPTABLE), waiter
+            )
             log.warning(
                 "inbound %s: SOCKS5 client offers no %s method",
                 self.tag,
                 "username/password" if self.users else "no-auth",
             )
             return None
-        await loop.sock_sendall(conn, socks5.build_method_selection(wanted))
+        await netio.send_all(conn, socks5.build_method_selection(wanted), waiter)
         user = None
         if self.users:
             creds, n = await self._need(conn, waiter, buf, socks5.parse_userpass)
             del buf[:n]
             ok = self.users.get(creds.username) == creds.password
-            await loop.sock_sendall(conn, socks5.build_userpass_reply(ok))
+            await netio.send_all(conn, socks5.build_userpass_reply(ok), waiter)
             if not ok:
                 log.warning("inbound %s: SOCKS5 auth failed for user %r", self.tag, creds.username)
                 return None
@@ -265,18 +268,17 @@ class MixedInbound:
             return _TcpRequest("socks5", request.address, user, bytes(buf))
         if request.command == Command.UDP_ASSOCIATE:
             return _UdpAssociateRequest(request.address, user)
-        await loop.sock_sendall(conn, socks5.build_reply(Reply.COMMAND_NOT_SUPPORTED))
+        await netio.send_all(conn, socks5.build_reply(Reply.COMMAND_NOT_SUPPORTED), waiter)
         return None
 
     async def _socks4_handshake(
         self, conn: socket.socket, waiter: netio.Waiter, buf: bytearray
     ) -> _TcpRequest | None:
-        loop = asyncio.get_running_loop()
         request, n = await self._need(conn, waiter, buf, socks5.parse_socks4_request)
         del buf[:n]
         if self.users or request.command != Command.CONNECT:
             # SOCKS4 cannot carry a password, so it cannot pass a users list.
-            await loop.sock_sendall(conn, socks5.build_socks4_reply(False))
+            await netio.send_all(conn, socks5.build_socks4_reply(False), waiter)
             if self.users:
                 log.warning("inbound %s: SOCKS4 refused: this inbound requires users", self.tag)
             return None
@@ -285,18 +287,15 @@ class MixedInbound:
     async def _http_handshake(
         self, conn: socket.socket, waiter: netio.Waiter, buf: bytearray
     ) -> _TcpRequest | None:
-        loop = asyncio.get_running_loop()
         request, n = await self._need(conn, waiter, buf, http_proxy.parse_request)
         del buf[:n]
         user = None
         if self.users:
             creds = http_proxy.proxy_credentials(request)
             if creds is None or self.users.get(creds[0]) != creds[1]:
-                await loop.sock_sendall(
-                    conn,
-                    http_proxy.build_response(
-                        407, extra_headers=(("Proxy-Authenticate", 'Basic realm="ztun"'),)
-                    ),
+                challenge = (("Proxy-Authenticate", 'Basic realm="ztun"'),)
+                await netio.send_all(
+                    conn, http_proxy.build_response(407, extra_headers=challenge), waiter
                 )
                 if creds is not None:
                     log.warning("inbound %s: HTTP proxy auth failed for %r", self.tag, creds[0])

@@ -176,39 +176,49 @@ class SocksOutbound:
         sock: socket.socket | None = None
         waiter: netio.Waiter | None = None
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            try:
+                addr = self._server_addr
+                if addr is None:
+                    start = loop.time()
+                    async with asyncio.timeout(self.connect_timeout):
+                        addr = await self._resolve_server()
+                    budget = self.connect_timeout - (loop.time() - start)
+                else:
+                    budget = self.connect_timeout
+                sock = socket.socket(addr[0], socket.SOCK_STREAM)
+                sock.setblocking(False)
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                waiter = netio.Waiter(loop, sock)
+                # connect_timeout bounds connect and handshake: every wait below fails after it.
+                waiter.set_deadline(budget)
+                await netio.connect(sock, addr[1], waiter)
+            except OSError as e:
+                if isinstance(e, TimeoutError) and e.errno is None:
+                    raise  # connect_timeout, not an error from the network
+                why = f"{self._where}: cannot reach the proxy: {describe(e)}"
+                raise OutboundError(ErrorKind.PROXY_DOWN, why) from None
+            hs = socks5.ClientHandshake(
+                Command.CONNECT, dest, self.username, self.password, pipeline=True
+            )
+            await netio.send_all(sock, hs.data_to_send(), waiter)
+            ready = False  # nothing can be back yet: wait before the first read
+            while not hs.done:
+                if not ready:
+                    await waiter.readable()
+                n = hs.need
                 try:
-                    addr = self._server_addr or await self._resolve_server()
-                    sock = socket.socket(addr[0], socket.SOCK_STREAM)
-                    sock.setblocking(False)
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    waiter = netio.Waiter(loop, sock)
-                    await netio.connect(sock, addr[1], waiter)
-                except OSError as e:
-                    why = f"{self._where}: cannot reach the proxy: {describe(e)}"
-                    raise OutboundError(ErrorKind.PROXY_DOWN, why) from None
-                hs = socks5.ClientHandshake(
-                    Command.CONNECT, dest, self.username, self.password, pipeline=True
-                )
-                await loop.sock_sendall(sock, hs.data_to_send())
-                ready = False  # nothing can be back yet: wait before the first read
-                while not hs.done:
-                    if not ready:
-                        await waiter.readable()
-                    n = hs.need
-                    try:
-                        data = sock.recv(n)
-                    except (BlockingIOError, InterruptedError):
-                        ready = False
-                        continue
-                    hs.receive_data(data)  # b"" raises: closed mid-handshake
-                    # A read that filled up means the rest of the answer is likely there.
-                    ready = len(data) == n
-                    out = hs.data_to_send()
-                    if out:
-                        await loop.sock_sendall(sock, out)
-                        ready = False
+                    data = sock.recv(n)
+                except (BlockingIOError, InterruptedError):
+                    ready = False
+                    continue
+                hs.receive_data(data)  # b"" raises: closed mid-handshake
+                # A read that filled up means the rest of the answer is likely there.
+                ready = len(data) == n
+                out = hs.data_to_send()
+                if out:
+                    await netio.send_all(sock, out, waiter)
+                    ready = False
             waiter.close()
             return sock
         except BaseException as e:
