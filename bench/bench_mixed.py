@@ -9,7 +9,8 @@ Reports, each with its ratio ztun / sing-box:
 - bulk download throughput (one TCP stream, `--bulk-mb` per round, rounds alternate routers),
 - CPU-seconds per GB of the router process (utime+stime from /proc/<pid>/stat),
 - connections per second and p99 connection setup time (connect + SOCKS5 CONNECT + first
-  byte from the target), `--conns` connections at concurrency `--concurrency`,
+  byte from the target), `--conns` connections at concurrency `--concurrency`, and the
+  router's CPU-µs per connection (the figure that moves least with other load on the machine),
 - RSS of the router (VmRSS from /proc/<pid>/status) with `--hold` connections open.
 
 Run:  python bench/bench_mixed.py [--bulk-mb 1024] [--rounds 3] [--conns 2000] [--hold 1000]
@@ -376,13 +377,16 @@ def main() -> None:
                 order = list(routers) if r % 2 == 0 else list(reversed(routers))
                 for n in order:
                     with Profiler(zpid, "connrate", args.profile and n == "ztun" and r == 0):
+                        cpu0 = cpu_seconds(pid_of[n])
                         cps, p99 = asyncio.run(
                             conn_rate(port_of[n], ports["target"], args.conns, args.concurrency)
                         )
+                        cpu_us = (cpu_seconds(pid_of[n]) - cpu0) / args.conns * 1e6
                     res[n].setdefault("conn_per_s", []).append(cps)  # type: ignore[union-attr]
                     res[n].setdefault("p99_setup_ms", []).append(p99)  # type: ignore[union-attr]
-                    print(f"connrate round {r + 1} {n:9s} {cps:8.0f} conn/s  p99 {p99:.2f} ms",
-                          flush=True)
+                    res[n].setdefault("cpu_us_per_conn", []).append(cpu_us)  # type: ignore[union-attr]
+                    print(f"connrate round {r + 1} {n:9s} {cps:8.0f} conn/s  p99 {p99:.2f} ms"
+                          f"  {cpu_us:.0f} CPU-µs/conn", flush=True)
             for n in routers if args.only in (None, "rss") else []:
                 rss = asyncio.run(hold(port_of[n], ports["target"], args.hold, pid_of[n]))
                 res[n]["rss_mib_idle"] = rss0[n]
@@ -407,7 +411,8 @@ def main() -> None:
     summary = {}
     print("\nztun / sing-box (median of rounds):")
     for k, goal in (("mbps", "≥ 1.0"), ("cpu_s_per_gb", "≤ 1.0"), ("conn_per_s", "≥ 1.0"),
-                    ("p99_setup_ms", "(lower is better)"), ("rss_mib_hold", "≤ 1.5")):  # fmt: skip
+                    ("p99_setup_ms", "(lower is better)"), ("cpu_us_per_conn", "(lower is better)"),
+                    ("rss_mib_hold", "≤ 1.5")):  # fmt: skip
         z, s = med("ztun", k), med("sing-box", k)
         ratio = z / s if s else float("nan")
         summary[k] = {"ztun": z, "sing-box": s, "ratio": ratio}

@@ -8,6 +8,7 @@ exit at once), the event loop choice (uvloop when installed), and logging setup.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -127,6 +128,10 @@ class Box:
             raise
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        # Everything built so far (modules, config, compiled rules, GeoIP readers) lives until
+        # exit: frozen, the collector stops walking it in every full collection, which
+        # otherwise showed as multi-millisecond pauses in the p99 connection setup time.
+        gc.freeze()
         log.info("ztun started: %d inbound(s), %d outbound(s)",
                  len(self.inbounds), len(self.dispatcher.outbounds))  # fmt: skip
         await self._stop.wait()

@@ -1,6 +1,8 @@
 """The `socks` outbound: TCP through a SOCKS5 (or 4/4a) proxy, UDP through SOCKS5 UDP ASSOCIATE.
 
-Owns: CONNECT via python-socks (a domain destination goes to the proxy unresolved), the UDP
+Owns: CONNECT (SOCKS5 on ztun's own codec, pipelined: python-socks cannot pipeline, and its
+step-by-step CONNECT cost about a fifth of the CPU per proxied connection, see `_connect5`;
+SOCKS4/4a via python-socks; a domain destination goes to the proxy unresolved), the UDP
 ASSOCIATE client (RFC 1928 §7, on ztun's own codec because python-socks has none), and the
 mapping of proxy failures to OutboundError kinds.
 
@@ -20,6 +22,7 @@ from typing import Any
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
 from python_socks.async_.asyncio import Proxy
 
+from ztun import netio
 from ztun.errors import ProtocolError
 from ztun.outbound.base import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -74,6 +77,17 @@ class SocksOutbound:
         self.udp_timeout = udp_timeout
         self.counters = Counters()
         self._proxy: Proxy | None = None
+        # An IP literal needs no resolving: build its socket address once.
+        self._server_addr: tuple[int, tuple[Any, ...]] | None = None
+        try:
+            ip = ipaddress.ip_address(server)
+        except ValueError:
+            pass
+        else:
+            if ip.version == 4:
+                self._server_addr = (socket.AF_INET, (server, server_port))
+            else:
+                self._server_addr = (socket.AF_INET6, (server, server_port, 0, 0))
 
     @classmethod
     def from_options(cls, opts: Mapping[str, Any]) -> SocksOutbound:
@@ -115,6 +129,8 @@ class SocksOutbound:
         self.counters.tcp_flows += 1
         if self.network == "udp":
             raise OutboundError(ErrorKind.UNSUPPORTED, f"{self._where} is configured for UDP only")
+        if self.version == "5":
+            return await self._connect5(dest)
         try:
             sock = await self._get_proxy().connect(
                 dest.host, dest.port, timeout=self.connect_timeout
@@ -133,13 +149,7 @@ class SocksOutbound:
             ) from None
         except ProxyError as e:
             self.counters.errors += 1
-            code = getattr(e, "error_code", None)
-            if code is not None and self.version == "5":
-                kind = _REPLY_KIND.get(code, ErrorKind.GENERAL)
-            elif "auth" in str(e).lower():
-                kind = ErrorKind.AUTH
-            else:
-                kind = ErrorKind.GENERAL
+            kind = ErrorKind.AUTH if "auth" in str(e).lower() else ErrorKind.GENERAL
             raise OutboundError(kind, f"{self._where}: {dest}: {e}") from None
         except OSError as e:
             self.counters.errors += 1
@@ -148,6 +158,110 @@ class SocksOutbound:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
+
+    async def _connect5(self, dest: Address) -> socket.socket:
+        """SOCKS5 CONNECT on ztun's own codec, pipelined.
+
+        Why not python-socks here (it still does SOCKS4/4a): it cannot pipeline, and it reads
+        the reply in three awaited reads of 3, 1 and 6 bytes, each a trip through the event
+        loop (with uvloop, a poll handle set up and torn down each time). Greeting and request
+        in one write, each answer in one exact read: 165-178 → 110-114 CPU-µs per connect
+        in-process against sing-box's SOCKS5 server (3000 connects, 16 at a time), and
+        315 → 245 CPU-µs per connection in bench/bench_mixed.py's connection-rate phase.
+
+        Reads ask for `hs.need` bytes, never more, so bytes the target sends right after the
+        reply (a server-first banner) stay in the socket for the relay.
+        """
+        loop = asyncio.get_running_loop()
+        sock: socket.socket | None = None
+        waiter: netio.Waiter | None = None
+        try:
+            try:
+                addr = self._server_addr
+                if addr is None:
+                    start = loop.time()
+                    async with asyncio.timeout(self.connect_timeout):
+                        addr = await self._resolve_server()
+                    budget = self.connect_timeout - (loop.time() - start)
+                else:
+                    budget = self.connect_timeout
+                sock = socket.socket(addr[0], socket.SOCK_STREAM)
+                sock.setblocking(False)
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                waiter = netio.Waiter(loop, sock)
+                # connect_timeout bounds connect and handshake: every wait below fails after it.
+                waiter.set_deadline(budget)
+                await netio.connect(sock, addr[1], waiter)
+            except OSError as e:
+                if isinstance(e, TimeoutError) and e.errno is None:
+                    raise  # connect_timeout, not an error from the network
+                why = f"{self._where}: cannot reach the proxy: {describe(e)}"
+                raise OutboundError(ErrorKind.PROXY_DOWN, why) from None
+            hs = socks5.ClientHandshake(
+                Command.CONNECT, dest, self.username, self.password, pipeline=True
+            )
+            await netio.send_all(sock, hs.data_to_send(), waiter)
+            ready = False  # nothing can be back yet: wait before the first read
+            while not hs.done:
+                if not ready:
+                    await waiter.readable()
+                n = hs.need
+                try:
+                    data = sock.recv(n)
+                except (BlockingIOError, InterruptedError):
+                    ready = False
+                    continue
+                hs.receive_data(data)  # b"" raises: closed mid-handshake
+                # A read that filled up means the rest of the answer is likely there.
+                ready = len(data) == n
+                out = hs.data_to_send()
+                if out:
+                    await netio.send_all(sock, out, waiter)
+                    ready = False
+            waiter.close()
+            return sock
+        except BaseException as e:
+            if waiter is not None:
+                waiter.close()
+            if sock is not None:
+                sock.close()
+            mapped = self._map_error(e, dest)
+            if mapped is None:
+                raise  # cancellation: not a failure of the proxy
+            self.counters.errors += 1
+            if mapped is e:
+                raise
+            raise mapped from None
+
+    async def _resolve_server(self) -> tuple[int, tuple[Any, ...]]:
+        """(family, sockaddr) of the proxy; a name is resolved for each connection."""
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            self.server, self.server_port, type=socket.SOCK_STREAM
+        )
+        family, _, _, _, addr = infos[0]
+        return family, addr
+
+    def _map_error(self, e: BaseException, dest: Address) -> OutboundError | None:
+        if isinstance(e, OutboundError):
+            return e
+        if isinstance(e, TimeoutError):
+            return OutboundError(
+                ErrorKind.TIMEOUT,
+                f"{self._where}: no answer within {self.connect_timeout:g}s for {dest}",
+            )
+        if isinstance(e, socks5.AuthFailedError):
+            return OutboundError(ErrorKind.AUTH, f"{self._where}: authentication failed: {e}")
+        if isinstance(e, socks5.ReplyError):
+            kind = _REPLY_KIND.get(e.code, ErrorKind.GENERAL)  # type: ignore[call-overload]
+            return OutboundError(kind, f"{self._where}: {dest}: {e}")
+        if isinstance(e, ProtocolError):
+            return OutboundError(ErrorKind.GENERAL, f"{self._where}: {dest}: {e}")
+        if isinstance(e, OSError):
+            return OutboundError(
+                ErrorKind.PROXY_DOWN, f"{self._where}: connection to the proxy lost: {describe(e)}"
+            )
+        return None
 
     # -- UDP ------------------------------------------------------------------------------
 

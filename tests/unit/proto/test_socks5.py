@@ -151,17 +151,90 @@ def test_fuzz_udp(data):
         s5.parse_udp_datagram(data)
 
 
-@given(chunks=st.lists(st.binary(max_size=40), max_size=8), user=st.booleans())
-def test_fuzz_client_handshake(chunks, user):
+@given(
+    chunks=st.lists(st.binary(max_size=40), max_size=8),
+    user=st.booleans(),
+    pipeline=st.booleans(),
+)
+def test_fuzz_client_handshake(chunks, user, pipeline):
     hs = s5.ClientHandshake(
-        s5.Command.UDP_ASSOCIATE, Address("0.0.0.0", 0), "u" if user else None, "p"
-    )
+        s5.Command.UDP_ASSOCIATE, Address("0.0.0.0", 0), "u" if user else None, "p",
+        pipeline=pipeline,
+    )  # fmt: skip
     hs.data_to_send()
+    assert hs.need >= 1
     try:
         for c in chunks:
             if hs.done:
                 break
             hs.receive_data(c)
             hs.data_to_send()
+            assert hs.need >= 1 or hs.done
     except ProtocolError:
         pass
+
+
+def test_client_handshake_pipelined():
+    dest = Address("x.test", 443)
+    request = bytes((5, 1, 0)) + s5.build_address(dest)
+    # No credentials: only "no auth" is offered, so the request goes with the greeting.
+    hs = s5.ClientHandshake(s5.Command.CONNECT, dest, pipeline=True)
+    assert hs.data_to_send() == b"\x05\x01\x00" + request
+    hs.receive_data(b"\x05\x00")
+    assert hs.data_to_send() == b""
+    hs.receive_data(s5.build_reply(0))
+    assert hs.done and hs.leftover == b""
+    # Credentials: the greeting alone, then credentials and request together.
+    hs = s5.ClientHandshake(s5.Command.CONNECT, dest, "u", "p", pipeline=True)
+    assert hs.data_to_send() == b"\x05\x02\x00\x02"
+    hs.receive_data(b"\x05\x02")
+    assert hs.data_to_send() == b"\x01\x01u\x01p" + request
+    hs.receive_data(b"\x01\x00" + s5.build_reply(0))
+    assert hs.done and hs.data_to_send() == b""
+    # The server picked "no auth" after all: just the request.
+    hs = s5.ClientHandshake(s5.Command.CONNECT, dest, "u", "p", pipeline=True)
+    hs.data_to_send()
+    hs.receive_data(b"\x05\x00")
+    assert hs.data_to_send() == request
+
+
+def test_client_handshake_failure_code_from_two_bytes():
+    hs = s5.ClientHandshake(s5.Command.CONNECT, Address("x.test", 1), pipeline=True)
+    hs.data_to_send()
+    with pytest.raises(s5.ReplyError) as ei:
+        hs.receive_data(b"\x05\x00\x05\x04")
+    assert ei.value.code == s5.Reply.HOST_UNREACHABLE
+
+
+bound_addresses = st.one_of(
+    st.ip_addresses().map(str),
+    st.text("abcdefghijklmnopqrstuvwxyz0123456789.-", min_size=1, max_size=255),
+)
+
+
+@given(
+    bound=bound_addresses,
+    port=st.integers(0, 0xFFFF),
+    user=st.booleans(),
+    pipeline=st.booleans(),
+    trailer=st.binary(min_size=1, max_size=64),
+    cuts=st.lists(st.integers(1, 40), max_size=30),
+)
+def test_need_never_reads_past_the_reply(bound, port, user, pipeline, trailer, cuts):
+    """Reading at most `need` bytes at a time never takes bytes that follow the reply."""
+    hs = s5.ClientHandshake(
+        s5.Command.CONNECT, Address("x.test", 1), "u" if user else None, "p", pipeline=pipeline
+    )
+    hs.data_to_send()
+    answers = b"\x05\x02\x01\x00" if user else b"\x05\x00"
+    stream = answers + s5.build_reply(0, Address(bound, port)) + trailer
+    pos = 0
+    sizes = iter(cuts)
+    while not hs.done:
+        n = min(hs.need, next(sizes, 1 << 16))
+        assert n >= 1
+        hs.receive_data(stream[pos : pos + n])
+        pos += n
+        hs.data_to_send()
+    assert hs.bound == Address(bound, port)
+    assert hs.leftover == b"" and stream[pos:] == trailer
