@@ -7,7 +7,8 @@ namespace with auto_route and a direct outbound, and measures:
 - iperf3 throughput up (client → server) and down (-R);
 - CPU-seconds per GB of the tunnel process (utime + stime from /proc over the iperf3 runs);
 - connections per second and p50/p99 setup time with 64 in parallel (connect until the first
-  echoed byte, so the outbound connect is included);
+  echoed byte, so the outbound connect is included), and the tunnel's CPU-µs per connection
+  (the Python load client on the same cores can limit conn/s for both tunnels);
 - RSS of the tunnel process with 1000 open connections;
 - UDP echo round trip p50.
 
@@ -203,10 +204,16 @@ def measure(
             res[f"cpu_s_per_gb_{direction}"] = cpu / (r["bytes"] / 1e9)
             res[f"iperf_{direction}_failed_runs"] = r["failed_runs"]
         with Profiler(pid, "conn", profile and name == "ztun", RESULTS):
+            c0 = cpu_seconds(pid)
             out = in_ns(t.client, sys.executable, LOAD, "rate", DIRECT4, "7", "64", str(seconds),
                         timeout=seconds + 60).stdout  # fmt: skip
+            conn_cpu = cpu_seconds(pid) - c0
         rate = json.loads(out)
         res["conn_per_s"] = rate["per_second"]
+        # The load client (Python, same 2 cores) can be what limits conn/s for both tunnels;
+        # the tunnel's own CPU per connection says what it could carry.
+        total = rate["connections"]
+        res["cpu_us_per_conn"] = conn_cpu / total * 1e6 if total else float("nan")
         res["setup_p50_ms"] = rate["p50_ms"]
         res["setup_p99_ms"] = rate["p99_ms"]
         res["conn_errors"] = rate["errors"]

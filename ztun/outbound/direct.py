@@ -14,6 +14,7 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
+from ztun import netio
 from ztun.outbound.base import (
     DEFAULT_CONNECT_TIMEOUT,
     CloseHandler,
@@ -176,7 +177,13 @@ class DirectOutbound:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._apply_dial_options(sock)
-            await asyncio.get_running_loop().sock_connect(sock, (ip, port))
+            # netio.connect, not loop.sock_connect: uvloop resolves even an IP literal in its
+            # thread pool and re-registers the socket per call (see ztun/netio.py).
+            waiter = netio.Waiter(asyncio.get_running_loop(), sock)
+            try:
+                await netio.connect(sock, (ip, port), waiter)
+            finally:
+                waiter.close()
         except BaseException:
             sock.close()
             raise
