@@ -29,6 +29,7 @@ from .netns import (
     PROXY4,
     PROXY6,
     SERVER4,
+    SERVER6,
     Topology,
     in_ns,
     require_tun_environment,
@@ -70,9 +71,11 @@ def config_text() -> str:
                          block4=BLOCK4, block6=BLOCK6)  # fmt: skip
 
 
-def start_ztun(t: Topology, tmp: Path, name: str = "ztun", offload: bool = True) -> Proc:
+def start_ztun(
+    t: Topology, tmp: Path, name: str = "ztun", offload: bool = True, config: str | None = None
+) -> Proc:
     cfg = tmp / f"{name}.yaml"
-    cfg.write_text(config_text())
+    cfg.write_text(config if config is not None else config_text())
     env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(tmp / "state"),
                ZTUN_TUN_OFFLOAD="1" if offload else "0")  # fmt: skip
     proc = Proc(["ip", "netns", "exec", t.client, sys.executable, "-m", "ztun", "run", str(cfg)],
@@ -364,3 +367,42 @@ def test_clear_error_without_tun_permission(tmp_path: Path) -> None:
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert r.stderr.strip() == "ztun: creating a TUN device needs root (or CAP_NET_ADMIN)"
+
+
+STRICT_CONFIG = """\
+log: {{level: info}}
+inbounds:
+  - type: tun
+    tag: tun-in
+    interface_name: ztun0
+    address: [198.18.0.1/30]
+    auto_route: true
+    strict_route: {strict}
+outbounds:
+  - {{type: direct, tag: direct}}
+"""
+
+
+def test_strict_route_keeps_lan_and_other_family_off_the_side_path(tmp_path: Path) -> None:
+    """Without strict_route the LAN's own route wins over the TUN (sing-box's
+    suppress_prefixlength rule); with it, the LAN goes through the TUN too and IPv6, which has
+    no TUN address here, is unreachable instead of leaking around the TUN."""
+    require_tun_environment()
+    with topology() as t:
+        before = t.snapshot()
+        for strict in (False, True):
+            cfg = STRICT_CONFIG.format(strict="true" if strict else "false")
+            z = start_ztun(t, tmp_path, f"ztun-strict-{strict}", config=cfg)
+            try:
+                lan = in_ns(t.client, "ip", "route", "get", SERVER4).stdout
+                v6 = in_ns(t.client, "ip", "-6", "route", "get", SERVER6, check=False)
+                if strict:
+                    assert "dev ztun0" in lan, lan
+                    assert v6.returncode != 0 and "unreachable" in v6.stderr.lower(), v6
+                else:
+                    assert "dev ztun0" not in lan, lan
+                    assert v6.returncode == 0 and "ztun0" not in v6.stdout, v6
+            finally:
+                code, _ = stop(z, signal.SIGTERM)
+            assert code == 0, z.text()
+            assert t.snapshot() == before, z.text()
