@@ -45,7 +45,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # -- peers ----------------------------------------------------------------------------------------
 
-TARGET = r'''
+TARGET = r"""
 import asyncio, os, socket, sys
 try:
     import uvloop
@@ -90,7 +90,7 @@ async def main():
         await srv.serve_forever()
 
 (uvloop.run if uvloop else asyncio.run)(main())
-'''
+"""
 
 
 def free_port() -> int:
@@ -286,8 +286,12 @@ def start_ztun(tmp: Path, port: int, socks_port: int) -> subprocess.Popen[bytes]
         "route: {final: proxy}\n"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-m", "ztun", "run", str(cfg)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp / "ztun.log", "wb"))
+    return subprocess.Popen(
+        [sys.executable, "-m", "ztun", "run", str(cfg)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "ztun.log", "wb"),
+    )
 
 
 def start_singbox_router(tmp: Path, port: int, socks_port: int) -> subprocess.Popen[bytes]:
@@ -324,8 +328,11 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--hold", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--profile", action="store_true",
-                    help="py-spy the ztun process in each phase; top frames are printed")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the ztun process in each phase; top frames are printed",
+    )
     ap.add_argument("--only", choices=("bulk", "connrate", "rss"), default=None)
     args = ap.parse_args()
 
@@ -371,8 +378,10 @@ def main() -> None:
                         mbps, cpu_gb = bulk(port_of[n], ports["target"], nbytes, pid_of[n])
                     res[n].setdefault("mbps", []).append(mbps)  # type: ignore[union-attr]
                     res[n].setdefault("cpu_s_per_gb", []).append(cpu_gb)  # type: ignore[union-attr]
-                    print(f"bulk     round {r + 1} {n:9s} {mbps:8.0f} MB/s  {cpu_gb:.3f} CPU-s/GB",
-                          flush=True)
+                    print(
+                        f"bulk     round {r + 1} {n:9s} {mbps:8.0f} MB/s  {cpu_gb:.3f} CPU-s/GB",
+                        flush=True,
+                    )
             for r in range(args.rounds if args.only in (None, "connrate") else 0):
                 order = list(routers) if r % 2 == 0 else list(reversed(routers))
                 for n in order:
@@ -385,14 +394,19 @@ def main() -> None:
                     res[n].setdefault("conn_per_s", []).append(cps)  # type: ignore[union-attr]
                     res[n].setdefault("p99_setup_ms", []).append(p99)  # type: ignore[union-attr]
                     res[n].setdefault("cpu_us_per_conn", []).append(cpu_us)  # type: ignore[union-attr]
-                    print(f"connrate round {r + 1} {n:9s} {cps:8.0f} conn/s  p99 {p99:.2f} ms"
-                          f"  {cpu_us:.0f} CPU-µs/conn", flush=True)
+                    print(
+                        f"connrate round {r + 1} {n:9s} {cps:8.0f} conn/s  p99 {p99:.2f} ms"
+                        f"  {cpu_us:.0f} CPU-µs/conn",
+                        flush=True,
+                    )
             for n in routers if args.only in (None, "rss") else []:
                 rss = asyncio.run(hold(port_of[n], ports["target"], args.hold, pid_of[n]))
                 res[n]["rss_mib_idle"] = rss0[n]
                 res[n]["rss_mib_hold"] = rss
-                print(f"rss      {n:9s} idle {rss0[n]:.1f} MiB, {args.hold} open: {rss:.1f} MiB",
-                      flush=True)
+                print(
+                    f"rss      {n:9s} idle {rss0[n]:.1f} MiB, {args.hold} open: {rss:.1f} MiB",
+                    flush=True,
+                )
                 time.sleep(0.5)
         finally:
             for p in procs:

@@ -1,10 +1,10 @@
 """Load generators for bench_tun.py, run inside the client namespace; print one JSON line.
 
-    rate HOST PORT PARALLEL SECONDS   connections/s and setup time (connect until the first
-                                      echoed byte) with PARALLEL workers
-    hold HOST PORT N                  open N echoing connections, print "ready", wait for a
-                                      line on stdin, close them
-    udp HOST PORT COUNT               sequential 64-byte UDP echoes: p50 and p99 round trip
+rate HOST PORT PARALLEL SECONDS   connections/s and setup time (connect until the first
+                                  echoed byte) with PARALLEL workers
+hold HOST PORT N                  open N echoing connections, print "ready", wait for a
+                                  line on stdin, close them
+udp HOST PORT COUNT               sequential 64-byte UDP echoes: p50 and p99 round trip
 """
 
 from __future__ import annotations

@@ -122,8 +122,19 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             procs.append(Proc(["ip", "netns", "exec", s, sys.executable, "-m", "http.server",
                                str(HTTP_PORT), "--bind", "::", "--directory", str(www)],
                               tmp / "http.log"))  # fmt: skip
-            procs.append(Proc(["ip", "netns", "exec", s, sys.executable,
-                               str(Path(__file__).parent / "tun_server.py")], tmp / "echo.log"))
+            procs.append(
+                Proc(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        s,
+                        sys.executable,
+                        str(Path(__file__).parent / "tun_server.py"),
+                    ],
+                    tmp / "echo.log",
+                )
+            )
             procs.append(Proc(["ip", "netns", "exec", s, "iperf3", "-s", "-p", "5201"],
                               tmp / "iperf3.log"))  # fmt: skip
             for port in (SOCKS_PORT, HTTP_PORT, 7, 5201):

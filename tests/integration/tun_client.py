@@ -1,8 +1,8 @@
 """Clients for the TUN tests, run inside the client namespace; each prints one JSON line.
 
-    udp HOST PORT SIZE...       one connected UDP socket: echo each size, or the error
-    conns HOST PORT N           N connections open at once, each echoes its own message
-    refused HOST PORT           how a TCP connect ends and how long it took
+udp HOST PORT SIZE...       one connected UDP socket: echo each size, or the error
+conns HOST PORT N           N connections open at once, each echoes its own message
+refused HOST PORT           how a TCP connect ends and how long it took
 """
 
 from __future__ import annotations
