@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Protocol
 
+from ztun.netio import Handover, Waiter
 from ztun.outbound.base import ErrorKind, Outbound, OutboundError
 from ztun.proto.socks5 import Address
 from ztun.relay import RelayResult, relay
@@ -161,11 +162,12 @@ class Dispatcher:
             raise RejectedError("hijack-dns is not available on this inbound")
         raise RejectedError(f"unsupported action {action}")
 
-    async def open_tcp(self, flow: Flow) -> socket.socket:
-        """Decide and connect; raises OutboundError (RejectedError included), logged here."""
+    async def open_tcp(self, flow: Flow, handover: Handover | None = None) -> socket.socket:
+        """Decide and connect; raises OutboundError (RejectedError included), logged here.
+        `handover`: see `Outbound.connect_tcp` (the caller then owns the socket's watch)."""
         try:
             outbound = self.decide(flow)
-            return await outbound.connect_tcp(flow.dest, flow.meta)
+            return await outbound.connect_tcp(flow.dest, flow.meta, handover)
         except OutboundError as e:
             flow.end = "blocked" if e.kind is ErrorKind.BLOCKED else "failed"
             flow.error = str(e)
@@ -178,8 +180,11 @@ class Dispatcher:
         client: socket.socket,
         remote: socket.socket,
         initial_up: bytes = b"",
+        client_watch: Waiter | None = None,
+        remote_watch: Waiter | None = None,
     ) -> RelayResult:
-        """Relay until both sides end (or idle, or cancel); logs the flow line."""
+        """Relay until both sides end (or idle, or cancel); logs the flow line. The watches
+        are handshake Waiters for the relay to take over (see `relay`)."""
         result = RelayResult()
         try:
             await relay(
@@ -188,6 +193,8 @@ class Dispatcher:
                 idle_timeout=self.tcp_idle_timeout,
                 initial_up=initial_up,
                 result=result,
+                client_watch=client_watch,
+                remote_watch=remote_watch,
             )
         finally:
             flow.up, flow.down = result.up, result.down

@@ -1,8 +1,8 @@
 """Socket readiness for handshakes: wait without setting up the loop's watch again each time.
 
 Owns: `Waiter` (await readable/writable on one non-blocking socket, with an optional
-deadline), `send_all` and `connect` (a non-blocking TCP connect to an already resolved
-address).
+deadline), `Handover` (how an outbound passes its socket's live watch on to the relay),
+`send_all` and `connect` (a non-blocking TCP connect to an already resolved address).
 
 Why not `loop.sock_recv` / `loop.sock_connect`: with uvloop each of them registers the socket,
 waits once and unregisters it, and a registration costs a poll handle (an ioctl and several
@@ -11,7 +11,12 @@ literal. A handshake waits several times on the same socket, so `Waiter` keeps t
 between waits and drops it only when the socket is ready with nobody waiting (else a ready
 socket would wake the loop again and again). Callers must call `close()` before closing the
 socket; whoever takes the socket over next (the relay) may replace the callback with its own
-`add_reader`/`add_writer`, which the loop does in place.
+`add_reader`/`add_writer`, which the loop does in place (`Waiter.adopt`).
+
+Why hand a watch over: with uvloop, dropping a socket's last watch closes its poll handle
+(epoll_ctl DEL) and the relay's first `add_reader` builds a new one (an ioctl and epoll_ctl
+ADD); kept, the relay's callbacks replace the handshake's in place at no syscall, or at one
+epoll_ctl MOD when the events change (a connect waited for writable, the relay reads).
 
 Why a deadline here rather than `asyncio.timeout`: a handshake only ever blocks in a wait, so
 one timer that fails the pending wait does the job; `asyncio.timeout` cancels and uncancels the
@@ -109,6 +114,17 @@ class Waiter:
         self.clear_deadline()
         self._unwatch()
 
+    def adopt(self) -> tuple[bool, bool]:
+        """Give the watch up to a new owner without touching the loop: (reading, writing).
+
+        The new owner must `add_reader` the socket before it removes a writer it does not
+        want, so the loop keeps the poll handle; this Waiter's `close()` is then a no-op."""
+        self.clear_deadline()
+        state = (self._reading, self._writing)
+        self._reading = self._writing = False
+        self._fut = None
+        return state
+
     def _unwatch(self) -> None:
         if self._reading:
             self._loop.remove_reader(self._fd)
@@ -116,6 +132,32 @@ class Waiter:
         if self._writing:
             self._loop.remove_writer(self._fd)
             self._writing = False
+
+
+class Handover:
+    """Filled by an outbound's `connect_tcp` with the socket's still-watching `Waiter`.
+
+    The rule (see ztun.outbound.base.Outbound.connect_tcp): whoever passed the Handover owns
+    the watch with the socket; it gives `waiter` to the relay (which adopts it) or calls
+    `release()` before it closes the socket. A socket closed while watched would leave the loop
+    a stale poll handle for a file descriptor number that the next socket reuses.
+    """
+
+    __slots__ = ("waiter",)
+
+    def __init__(self) -> None:
+        self.waiter: Waiter | None = None
+
+    def take(self) -> Waiter | None:
+        """The waiter, now the caller's (the Handover forgets it)."""
+        w, self.waiter = self.waiter, None
+        return w
+
+    def release(self) -> None:
+        """Stop the watch, if still held (idempotent)."""
+        w, self.waiter = self.waiter, None
+        if w is not None:
+            w.close()
 
 
 async def send_all(sock: socket.socket, data: bytes, waiter: Waiter) -> None:

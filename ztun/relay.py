@@ -21,6 +21,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from ztun.netio import Waiter
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not Linux
@@ -266,12 +268,20 @@ class _Relay:
             self.up.stop()
             raise
 
-    def start(self) -> None:
+    def start(self, client_watch: Waiter | None = None, remote_watch: Waiter | None = None) -> None:
         if self.idle_timeout > 0:
             self.timer = self.loop.call_later(self.idle_timeout / 4, self._tick)
+        # A handshake's watch is taken over in place (see ztun/netio.py): add our readers
+        # first, then drop a writer the handshake left, so the loop keeps the poll handle.
+        c_state = client_watch.adopt() if client_watch is not None else (False, False)
+        r_state = remote_watch.adopt() if remote_watch is not None else (False, False)
         # Wait for data rather than pump now: nothing is taken until a side has bytes.
         self.up.arm()
         self.down.arm()
+        if c_state[1]:
+            self.loop.remove_writer(self.up.src_fd)
+        if r_state[1]:
+            self.loop.remove_writer(self.down.src_fd)
 
     def _tick(self) -> None:
         # Activity is a flag set by the pumps, checked four times per idle period, so the hot
@@ -327,6 +337,8 @@ async def relay(
     initial_down: bytes = b"",
     use_splice: bool | None = None,
     result: RelayResult | None = None,
+    client_watch: Waiter | None = None,
+    remote_watch: Waiter | None = None,
 ) -> RelayResult:
     """Relay between two connected non-blocking sockets until both directions end.
 
@@ -334,12 +346,23 @@ async def relay(
     that must reach the other side first. The relay closes neither socket: the caller owns them
     (they are left with SO_LINGER 0 after a reset, so closing them sends RST). Pass `result` to
     read the counts even when the relay is cancelled.
+
+    `client_watch`/`remote_watch`: a handshake's `netio.Waiter` still watching that socket; the
+    relay takes the watch over in place (or ends it, when it must send initial bytes first) and
+    unwatches the socket when it ends, so the caller's later `close()` of the Waiter is a no-op.
     """
     res = result if result is not None else RelayResult()
     loop = asyncio.get_running_loop()
     splice = HAVE_SPLICE if use_splice is None else (use_splice and HAVE_SPLICE)
     timeout = idle_timeout if idle_timeout > 0 else None
     extra_up = extra_down = 0
+    if initial_up or initial_down:
+        # Sent through the loop's own socket calls, which would take turns with a Waiter's
+        # callback on the same socket (and may return early): end the watches first.
+        for w in (client_watch, remote_watch):
+            if w is not None:
+                w.close()
+        client_watch = remote_watch = None
     try:
         if initial_up:
             await asyncio.wait_for(loop.sock_sendall(remote, initial_up), timeout)
@@ -352,8 +375,14 @@ async def relay(
         res.error = str(e) or None
         res.up, res.down = extra_up, extra_down
         return res
-    r = _Relay(loop, client, remote, idle_timeout, splice, res)
-    r.start()
+    try:
+        r = _Relay(loop, client, remote, idle_timeout, splice, res)
+    except BaseException:
+        for w in (client_watch, remote_watch):
+            if w is not None:
+                w.close()
+        raise
+    r.start(client_watch, remote_watch)
     try:
         await r.future
     except asyncio.CancelledError:

@@ -205,7 +205,7 @@ class MixedInbound:
                 waiter.close()
                 await UdpAssociation(self, conn, source, req.user).run()
                 return
-            await self._tcp_flow(conn, source, req)
+            await self._tcp_flow(conn, waiter, source, req)
         finally:
             waiter.close()
             conn.close()
@@ -306,13 +306,19 @@ class MixedInbound:
         return _TcpRequest(proto, dest, user, bytes(buf), request)
 
     async def _tcp_flow(
-        self, conn: socket.socket, source: tuple[str, int], req: _TcpRequest
+        self,
+        conn: socket.socket,
+        waiter: netio.Waiter,
+        source: tuple[str, int],
+        req: _TcpRequest,
     ) -> None:
         loop = asyncio.get_running_loop()
         meta = meta_for("tcp", req.dest, source, self.tag, req.user)
         flow = Flow(meta, req.dest)
+        # The outbound's watch on its socket comes with it, for the relay to take over.
+        handover = netio.Handover()
         try:
-            remote = await self.dispatcher.open_tcp(flow)
+            remote = await self.dispatcher.open_tcp(flow, handover)
         except OutboundError as e:
             if isinstance(e, RejectedError) and e.drop:
                 return
@@ -330,11 +336,14 @@ class MixedInbound:
             else:
                 assert req.http is not None
                 initial = http_proxy.build_origin_request(req.http) + req.leftover
-            await self.dispatcher.relay_tcp(flow, conn, remote, initial)
+            await self.dispatcher.relay_tcp(
+                flow, conn, remote, initial, client_watch=waiter, remote_watch=handover.take()
+            )
         except OSError as e:
             flow.end, flow.error = "reset", e.strerror or str(e)
             log_flow(flow)
         finally:
+            handover.release()  # still held only if the relay never got it
             remote.close()
 
 

@@ -35,6 +35,7 @@ from ztun.dispatch import Dispatcher, Flow, RejectedError, log_flow
 from ztun.errors import ZtunError
 from ztun.nat.tcp import FORWARD, NEW, TcpNat, unfinished
 from ztun.nat.udp import UdpTable
+from ztun.netio import Handover
 from ztun.outbound.base import Outbound, OutboundError, UdpSession, seconds
 from ztun.packet.fragment import Reassembler
 from ztun.packet.icmp import build_echo_reply, build_port_unreachable, is_echo_request
@@ -574,9 +575,11 @@ class TunInbound:
             task.add_done_callback(self.tasks.discard)
 
     async def _tcp_flow(self, conn: socket.socket, flow: Flow, outbound: Outbound) -> None:
+        # The outbound's watch on its socket comes with it, for the relay to take over.
+        handover = Handover()
         try:
             try:
-                remote = await outbound.connect_tcp(flow.dest, flow.meta)
+                remote = await outbound.connect_tcp(flow.dest, flow.meta, handover)
             except OutboundError as e:
                 flow.end = "failed"
                 flow.error = str(e)
@@ -584,8 +587,9 @@ class TunInbound:
                 _reset(conn)  # the application sees RST, as from a refusing server
                 return
             try:
-                await self.dispatcher.relay_tcp(flow, conn, remote)
+                await self.dispatcher.relay_tcp(flow, conn, remote, remote_watch=handover.take())
             finally:
+                handover.release()  # still held only if the relay never got it
                 remote.close()
         finally:
             self._conns.discard(conn)

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from ztun.config.duration import parse_duration
 from ztun.errors import ZtunError
+from ztun.netio import Handover
 from ztun.proto.socks5 import Address, Reply
 from ztun.route.metadata import FlowMeta
 
@@ -129,8 +130,21 @@ class Outbound(Protocol):
     type: str
     counters: Counters
 
-    async def connect_tcp(self, dest: Address, meta: FlowMeta) -> socket.socket:
-        """A connected, non-blocking socket to `dest`, or OutboundError."""
+    async def connect_tcp(
+        self, dest: Address, meta: FlowMeta, handover: Handover | None = None
+    ) -> socket.socket:
+        """A connected, non-blocking socket to `dest`, or OutboundError.
+
+        Who owns the socket's watch (the same rule for every inbound): without `handover`, the
+        socket comes back unwatched by the loop and the caller just closes it when done. With
+        one, the outbound may leave its handshake's `netio.Waiter` watching the socket and put
+        it in `handover.waiter` (deadline cleared); the caller then owns that watch too, and
+        must either pass it to the relay (`relay(..., remote_watch=handover.take())`, which
+        takes the watch over in place and drops it at the end) or call `handover.release()`
+        before closing the socket. On OutboundError the outbound has closed both itself and
+        leaves `handover` empty. Why: each dropped and re-made watch costs a poll handle (an
+        ioctl and two epoll_ctl with uvloop) per connection; see ztun/netio.py.
+        """
         ...
 
     async def open_udp(

@@ -6,6 +6,7 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
+from ztun.netio import Handover
 from ztun.outbound.base import CloseHandler, Counters, DatagramHandler, ErrorKind, OutboundError
 from ztun.proto.socks5 import Address
 from ztun.route.metadata import FlowMeta
@@ -22,7 +23,9 @@ class BlockOutbound:
     def from_options(cls, opts: Mapping[str, Any]) -> BlockOutbound:
         return cls(opts["tag"])
 
-    async def connect_tcp(self, dest: Address, meta: FlowMeta) -> socket.socket:
+    async def connect_tcp(
+        self, dest: Address, meta: FlowMeta, handover: Handover | None = None
+    ) -> socket.socket:
         self.counters.blocked_tcp += 1
         raise OutboundError(ErrorKind.BLOCKED, f"blocked by outbound {self.tag!r}")
 

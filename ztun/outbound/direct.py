@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import socket
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 from ztun import netio
@@ -42,6 +43,15 @@ def _routing_mark(value: object) -> int | None:
     if isinstance(value, str):
         return int(value, 0)
     return int(value)  # type: ignore[call-overload]
+
+
+@lru_cache(maxsize=4096)
+def _ip_literal(host: str) -> str | None:
+    """`host` as a normalized IP string, or None for a domain (cached: hosts repeat)."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
 
 
 def order_addresses(infos: list[str], strategy: str | None) -> list[str]:
@@ -152,9 +162,16 @@ class DirectOutbound:
 
     # -- TCP ------------------------------------------------------------------------------
 
-    async def connect_tcp(self, dest: Address, meta: FlowMeta) -> socket.socket:
+    async def connect_tcp(
+        self, dest: Address, meta: FlowMeta, handover: netio.Handover | None = None
+    ) -> socket.socket:
         self.counters.tcp_flows += 1
+        ip = _ip_literal(dest.host)
         try:
+            if ip is not None:
+                # An IP literal (every TUN flow): nothing to resolve, and the connect's own
+                # deadline bounds it rather than asyncio.timeout (about 3 µs less per flow).
+                return await self._connect_one(ip, dest.port, handover, self.connect_timeout)
             async with asyncio.timeout(self.connect_timeout):
                 addrs = await self.resolve(dest.host)
                 return await self._happy_eyeballs(addrs, dest.port)
@@ -170,7 +187,13 @@ class DirectOutbound:
             self.counters.errors += 1
             raise OutboundError(kind_of(e), f"connect to {dest}: {describe(e)}") from None
 
-    async def _connect_one(self, ip: str, port: int) -> socket.socket:
+    async def _connect_one(
+        self,
+        ip: str,
+        port: int,
+        handover: netio.Handover | None = None,
+        deadline: float | None = None,
+    ) -> socket.socket:
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -180,9 +203,18 @@ class DirectOutbound:
             # netio.connect, not loop.sock_connect: uvloop resolves even an IP literal in its
             # thread pool and re-registers the socket per call (see ztun/netio.py).
             waiter = netio.Waiter(asyncio.get_running_loop(), sock)
+            if deadline is not None:
+                waiter.set_deadline(deadline)
             try:
                 await netio.connect(sock, (ip, port), waiter)
-            finally:
+            except BaseException:
+                waiter.close()
+                raise
+            if handover is not None:
+                # The relay takes this watch over (see Outbound.connect_tcp).
+                waiter.clear_deadline()
+                handover.waiter = waiter
+            else:
                 waiter.close()
         except BaseException:
             sock.close()

@@ -125,12 +125,14 @@ class SocksOutbound:
 
     # -- TCP ------------------------------------------------------------------------------
 
-    async def connect_tcp(self, dest: Address, meta: FlowMeta) -> socket.socket:
+    async def connect_tcp(
+        self, dest: Address, meta: FlowMeta, handover: netio.Handover | None = None
+    ) -> socket.socket:
         self.counters.tcp_flows += 1
         if self.network == "udp":
             raise OutboundError(ErrorKind.UNSUPPORTED, f"{self._where} is configured for UDP only")
         if self.version == "5":
-            return await self._connect5(dest)
+            return await self._connect5(dest, handover)
         try:
             sock = await self._get_proxy().connect(
                 dest.host, dest.port, timeout=self.connect_timeout
@@ -159,7 +161,7 @@ class SocksOutbound:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    async def _connect5(self, dest: Address) -> socket.socket:
+    async def _connect5(self, dest: Address, handover: netio.Handover | None) -> socket.socket:
         """SOCKS5 CONNECT on ztun's own codec, pipelined.
 
         Why not python-socks here (it still does SOCKS4/4a): it cannot pipeline, and it reads
@@ -219,7 +221,12 @@ class SocksOutbound:
                 if out:
                     await netio.send_all(sock, out, waiter)
                     ready = False
-            waiter.close()
+            if handover is not None:
+                # The relay takes this watch over: no poll handle torn down and rebuilt.
+                waiter.clear_deadline()
+                handover.waiter = waiter
+            else:
+                waiter.close()
             return sock
         except BaseException as e:
             if waiter is not None:
