@@ -39,6 +39,9 @@ from ztun.proto import socks5
 from ztun.proto.socks5 import Address, Command, Reply
 from ztun.route.metadata import FlowMeta
 
+#: Linux: a TCP socket non-blocking from birth (elsewhere, setblocking(False) right after).
+_STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+
 _REPLY_KIND = {
     Reply.NOT_ALLOWED: ErrorKind.BLOCKED,
     Reply.NETWORK_UNREACHABLE: ErrorKind.NETWORK_UNREACHABLE,
@@ -187,8 +190,10 @@ class SocksOutbound:
                     budget = self.connect_timeout - (loop.time() - start)
                 else:
                     budget = self.connect_timeout
-                sock = socket.socket(addr[0], socket.SOCK_STREAM)
-                sock.setblocking(False)
+                # Non-blocking from birth: one ioctl fewer than setblocking(False).
+                sock = socket.socket(addr[0], _STREAM_NONBLOCK)
+                if not _STREAM_NONBLOCK & ~socket.SOCK_STREAM:
+                    sock.setblocking(False)
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 waiter = netio.Waiter(loop, sock)
