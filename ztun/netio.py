@@ -175,8 +175,11 @@ async def send_all(sock: socket.socket, data: bytes, waiter: Waiter) -> None:
             await waiter.writable()
 
 
-async def connect(sock: socket.socket, address: tuple[Any, ...], waiter: Waiter) -> None:
-    """Connect non-blocking `sock` to a resolved `address`; raises OSError like connect(2)."""
+async def connect(
+    sock: socket.socket, address: tuple[Any, ...], waiter: Waiter, timeout: float | None = None
+) -> None:
+    """Connect non-blocking `sock` to a resolved `address`; raises OSError like connect(2).
+    `timeout`: a deadline on `waiter`, set only if the connect has to wait."""
     err = sock.connect_ex(address)
     if err == 0:
         return
@@ -189,6 +192,8 @@ async def connect(sock: socket.socket, address: tuple[Any, ...], waiter: Waiter)
     if state == _TCP_ESTABLISHED:
         return
     if state != _TCP_CLOSE:
+        if timeout is not None:
+            waiter.set_deadline(timeout)
         await waiter.writable()
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if not err and state == _TCP_CLOSE:

@@ -208,10 +208,9 @@ class DirectOutbound:
             # netio.connect, not loop.sock_connect: uvloop resolves even an IP literal in its
             # thread pool and re-registers the socket per call (see ztun/netio.py).
             waiter = netio.Waiter(asyncio.get_running_loop(), sock)
-            if deadline is not None:
-                waiter.set_deadline(deadline)
             try:
-                await netio.connect(sock, (ip, port), waiter)
+                # The deadline's timer is set only when the connect has to wait.
+                await netio.connect(sock, (ip, port), waiter, deadline)
             except BaseException:
                 waiter.close()
                 raise
