@@ -20,6 +20,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ztun.netio import Waiter
 
@@ -242,6 +243,41 @@ class _Direction:
             self.pipe = None
 
 
+class _IdleClock:
+    """One timer for all relays of a loop with the same idle period, ticking while any exist.
+
+    Why shared: a timer per relay (created at start, cancelled at the end) cost a timer
+    handle set up and torn down per connection; the relays' own ticks need no precision.
+    """
+
+    _clocks: ClassVar[dict[tuple[int, float], _IdleClock]] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, period: float) -> None:
+        self.loop = loop
+        self.period = period
+        self.relays: set[_Relay] = set()
+        self.timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop, period: float) -> _IdleClock:
+        key = (id(loop), period)
+        clock = cls._clocks.get(key)
+        if clock is None or clock.loop is not loop:  # an id can be reused by a later loop
+            clock = cls._clocks[key] = cls(loop, period)
+        return clock
+
+    def arm(self) -> None:
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.period, self._tick)
+
+    def _tick(self) -> None:
+        self.timer = None
+        for r in list(self.relays):
+            r._tick()
+        if self.relays:
+            self.arm()
+
+
 class _Relay:
     def __init__(
         self,
@@ -260,7 +296,7 @@ class _Relay:
         self.active = False
         self.ended = False
         self.idle_ticks = 0
-        self.timer: asyncio.TimerHandle | None = None
+        self.clock: _IdleClock | None = None
         self.up = _Direction(self, client, remote, splice)
         try:
             self.down = _Direction(self, remote, client, splice)
@@ -270,7 +306,11 @@ class _Relay:
 
     def start(self, client_watch: Waiter | None = None, remote_watch: Waiter | None = None) -> None:
         if self.idle_timeout > 0:
-            self.timer = self.loop.call_later(self.idle_timeout / 4, self._tick)
+            # Counted as active at start, so a silent connection still gets a full period.
+            self.active = True
+            self.clock = _IdleClock.of(self.loop, self.idle_timeout / 4)
+            self.clock.relays.add(self)
+            self.clock.arm()
         # A handshake's watch is taken over in place (see ztun/netio.py): add our readers
         # first, then drop a writer the handshake left, so the loop keeps the poll handle.
         c_state = client_watch.adopt() if client_watch is not None else (False, False)
@@ -294,8 +334,6 @@ class _Relay:
             if self.idle_ticks >= 4:
                 self.result.reason = "idle"
                 self._end()
-                return
-        self.timer = self.loop.call_later(self.idle_timeout / 4, self._tick)
 
     def direction_done(self) -> None:
         if self.up.done and self.down.done:
@@ -315,8 +353,8 @@ class _Relay:
         self.ended = True
         self.up.stop()
         self.down.stop()
-        if self.timer is not None:
-            self.timer.cancel()
+        if self.clock is not None:
+            self.clock.relays.discard(self)
         self.result.up = self.up.count
         self.result.down = self.down.count
         if reset:
