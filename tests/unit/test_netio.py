@@ -148,3 +148,79 @@ def test_deadline_fails_the_pending_and_later_waits(run: Runner) -> None:
             b.close()
 
     run(main())
+
+
+def test_connect_over_loopback_needs_no_watch(run: Runner) -> None:
+    # Loopback finishes the handshake inside connect(): TCP_INFO says so, nothing is watched.
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with socket.socket() as srv:
+            srv.bind(("127.0.0.1", 0))
+            srv.listen(1)
+            s = socket.socket()
+            s.setblocking(False)
+            w = netio.Waiter(loop, s)
+            await netio.connect(s, srv.getsockname(), w, timeout=1.0)
+            assert not w._reading and not w._writing and w._timer is None
+            w.close()
+            s.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("state", ["reading", "writing"])
+def test_relay_adopts_a_handshake_watch_in_place(run: Runner, state: str) -> None:
+    from ztun.relay import relay
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        a1, a2 = socket.socketpair()
+        b1, b2 = socket.socketpair()
+        for s in (a1, a2, b1, b2):
+            s.setblocking(False)
+        handover = netio.Handover()
+        w = netio.Waiter(loop, b1)
+        # Leave the watch as a handshake would: last waited readable (SOCKS5) or writable
+        # (connect), then hand it over with nobody waiting.
+        if state == "reading":
+            b2.send(b"r")
+            await recv(w, b1)
+        else:
+            await w.writable()
+        handover.waiter = w
+        task = asyncio.ensure_future(relay(a1, b1, remote_watch=handover.take()))
+        await asyncio.sleep(0)
+        assert not w._reading and not w._writing  # adopted: the Waiter no longer owns it
+        w.close()  # a no-op now: must not drop the relay's reader
+        a2.send(b"up")
+        b2.send(b"down")
+        a2.shutdown(socket.SHUT_WR)
+        b2.shutdown(socket.SHUT_WR)
+        got_b = await loop.sock_recv(b2, 10)
+        got_a = await loop.sock_recv(a2, 10)
+        res = await asyncio.wait_for(task, 2)
+        assert (got_b, got_a) == (b"up", b"down")
+        assert (res.up, res.down, res.reason) == (2, 4, "eof")
+        for s in (a1, a2, b1, b2):
+            s.close()
+
+    run(main())
+
+
+def test_handover_release_drops_the_watch(run: Runner) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        w = netio.Waiter(loop, a)
+        loop.call_later(0.01, b.send, b"x")
+        await recv(w, a)
+        h = netio.Handover()
+        h.waiter = w
+        h.release()
+        h.release()  # idempotent
+        assert h.waiter is None and not w._reading
+        a.close()
+        b.close()
+
+    run(main())
