@@ -64,7 +64,16 @@ class Topology:
     server: str
 
     def snapshot(self) -> str:
-        """The client's routing state, as the issue asks to compare it."""
+        """The client's routing state, as the issue asks to compare it.
+
+        Waits until no IPv6 address is tentative: the kernel adds a link-local address's
+        `local` route only when duplicate address detection ends, and a snapshot taken before
+        that would differ from one taken after for reasons that have nothing to do with ztun.
+        """
+        wait_until(
+            lambda: not in_ns(self.client, "ip", "-6", "addr", "show", "tentative").stdout.strip(),
+            10,
+        )
         out = []
         for cmd in SNAPSHOT:
             out.append(in_ns(self.client, *cmd).stdout)
