@@ -66,6 +66,7 @@ def _load_rule_sets(
         base_dir=Path(loaded.base_dir),
         cache_dir=default_cache_dir(),
         offline=offline,
+        outbounds=[o for o in as_list(loaded.data.get("outbounds")) if isinstance(o, Mapping)],
     )
     diagnostics.extend(result.diagnostics)
     return dict(result.sets)

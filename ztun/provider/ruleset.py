@@ -75,13 +75,15 @@ def load_rule_sets(
     now: float | None = None,
     timeout: float = 10.0,
     offline: bool = False,
+    outbounds: Sequence[Mapping[str, Any]] = (),
 ) -> RuleSetLoadResult:
     """Load every `route.rule_set` entry.
 
     `base_dir` resolves relative `path`s (the config file's directory); `now` is the wall-clock
     time used for cache ages (default: the current time); `timeout` bounds each download as a
     whole; `offline=True` never downloads (remote sets come from the cache or are skipped with
-    a warning), which is what `ztun check` uses.
+    a warning), which is what `ztun check` uses. `outbounds` are the config's outbounds, for
+    `download_detour`.
     """
     loader = _Loader(
         base_dir=Path(base_dir),
@@ -89,6 +91,7 @@ def load_rule_sets(
         now=time.time() if now is None else now,
         timeout=timeout,
         offline=offline,
+        outbounds={str(o.get("tag")): o for o in outbounds if isinstance(o, Mapping)},
     )
     for index, entry in enumerate(entries):
         loader.load(index, entry)
@@ -122,6 +125,7 @@ class _Loader:
     now: float
     timeout: float
     offline: bool
+    outbounds: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     result: RuleSetLoadResult = field(default_factory=RuleSetLoadResult)
 
     def error(self, message: str, path: ConfigPath) -> None:
@@ -243,9 +247,18 @@ class _Loader:
             except ValueError as exc:
                 self.error(str(exc), (*where, "update_interval"))
                 return None
-        if entry.get("download_detour") not in (None, "", "direct"):
-            self.warn("download_detour is not supported yet: the rule set is downloaded "
-                      "directly", (*where, "download_detour"))  # fmt: skip
+        opener = None
+        detour = entry.get("download_detour")
+        if detour not in (None, ""):
+            outbound = self.outbounds.get(str(detour))
+            kind = outbound.get("type") if outbound is not None else None
+            if kind == "socks":
+                opener = _socks_opener(outbound)  # type: ignore[arg-type]
+            elif kind == "block":
+                self.error(f"download_detour '{detour}' is a block outbound: the rule set "
+                           "could never be downloaded", (*where, "download_detour"))  # fmt: skip
+                return None
+            # direct (or an unknown tag, which the validator reports): download directly
         cache = _Cache(self.cache_dir, url)
         cached = cache.load()
         if self.offline:
@@ -260,6 +273,7 @@ class _Loader:
                 etag=cached.etag if cached else None,
                 last_modified=cached.last_modified if cached else None,
                 timeout=self.timeout,
+                opener=opener,
             )
         except _DownloadError as exc:
             if cached is None:
@@ -375,12 +389,64 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def _socks_opener(outbound: Mapping[str, Any]) -> urllib.request.OpenerDirector:
+    """A urllib opener whose connections go through the `socks` outbound `outbound`.
+
+    python-socks' synchronous client does the SOCKS handshake (the domain goes to the proxy
+    unresolved); urllib keeps doing HTTP, TLS, redirects and conditional requests. Start-up
+    code is synchronous, so the asyncio outbound is not used here.
+    """
+    from python_socks import ProxyError, ProxyType
+    from python_socks.sync import Proxy
+
+    version = str(outbound.get("version", "5"))
+    proxy = Proxy(
+        ProxyType.SOCKS5 if version == "5" else ProxyType.SOCKS4,
+        str(outbound.get("server")),
+        int(outbound.get("server_port", 1080)),
+        username=outbound.get("username"),
+        password=outbound.get("password"),
+        rdns=version != "4",
+    )
+
+    def through_proxy(host: str, port: int, timeout: float | None) -> Any:
+        try:
+            return proxy.connect(host, port, timeout=timeout)
+        except ProxyError as exc:  # a SOCKS reply refusing us; urllib only handles OSError
+            raise OSError(f"via SOCKS5 proxy {outbound.get('tag')}: {exc}") from None
+
+    class ProxiedHTTP(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = through_proxy(self.host, self.port, self.timeout)
+
+    class ProxiedHTTPS(http.client.HTTPSConnection):
+        def connect(self) -> None:
+            raw = through_proxy(self.host, self.port, self.timeout)
+            self.sock = self._context.wrap_socket(raw, server_hostname=self.host)  # type: ignore[attr-defined]
+
+    class HTTPViaSocks(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(ProxiedHTTP, req)
+
+    class HTTPSViaSocks(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(ProxiedHTTPS, req, context=self._context)  # type: ignore[attr-defined]
+
+    # No ProxyHandler: environment proxy variables must not reroute a configured detour.
+    opener = urllib.request.OpenerDirector()
+    for handler in (HTTPViaSocks(), HTTPSViaSocks(), urllib.request.HTTPRedirectHandler(),
+                    urllib.request.HTTPErrorProcessor(), urllib.request.HTTPDefaultErrorHandler()):
+        opener.add_handler(handler)  # fmt: skip
+    return opener
+
+
 def _download(
     url: str,
     *,
     etag: str | None,
     last_modified: str | None,
     timeout: float,
+    opener: urllib.request.OpenerDirector | None = None,
 ) -> _Response:
     """GET `url` (conditionally when validators are given) within `timeout` seconds overall."""
     limit = MAX_RULE_SET_BYTES
@@ -391,7 +457,8 @@ def _download(
         request.add_header("If-Modified-Since", last_modified)
     deadline = time.monotonic() + timeout
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        open_url = opener.open if opener is not None else urllib.request.urlopen
+        with open_url(request, timeout=timeout) as response:
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > limit:
                 raise _DownloadError(f"the file is larger than {limit // (1024 * 1024)} MiB")
