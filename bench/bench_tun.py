@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +33,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from procstat import Profiler, cpu_seconds, rss_mib  # noqa: E402
 
 from tests.integration.netns import (  # noqa: E402
     DIRECT4,
@@ -48,7 +49,6 @@ from tests.integration.peers import Proc, singbox_path  # noqa: E402
 TUN_ADDR = ["198.18.0.1/30", "fdfe:dcba:9876::1/126"]
 LOAD = str(REPO / "bench" / "tun_load.py")
 ECHO = str(REPO / "tests" / "integration" / "tun_server.py")
-CLK = os.sysconf("SC_CLK_TCK")
 RESULTS = REPO / "bench" / "results"
 
 ZTUN_CONFIG = f"""\
@@ -76,18 +76,6 @@ SINGBOX_CONFIG = {
     "outbounds": [{"type": "direct", "tag": "direct"}],
     "route": {"auto_detect_interface": True},
 }
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def start(name: str, t: Topology, tmp: Path) -> Proc:
@@ -144,49 +132,6 @@ def iperf(t: Topology, tmp: Path, seconds: float, reverse: bool, tries: int = 3)
     raise RuntimeError(f"iperf3 failed {tries} times: {error}")
 
 
-class Profiler:
-    """py-spy on the ztun process while one iperf3 run lasts; prints where the samples fell."""
-
-    def __init__(self, pid: int, label: str, enabled: bool, out_dir: Path) -> None:
-        self.pid, self.label, self.enabled = pid, label, enabled
-        self.out = out_dir / f"profile-tun-{label}.txt"
-        self.p: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Profiler:
-        if self.enabled:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            cmd = ["py-spy", "record", "--format", "raw", "--rate", "250", "--nonblocking",
-                   "-o", str(self.out), "-p", str(self.pid)]  # fmt: skip
-            self.p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(0.5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.p is None:
-            return
-        self.p.send_signal(signal.SIGINT)
-        self.p.wait(30)
-        leaf_time: dict[str, int] = {}
-        incl: dict[str, int] = {}
-        total = 0
-        for line in self.out.read_text().splitlines():
-            stack, _, count = line.rpartition(" ")
-            if not count.isdigit():
-                continue
-            frames = stack.split(";")
-            n = int(count)
-            total += n
-            leaf_time[frames[-1]] = leaf_time.get(frames[-1], 0) + n
-            for f in {f.split(" (")[0] for f in frames}:
-                incl[f] = incl.get(f, 0) + n
-        print(f"profile {self.label}: {total} samples ({self.out}); top self time:")
-        for leaf, n in sorted(leaf_time.items(), key=lambda kv: -kv[1])[:15]:
-            print(f"  {100 * n / max(total, 1):5.1f}%  {leaf}")
-        print("  including callees:")
-        for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:25]:
-            print(f"  {100 * n / max(total, 1):5.1f}%  {f}")
-
-
 def measure(
     name: str, t: Topology, tmp: Path, seconds: float, profile: bool = False
 ) -> dict[str, Any]:
@@ -196,14 +141,16 @@ def measure(
         pid = proc.pid
         for direction, rev in (("up", False), ("down", True)):
             print(f"{name}: iperf3 {direction}", file=sys.stderr, flush=True)
-            with Profiler(pid, direction, profile and name == "ztun", RESULTS):
+            with Profiler(
+                pid, direction, profile and name == "ztun", RESULTS / f"profile-tun-{direction}.txt"
+            ):
                 c0 = cpu_seconds(pid)
                 r = iperf(t, tmp, seconds, rev)
                 cpu = cpu_seconds(pid) - c0  # includes failed runs: an upper bound then
             res[f"iperf_{direction}_gbit"] = r["bits_per_second"] / 1e9
             res[f"cpu_s_per_gb_{direction}"] = cpu / (r["bytes"] / 1e9)
             res[f"iperf_{direction}_failed_runs"] = r["failed_runs"]
-        with Profiler(pid, "conn", profile and name == "ztun", RESULTS):
+        with Profiler(pid, "conn", profile and name == "ztun", RESULTS / "profile-tun-conn.txt"):
             c0 = cpu_seconds(pid)
             out = in_ns(t.client, sys.executable, LOAD, "rate", DIRECT4, "7", "64", str(seconds),
                         timeout=seconds + 60).stdout  # fmt: skip
