@@ -403,20 +403,9 @@ class TunInbound:
                     except OSError:
                         drops[Drop.BAD_HEADER] += 1
                     continue
-                if r == NEW:
-                    self._new_tcp(nat, n, now)
-                    continue
-                drops[Drop(r)] += 1
-                if r == Drop.NO_FLOW:
-                    self._answer_rst(n)
+                self._on_tcp_verdict(r, nat, n, now)
                 continue
-            pkt = bytes(view[:n])
-            if proto == Proto.UDP:
-                self._on_udp(pkt, now)
-            elif proto in (Proto.ICMP, Proto.ICMPV6):
-                self._on_icmp(pkt)
-            else:
-                drops[Drop.PROTOCOL] += 1
+            self._on_not_tcp(proto, n, now)
 
     def _on_tun_vnet(self) -> None:
         """`_on_tun` for a device with virtio-net headers: TCP super-packets (TSO) and
@@ -460,23 +449,34 @@ class TunInbound:
                     except OSError:
                         drops[Drop.BAD_HEADER] += 1
                     continue
-                if r == NEW:
-                    self._new_tcp(nat, n, now)
-                    continue
-                drops[Drop(r)] += 1
-                if r == Drop.NO_FLOW:
-                    self._answer_rst(n)
+                self._on_tcp_verdict(r, nat, n, now)
                 continue
             if gso:
                 drops[Drop.GSO] += 1  # UDP GSO (USO) is never negotiated
                 continue
-            pkt = bytes(view[:n])
-            if proto == Proto.UDP:
-                self._on_udp(pkt, now)
-            elif proto in (Proto.ICMP, Proto.ICMPV6):
-                self._on_icmp(pkt)
-            else:
-                drops[Drop.PROTOCOL] += 1
+            self._on_not_tcp(proto, n, now)
+
+    # Both read loops share what follows a packet that is not a plain forward; only the
+    # forward path stays inline in each loop, since it carries nearly every packet.
+
+    def _on_tcp_verdict(self, r: int, nat: Any, n: int, now: float) -> None:
+        """A TCP packet the NAT did not forward: a new flow's SYN, or a counted drop."""
+        if r == NEW:
+            self._new_tcp(nat, n, now)
+            return
+        self.drops[Drop(r)] += 1
+        if r == Drop.NO_FLOW:
+            self._answer_rst(n)
+
+    def _on_not_tcp(self, proto: int, n: int, now: float) -> None:
+        """UDP and ICMP go to user space; anything else is dropped and counted."""
+        pkt = bytes(self._view[:n])
+        if proto == Proto.UDP:
+            self._on_udp(pkt, now)
+        elif proto in (Proto.ICMP, Proto.ICMPV6):
+            self._on_icmp(pkt)
+        else:
+            self.drops[Drop.PROTOCOL] += 1
 
     def _write(self, pkt: bytes, hdr: bytes = PLAIN) -> None:
         """Write one packet; `hdr` is its virtio-net header when the device uses them (all
