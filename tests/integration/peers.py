@@ -7,6 +7,7 @@ UDP echo servers (threads), ztun itself, and a small SOCKS5 UDP client on ztun's
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -95,6 +96,18 @@ class Proc:
         if not self._f.closed:
             self._f.flush()
         return self.log.read_text(errors="replace")
+
+
+def write_big_file(path: Path, size: int) -> str:
+    """`size` bytes (a multiple of 1 MiB) of random data, no two MiB alike; its sha256."""
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        block = os.urandom(1 << 20)
+        for i in range(size >> 20):
+            chunk = bytes([i & 0xFF]) + block[1:]  # not identical MiB, so offsets matter
+            f.write(chunk)
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def start_singbox(tmp: Path, port: int, users: list[dict[str, str]] | None = None) -> Proc:

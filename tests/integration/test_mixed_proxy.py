@@ -36,6 +36,7 @@ from .peers import (
     tcp_half_close_server,
     udp_echo,
     wait_for,
+    write_big_file,
 )
 
 BIG = 100 * 1024 * 1024
@@ -93,13 +94,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("mixed")
     www = tmp / "www"
     www.mkdir()
-    h = hashlib.sha256()
-    with open(www / "big.bin", "wb") as f:
-        block = os.urandom(1 << 20)
-        for i in range(BIG >> 20):
-            chunk = bytes([i & 0xFF]) + block[1:]  # not 100 identical MiB
-            f.write(chunk)
-            h.update(chunk)
+    sha = write_big_file(www / "big.bin", BIG)
     (www / "small.txt").write_text("hello through ztun\n")
     names = ["http", "direct", "proxy", "auth", "badauth", "silent_in", "singbox", "silent",
              "udp_echo", "tcp_echo"]  # fmt: skip
@@ -119,7 +114,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
             wait_port(ports[p], z.p)
         with udp_echo(ports["udp_echo"]), tcp_half_close_server(ports["tcp_echo"]):
-            yield Env(tmp, ports, h.hexdigest(), z, sb, tmp / "ztun.yaml")
+            yield Env(tmp, ports, sha, z, sb, tmp / "ztun.yaml")
     finally:
         for p in reversed(procs):
             p.stop()

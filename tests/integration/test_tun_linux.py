@@ -37,7 +37,7 @@ from .netns import (
     wait_tcp,
     wait_until,
 )
-from .peers import REPO, Proc, flow_lines, singbox_path
+from .peers import REPO, Proc, flow_lines, singbox_path, write_big_file
 
 pytestmark = [pytest.mark.netns, pytest.mark.singbox]
 
@@ -100,13 +100,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("tun")
     www = tmp / "www"
     www.mkdir()
-    h = hashlib.sha256()
-    with open(www / "big.bin", "wb") as f:
-        block = os.urandom(1 << 20)
-        for i in range(BIG >> 20):
-            chunk = bytes([i & 0xFF]) + block[1:]
-            f.write(chunk)
-            h.update(chunk)
+    sha = write_big_file(www / "big.bin", BIG)
     sb_cfg = tmp / "sing-box.json"
     sb_cfg.write_text(json.dumps({
         "log": {"level": "warn"},
@@ -141,7 +135,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 wait_tcp(s, "127.0.0.1", port)
             z = start_ztun(t, tmp)
             procs.append(z)
-            yield Env(t, tmp, h.hexdigest(), z)
+            yield Env(t, tmp, sha, z)
         finally:
             for p in reversed(procs):
                 p.stop()
