@@ -40,8 +40,9 @@ RESULTS = ROOT / "bench" / "results"
 
 from procstat import Profiler, cpu_seconds, rss_mib  # noqa: E402
 
+from ztun.address import Address  # noqa: E402
 from ztun.proto import socks5  # noqa: E402
-from ztun.proto.socks5 import Address, Command  # noqa: E402
+from ztun.proto.socks5 import Command  # noqa: E402
 
 # -- peers ----------------------------------------------------------------------------------------
 

@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=20_000)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "rules.json"))
     args = parser.parse_args()
-    from ztun.config.check import load_and_compile
+    from ztun.check import load_and_compile
     from ztun.query import parse_batch_line
 
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -17,12 +17,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ztun.dispatch import Dispatcher, RouterLike, wait_closed
 from ztun.errors import ZtunError
 from ztun.inbound.mixed import MixedInbound
 from ztun.inbound.tun import TunInbound
 from ztun.outbound.base import Outbound
 from ztun.outbound.registry import build_outbound
+from ztun.runtime.dispatch import Dispatcher, RouterLike, wait_closed
 
 log = logging.getLogger("ztun")
 
@@ -73,7 +73,7 @@ def setup_logging(options: Mapping[str, Any] | None, override: str | None = None
 
 def load(path: str | Path) -> tuple[dict[str, Any], RouterLike]:
     """The config data and its router; raises ConfigError listing every mistake."""
-    from ztun.config.check import load_and_compile
+    from ztun.check import load_and_compile
 
     loaded, router = load_and_compile(path)
     return dict(loaded.data), router

@@ -34,7 +34,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 @app.command()
 def check(config: ConfigArg, as_json: JsonOpt = False) -> None:
     """Validate a config; print every mistake as FILE:LINE:COL: message."""
-    from ztun.config.check import check_file
+    from ztun.check import check_file
 
     result = check_file(config)
     if as_json:
@@ -57,7 +57,7 @@ def check(config: ConfigArg, as_json: JsonOpt = False) -> None:
 
 
 def _load_router(config: Path) -> Any:
-    from ztun.config.check import load_and_compile
+    from ztun.check import load_and_compile
     from ztun.errors import ConfigError
 
     try:

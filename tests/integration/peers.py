@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from ztun.address import Address
 from ztun.proto import socks5
-from ztun.proto.socks5 import Address, Command
+from ztun.proto.socks5 import Command
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from ztun.proto.socks5 import Address, Reply
+from ztun.address import Address
+from ztun.proto.socks5 import Reply
 
 from .peers import (
     REPO,

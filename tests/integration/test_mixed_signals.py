@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ztun.proto.socks5 import Address
+from ztun.address import Address
 
 from .peers import REPO, free_port, socks5_connect, start_ztun, tcp_half_close_server
 

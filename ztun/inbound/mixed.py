@@ -21,12 +21,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ztun import netio
-from ztun.dispatch import Dispatcher, Flow, RejectedError, log_flow, meta_for
+from ztun.address import Address
 from ztun.errors import ProtocolError
 from ztun.outbound.base import ErrorKind, OutboundError, UdpSession
 from ztun.proto import http_proxy, socks5
-from ztun.proto.socks5 import Address, AuthMethod, Command, Reply
+from ztun.proto.socks5 import AuthMethod, Command, Reply
+from ztun.runtime import netio
+from ztun.runtime.dispatch import Dispatcher, Flow, RejectedError, log_flow, meta_for
 
 log = logging.getLogger("ztun.inbound")
 

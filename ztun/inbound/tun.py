@@ -32,11 +32,10 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-from ztun.dispatch import Dispatcher, Flow, RejectedError, log_flow
+from ztun.address import Address
 from ztun.errors import ZtunError
 from ztun.nat.tcp import FORWARD, NEW, TcpNat, unfinished
 from ztun.nat.udp import UdpTable
-from ztun.netio import Handover
 from ztun.outbound.base import Outbound, OutboundError, UdpSession, seconds
 from ztun.packet.fragment import Reassembler
 from ztun.packet.icmp import build_echo_reply, build_port_unreachable, is_echo_request
@@ -44,8 +43,9 @@ from ztun.packet.ip import Drop, IPHeader, Proto, is_unicast, parse_ip
 from ztun.packet.tcp import build_rst
 from ztun.packet.udp import build_udp, parse_udp
 from ztun.packet.virtio import F_NEEDS_CSUM, GSO_ECN, GSO_TCPV4, GSO_TCPV6, HEADER_LEN, PLAIN
-from ztun.proto.socks5 import Address
 from ztun.route.metadata import FlowMeta
+from ztun.runtime.dispatch import Dispatcher, Flow, RejectedError, log_flow
+from ztun.runtime.netio import Handover
 
 log = logging.getLogger("ztun.inbound")
 

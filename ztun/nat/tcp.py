@@ -34,7 +34,7 @@ _PORT, _FWD_ADDRS, _FWD_PORTS, _FWD_IP, _FWD_TCP = 0, 1, 2, 3, 4
 _REV_ADDRS, _REV_PORTS, _REV_IP, _REV_TCP, _LAST, _KEY, _CTX, _FINS = 5, 6, 7, 8, 9, 10, 11, 12
 
 
-class Flow:
+class NatEntry:
     """What `lookup` returns: the original four-tuple of an accepted connection."""
 
     __slots__ = ("ctx", "dport", "dst", "sport", "src")
@@ -211,14 +211,14 @@ class TcpNat:
                 return n
         return None
 
-    def lookup(self, port: int) -> Flow | None:
+    def lookup(self, port: int) -> NatEntry | None:
         """The original flow behind the listener's peer port `port`."""
         e = self._ports.get(port)
         if e is None:
             return None
         key: bytes = e[_KEY]
         k = len(self.local)
-        return Flow(
+        return NatEntry(
             key[:k],
             int.from_bytes(key[2 * k : 2 * k + 2], "big"),
             key[k : 2 * k],

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+from ztun.address import Address
 from ztun.config.duration import parse_duration
 from ztun.errors import ZtunError
-from ztun.netio import Handover
-from ztun.proto.socks5 import Address, Reply
+from ztun.proto.socks5 import Reply
 from ztun.route.metadata import FlowMeta
+from ztun.runtime.netio import Handover
 
 #: Called with (source address, payload) for each datagram that comes back.
 DatagramHandler = Callable[[Address, bytes], None]
@@ -143,7 +144,7 @@ class Outbound(Protocol):
         takes the watch over in place and drops it at the end) or call `handover.release()`
         before closing the socket. On OutboundError the outbound has closed both itself and
         leaves `handover` empty. Why: each dropped and re-made watch costs a poll handle (an
-        ioctl and two epoll_ctl with uvloop) per connection; see ztun/netio.py.
+        ioctl and two epoll_ctl with uvloop) per connection; see ztun/runtime/netio.py.
         """
         ...
 

@@ -6,10 +6,10 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from ztun.netio import Handover
+from ztun.address import Address
 from ztun.outbound.base import CloseHandler, Counters, DatagramHandler, ErrorKind, OutboundError
-from ztun.proto.socks5 import Address
 from ztun.route.metadata import FlowMeta
+from ztun.runtime.netio import Handover
 
 
 class BlockOutbound:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-from ztun import netio
+from ztun.address import Address
 from ztun.outbound.base import (
     DEFAULT_CONNECT_TIMEOUT,
     CloseHandler,
@@ -27,8 +27,8 @@ from ztun.outbound.base import (
     kind_of,
     seconds,
 )
-from ztun.proto.socks5 import Address
 from ztun.route.metadata import FlowMeta
+from ztun.runtime import netio
 
 #: Linux: a TCP socket non-blocking from birth (elsewhere, setblocking(False) right after).
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
@@ -206,7 +206,7 @@ class DirectOutbound:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._apply_dial_options(sock)
             # netio.connect, not loop.sock_connect: uvloop resolves even an IP literal in its
-            # thread pool and re-registers the socket per call (see ztun/netio.py).
+            # thread pool and re-registers the socket per call (see ztun/runtime/netio.py).
             waiter = netio.Waiter(asyncio.get_running_loop(), sock)
             try:
                 # The deadline's timer is set only when the connect has to wait.

@@ -22,7 +22,7 @@ from typing import Any
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
 from python_socks.async_.asyncio import Proxy
 
-from ztun import netio
+from ztun.address import Address
 from ztun.errors import ProtocolError
 from ztun.outbound.base import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -36,8 +36,9 @@ from ztun.outbound.base import (
     seconds,
 )
 from ztun.proto import socks5
-from ztun.proto.socks5 import Address, Command, Reply
+from ztun.proto.socks5 import Command, Reply
 from ztun.route.metadata import FlowMeta
+from ztun.runtime import netio
 
 #: Linux: a TCP socket non-blocking from birth (elsewhere, setblocking(False) right after).
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from enum import IntEnum
-from functools import lru_cache
 
+from ztun.address import Address, ip_or_none
 from ztun.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 
 VERSION5 = 0x05
@@ -57,21 +57,6 @@ class Reply(IntEnum):
 class Socks4Reply(IntEnum):
     GRANTED = 0x5A
     REJECTED = 0x5B
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    """A SOCKS address: `host` is an IP literal (no brackets) or a domain name."""
-
-    host: str
-    port: int
-
-    @property
-    def is_domain(self) -> bool:
-        return _ip_or_none(self.host) is None
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,15 +104,6 @@ class ReplyError(ProtocolError):
 
 class AuthFailedError(ProtocolError):
     """The SOCKS5 server refused the credentials, or wants a method we do not speak."""
-
-
-@lru_cache(maxsize=4096)
-def _ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    # Cached: every CONNECT builds or checks an address, and the same hosts come back.
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +159,7 @@ def build_address(addr: Address) -> bytes:
     """ATYP, address and port for `addr`: an IP literal goes as an IP, anything else as a name."""
     if not 0 <= addr.port <= 0xFFFF:
         raise LocalProtocolError(f"port out of range: {addr.port}")
-    ip = _ip_or_none(addr.host)
+    ip = ip_or_none(addr.host)
     port = addr.port.to_bytes(2, "big")
     if ip is None:
         try:

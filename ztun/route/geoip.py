@@ -19,9 +19,9 @@ from typing import Any
 
 import maxminddb
 
+from ztun.address import IPAddress
 from ztun.errors import ZtunError
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: Distinct addresses whose answers are kept; a lookup costs ~10 µs, a cache hit ~0.1 µs.
 CACHE_SIZE = 65536
 #: Words in the database_type of MaxMind products that carry no country data.

@@ -10,7 +10,8 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from ztun.address import IPAddress
+
 Network = Literal["tcp", "udp", "icmp"]
 
 

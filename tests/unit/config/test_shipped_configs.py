@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[3]
 SHIPPED = sorted((ROOT / "configs").glob("*/*.yaml"))
 PROFILES = ["block-ads", "bypass-private", "geoip-split", "global-proxy", "split-dns"]
 EXAMPLES = ["local-proxy", "profile-override", "tun-split"]
-HAS_CHECK = importlib.util.find_spec("ztun.config.check") is not None
+HAS_CHECK = importlib.util.find_spec("ztun.check") is not None
 
 # documentation, private, loopback and ULA ranges are the only addresses examples may use
 ALLOWED = [ipaddress.ip_network(n) for n in (
@@ -111,10 +111,10 @@ def test_local_proxy_example_is_the_rootless_one() -> None:
     assert {o["type"] for o in data["outbounds"]} == {"direct", "block"}
 
 
-@pytest.mark.skipif(not HAS_CHECK, reason="ztun/config/check.py (the lead's pipeline) is missing")
+@pytest.mark.skipif(not HAS_CHECK, reason="ztun/check.py (the lead's pipeline) is missing")
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_config_passes_check_file(path: Path) -> None:
-    from ztun.config.check import check_file
+    from ztun.check import check_file
 
     result = check_file(path)
     assert [str(d) for d in result.diagnostics] == []

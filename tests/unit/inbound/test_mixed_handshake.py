@@ -7,13 +7,14 @@ import asyncio
 import socket
 import time
 
-from ztun.dispatch import Dispatcher
+from ztun.address import Address
 from ztun.inbound.mixed import MixedInbound
 from ztun.outbound.block import BlockOutbound
 from ztun.proto import socks5
-from ztun.proto.socks5 import Address, Reply
+from ztun.proto.socks5 import Reply
 from ztun.route.action import Decision, Route
 from ztun.route.metadata import FlowMeta
+from ztun.runtime.dispatch import Dispatcher
 
 
 class _ToBlock:

@@ -14,10 +14,11 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from ztun.address import Address
 from ztun.outbound.base import ErrorKind, OutboundError
 from ztun.outbound.socks import SocksOutbound
 from ztun.proto import socks5
-from ztun.proto.socks5 import Address, Reply
+from ztun.proto.socks5 import Reply
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, list[bytes]], Awaitable[None]]
 DEST = Address("example.test", 443)

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ztun.address import Address
 from ztun.errors import ProtocolError
 from ztun.proto import socks5 as s5
-from ztun.proto.socks5 import Address
 
 
 def feed_bytewise(parse, data: bytes):

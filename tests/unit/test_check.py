@@ -9,7 +9,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ztun.config.check import check_file
+from ztun.check import check_file
 
 KEYS = ["type", "tag", "rules", "rule_set", "outbound", "path", "format", "domain", "ip_cidr",
         "port", "port_range", "geoip", "final", "mode", "action", "invert", "url", "server",

@@ -22,7 +22,7 @@ import struct
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ztun.netio import Waiter
+from ztun.runtime.netio import Waiter
 
 try:
     import fcntl
@@ -311,7 +311,7 @@ class _Relay:
             self.clock = _IdleClock.of(self.loop, self.idle_timeout / 4)
             self.clock.relays.add(self)
             self.clock.arm()
-        # A handshake's watch is taken over in place (see ztun/netio.py): add our readers
+        # A handshake's watch is taken over in place (see ztun/runtime/netio.py): add our readers
         # first, then drop a writer the handshake left, so the loop keeps the poll handle.
         c_state = client_watch.adopt() if client_watch is not None else (False, False)
         r_state = remote_watch.adopt() if remote_watch is not None else (False, False)

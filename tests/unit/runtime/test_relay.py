@@ -12,8 +12,8 @@ import socket
 
 import pytest
 
-from ztun import relay as relay_mod
-from ztun.relay import RelayResult, relay
+from ztun.runtime import relay as relay_mod
+from ztun.runtime.relay import RelayResult, relay
 
 MODES = [pytest.param(True, id="splice"), pytest.param(False, id="copy")]
 if not relay_mod.HAVE_SPLICE:  # pragma: no cover

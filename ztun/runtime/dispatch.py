@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Protocol
 
-from ztun.netio import Handover, Waiter
+from ztun.address import Address
 from ztun.outbound.base import ErrorKind, Outbound, OutboundError
-from ztun.proto.socks5 import Address
-from ztun.relay import RelayResult, relay
 from ztun.route.action import Decision, HijackDNS, Reject, Route
 from ztun.route.metadata import FlowMeta, parse_ip
+from ztun.runtime.netio import Handover, Waiter
+from ztun.runtime.relay import RelayResult, relay
 
 log = logging.getLogger("ztun.flow")
 

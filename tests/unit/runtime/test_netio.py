@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ztun import netio
+from ztun.runtime import netio
 
 try:
     import uvloop
@@ -170,7 +170,7 @@ def test_connect_over_loopback_needs_no_watch(run: Runner) -> None:
 
 @pytest.mark.parametrize("state", ["reading", "writing"])
 def test_relay_adopts_a_handshake_watch_in_place(run: Runner, state: str) -> None:
-    from ztun.relay import relay
+    from ztun.runtime.relay import relay
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
