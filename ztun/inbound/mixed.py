@@ -16,18 +16,21 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ztun.address import Address
 from ztun.errors import ProtocolError
-from ztun.outbound.base import ErrorKind, OutboundError, UdpSession
+from ztun.nat.udp import UdpSessions
+from ztun.outbound.base import ErrorKind, OutboundError
 from ztun.proto import http_proxy, socks5
 from ztun.proto.socks5 import AuthMethod, Command, Reply
 from ztun.runtime import netio
-from ztun.runtime.dispatch import Dispatcher, Flow, RejectedError, log_flow, meta_for
+from ztun.runtime.dispatch import Dispatcher, RejectedError, log_flow, meta_for
+from ztun.runtime.udp import UdpSessionRunner
+from ztun.stack.commands import Command as StackCommand
+from ztun.stack.flow import Flow
 
 log = logging.getLogger("ztun.inbound")
 
@@ -315,7 +318,7 @@ class MixedInbound:
     ) -> None:
         loop = asyncio.get_running_loop()
         meta = meta_for("tcp", req.dest, source, self.tag, req.user)
-        flow = Flow(meta, req.dest)
+        flow = Flow(meta, req.dest, loop.time())
         # The outbound's watch on its socket comes with it, for the relay to take over.
         handover = netio.Handover()
         try:
@@ -366,16 +369,10 @@ class _UdpAssociateRequest:
 # UDP ASSOCIATE
 
 
-@dataclass(slots=True)
-class _UdpFlow:
-    flow: Flow
-    outbound: str | None  # None: rejected, datagrams are dropped
-    last: float
-
-
 class UdpAssociation:
-    """One client's UDP ASSOCIATE: its relay socket, its flows (one per destination, each with
-    its own routing decision) and one outbound session per outbound tag."""
+    """One client's UDP ASSOCIATE: its relay socket and its flows, one per destination, each
+    routed on its own. Flows and sessions are a `UdpSessions` core shared with the TUN: here
+    one outbound session per outbound serves every destination routed to it."""
 
     def __init__(
         self, inbound: MixedInbound, conn: socket.socket, source: tuple[str, int], user: str | None
@@ -388,11 +385,17 @@ class UdpAssociation:
         self.loop = asyncio.get_running_loop()
         self.udp: socket.socket | None = None
         self.client: tuple[Any, ...] | None = None
-        self.flows: OrderedDict[tuple[str, int], _UdpFlow] = OrderedDict()
-        self.sessions: dict[str, UdpSession] = {}
-        self.opening: dict[str, list[tuple[Address, bytes]]] = {}
-        self.retry_after: dict[str, float] = {}
+        self.out: list[StackCommand] = []
+        self.core = UdpSessions(
+            self.out,
+            timeout=self.dispatcher.udp_idle_timeout,
+            max_flows=MAX_UDP_FLOWS,
+            max_pending=MAX_UDP_PENDING,
+            retry_delay=UDP_RETRY_DELAY,
+        )
         self.tasks: set[asyncio.Task[None]] = set()
+        self.runner = UdpSessionRunner(self.core, self.loop, self.tasks, self._on_reply,
+                                       self._drain)  # fmt: skip
         self.closed = False
 
     async def run(self) -> None:
@@ -418,39 +421,33 @@ class UdpAssociation:
             self.closed = True
             if sweep is not None:
                 sweep.cancel()
-            self._shutdown("closed")
+            self._shutdown()
 
     @property
     def _sweep_interval(self) -> float:
         return max(self.dispatcher.udp_idle_timeout / 4, 0.05)
 
-    def _shutdown(self, why: str) -> None:
+    def _shutdown(self) -> None:
         for t in self.tasks:
             t.cancel()
-        for uf in self.flows.values():
-            self._end_flow(uf, why)
-        self.flows.clear()
-        for s in self.sessions.values():
-            s.close()
-        self.sessions.clear()
+        self.core.clear("closed")
+        self._drain()
+        self.runner.close_all()
         if self.udp is not None:
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(self.udp.fileno())
             self.udp.close()
 
-    def _end_flow(self, uf: _UdpFlow, why: str) -> None:
-        if not uf.flow.end:
-            uf.flow.end = why
-        log_flow(uf.flow)
+    def _drain(self) -> None:
+        """Carry out what the core asked for."""
+        commands = self.out[:]
+        self.out.clear()
+        for c in commands:
+            self.runner.execute(c)
 
     def _sweep(self) -> None:
-        now = self.loop.time()
-        idle = self.dispatcher.udp_idle_timeout
-        for key in [k for k, uf in self.flows.items() if now - uf.last >= idle]:
-            self._end_flow(self.flows.pop(key), "idle")
-        in_use = {uf.outbound for uf in self.flows.values()}
-        for tag in [t for t in self.sessions if t not in in_use]:
-            self.sessions.pop(tag).close()
+        self.core.expire(self.loop.time())
+        self._drain()
         if not self.closed:
             self.loop.call_later(self._sweep_interval, self._sweep)
 
@@ -484,96 +481,24 @@ class UdpAssociation:
     def _forward(self, dest: Address, payload: bytes) -> None:
         key = (dest.host, dest.port)
         now = self.loop.time()
-        uf = self.flows.get(key)
+        uf = self.core.get(key, now)
         if uf is None:
-            uf = self._new_flow(dest, now)
-        else:
-            self.flows.move_to_end(key)
-        uf.last = now
-        tag = uf.outbound
-        if tag is None:
-            return
-        uf.flow.up += len(payload)
-        session = self.sessions.get(tag)
-        if session is not None and not session.closed:
-            session.send(uf.flow.dest, payload)
-            return
-        pending = self.opening.get(tag)
-        if pending is not None:
-            if len(pending) < MAX_UDP_PENDING:
-                pending.append((uf.flow.dest, payload))
-            return
-        if now < self.retry_after.get(tag, 0.0):
-            return
-        self.opening[tag] = [(uf.flow.dest, payload)]
-        task = self.loop.create_task(self._open_session(tag, uf.flow))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    def _new_flow(self, dest: Address, now: float) -> _UdpFlow:
-        meta = meta_for("udp", dest, (self.client[0], self.client[1]) if self.client else None,
-                        self.inbound.tag, self.user)  # fmt: skip
-        flow = Flow(meta, dest)
-        tag: str | None
-        try:
-            outbound = self.dispatcher.decide(flow)
-            tag = outbound.tag
-            if outbound.type == "block":
-                flow.end = "blocked"  # its session drops and counts every datagram
-        except RejectedError as e:
-            flow.end, flow.error, tag = "blocked", str(e), None
-        uf = _UdpFlow(flow, tag, now)
-        self.flows[(dest.host, dest.port)] = uf
-        if len(self.flows) > MAX_UDP_FLOWS:
-            _, oldest = self.flows.popitem(last=False)
-            self._end_flow(oldest, "evicted")
-        return uf
-
-    async def _open_session(self, tag: str, flow: Flow) -> None:
-        outbound = self.dispatcher.outbounds[tag]
-        try:
-            session = await outbound.open_udp(
-                flow.meta,
-                self._on_reply,
-                lambda why, tag=tag: self._on_session_end(tag, why),
-            )
-        except OutboundError as e:
-            pending = self.opening.pop(tag, [])
-            self.retry_after[tag] = self.loop.time() + UDP_RETRY_DELAY
-            log.warning("udp via %s: %s (%d datagram(s) dropped)", tag, e, len(pending))
-            self._end_flows_of(tag, "failed", str(e))
-            return
-        if self.closed:
-            session.close()
-            return
-        self.sessions[tag] = session
-        for dest, payload in self.opening.pop(tag, []):
-            session.send(dest, payload)
-
-    def _on_session_end(self, tag: str, why: str) -> None:
-        # A dead proxy or control connection ends its flows; the next datagram re-associates.
-        if self.sessions.get(tag) is not None and self.sessions[tag].closed:
-            del self.sessions[tag]
-        if why != "idle":
-            log.warning("udp via %s: session ended: %s", tag, why)
-        self._end_flows_of(tag, "reset" if why != "idle" else "idle", why)
-
-    def _end_flows_of(self, tag: str, end: str, error: str | None) -> None:
-        for key in [k for k, uf in self.flows.items() if uf.outbound == tag]:
-            uf = self.flows.pop(key)
-            uf.flow.end = end
-            if end != "idle":
-                uf.flow.error = error
-            self._end_flow(uf, end)
+            client = (self.client[0], self.client[1]) if self.client else None
+            meta = meta_for("udp", dest, client, self.inbound.tag, self.user)
+            flow = Flow(meta, dest, now)
+            verdict = self.dispatcher.route(flow, "udp")
+            # One outbound session per outbound, whatever the destination.
+            uf = self.core.add(key, flow, verdict, flow.outbound, now)
+        if uf.refused is None:
+            self.core.send(uf, payload, now)
+        if self.out:
+            self._drain()
 
     # outbound → client
-    def _on_reply(self, src: Address, payload: bytes) -> None:
+    def _on_reply(self, session_key: Hashable, src: Address, payload: bytes) -> None:
         if self.closed or self.udp is None or self.client is None:
             return
-        uf = self.flows.get((src.host, src.port))
-        if uf is not None:
-            uf.flow.down += len(payload)
-            uf.last = self.loop.time()
+        self.core.reply((src.host, src.port), payload, self.loop.time())
         with contextlib.suppress(OSError):
             self.udp.sendto(socks5.build_udp_datagram(src, payload), self.client)
 

@@ -1,11 +1,11 @@
-"""The `tun` inbound (Linux, `stack: system`): every flow of the host enters through a TUN device.
+"""The `tun` inbound (Linux, `stack: system`): the I/O around `ztun.stack.tun.TunStack`.
 
-Owns: the TUN read loop, the system-stack TCP path (NAT rewrite to a kernel listener on the
-TUN address, so the kernel's TCP terminates every flow; see ztun.nat.tcp), UDP sessions in
-user space (one outbound session per (source, destination), replies built back into IP
-packets), ICMP echo replies, RST and "port unreachable" for refused flows, auto_route, and
-the orderly shutdown (no new flows, FIN every TCP flow while the TUN still carries the FINs,
-drop UDP sessions, remove routes, close the TUN).
+Owns: the TUN device and its read loop, the kernel listeners that terminate every TCP flow
+(the system stack: see ztun.nat.tcp), the outbound sockets and UDP sessions the stack asks
+for, auto_route, and the orderly shutdown (no new flows, FIN every TCP flow while the TUN
+still carries the FINs, end UDP sessions, remove routes, close the TUN). Every per-packet
+decision is the stack's: this module reads, writes back what the stack forwarded in place,
+and carries out the commands it queued (ztun.stack.commands).
 
 A packet's way (TCP, flow S:sp → D:dp, TUN address A, fake peer B = A+1, listener A:P):
 
@@ -27,36 +27,25 @@ import logging
 import os
 import socket
 import struct
-from collections import Counter
-from collections.abc import Mapping
-from functools import lru_cache
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 from ztun.address import Address
 from ztun.errors import ZtunError
-from ztun.nat.tcp import FORWARD, NEW, TcpNat, unfinished
-from ztun.nat.udp import UdpTable
-from ztun.outbound.base import Outbound, OutboundError, UdpSession, seconds
-from ztun.packet.fragment import Reassembler
-from ztun.packet.icmp import build_echo_reply, build_port_unreachable, is_echo_request
-from ztun.packet.ip import Drop, IPHeader, Proto, is_unicast, parse_ip
-from ztun.packet.tcp import build_rst
-from ztun.packet.udp import build_udp, parse_udp
-from ztun.packet.virtio import F_NEEDS_CSUM, GSO_ECN, GSO_TCPV4, GSO_TCPV6, HEADER_LEN, PLAIN
-from ztun.route.metadata import FlowMeta
-from ztun.runtime.dispatch import Dispatcher, Flow, RejectedError, log_flow
+from ztun.nat.tcp import FORWARD, TcpNat, unfinished
+from ztun.outbound.base import Outbound, OutboundError, seconds
+from ztun.packet.virtio import HEADER_LEN, PLAIN
+from ztun.runtime.dispatch import Dispatcher, log_flow
 from ztun.runtime.netio import Handover
+from ztun.runtime.udp import UdpSessionRunner
+from ztun.stack.commands import WritePacket
+from ztun.stack.flow import Flow
+from ztun.stack.tun import DEFAULT_UDP_TIMEOUT, MAX_UDP_SESSIONS, TunStack
 
 log = logging.getLogger("ztun.inbound")
 
 DEFAULT_MTU = 9000
-DEFAULT_UDP_TIMEOUT = 60.0
 MAX_TCP_FLOWS = 16384
-MAX_UDP_SESSIONS = 4096
-#: Datagrams kept per UDP session while its outbound session is being opened.
-MAX_UDP_PENDING = 64
-#: After a UDP session failed to open, its datagrams are dropped this long before a retry.
-UDP_RETRY_DELAY = 1.0
 #: Packets handled per wake-up before other callbacks get a turn (the fd stays readable).
 READ_BATCH = 512
 SWEEP_INTERVAL = 2.0
@@ -104,20 +93,6 @@ def _networks(value: object, tag: str, name: str) -> list[Net]:
     return out
 
 
-class _UdpFlow:
-    __slots__ = ("blocked", "closed", "dport", "dst", "flow", "pending", "retry_at", "session",
-                 "sport", "src")  # fmt: skip
-
-    def __init__(self, src: bytes, sport: int, dst: bytes, dport: int, flow: Flow) -> None:
-        self.src, self.sport, self.dst, self.dport = src, sport, dst, dport
-        self.flow = flow
-        self.session: UdpSession | None = None
-        self.pending: list[bytes] | None = None
-        self.blocked: str | None = None  # "reject" or "drop"
-        self.retry_at = 0.0
-        self.closed = False
-
-
 class TunInbound:
     type = "tun"
 
@@ -154,23 +129,22 @@ class TunInbound:
         self.v4 = _first_and_peer(address, 4, tag)
         self.v6 = _first_and_peer(address, 6, tag)
         self.tasks: set[asyncio.Task[None]] = set()
-        self.drops: Counter[Drop] = Counter()
         self.device: Any = None
         self.routes: Any = None
-        self.nat4: TcpNat | None = None
-        self.nat6: TcpNat | None = None
+        # Every per-packet decision; its NATs are set in start(), once the listeners are bound.
+        self.stack = TunStack(tag, dispatcher.route, nat4=None, nat6=None,
+                              udp_timeout=udp_timeout, icmp=icmp,
+                              max_udp_sessions=MAX_UDP_SESSIONS)  # fmt: skip
         self._listeners: list[tuple[socket.socket, TcpNat]] = []
         self._conns: set[socket.socket] = set()
-        self.udp: UdpTable[_UdpFlow] = UdpTable(timeout=udp_timeout, max_sessions=MAX_UDP_SESSIONS)
-        self.frags = Reassembler()
+        #: writes into the TUN that failed (the device going away, a full queue)
+        self.write_errors = 0
         self._buf = bytearray(65536)
         self._view = memoryview(self._buf)
         self._hdr = bytearray(HEADER_LEN)  # the virtio-net header of the packet in _buf
         self._iov = [self._hdr, self._buf]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
-        self.accepting = False
-        self.packets = 0
         self._closed = False
 
     @classmethod
@@ -217,6 +191,8 @@ class TunInbound:
         from ztun.platform.linux.tun_device import TunDevice
 
         loop = self._loop = asyncio.get_running_loop()
+        self._udp = UdpSessionRunner(self.stack.udp, loop, self.tasks, self._udp_reply,
+                                     self._run_commands)  # fmt: skip
         offload = os.environ.get(OFFLOAD_ENV, "1").strip().lower() not in ("0", "false", "off")
         self.device = TunDevice.open(self.interface_name, self.address, self.mtu, offload)
         atexit.register(self._emergency_cleanup)
@@ -236,9 +212,9 @@ class TunInbound:
                 ls.setblocking(False)
                 nat = TcpNat(local, peer, ls.getsockname()[1], max_flows=MAX_TCP_FLOWS)
                 if fam == socket.AF_INET:
-                    self.nat4 = nat
+                    self.stack.nat4 = nat
                 else:
-                    self.nat6 = nat
+                    self.stack.nat6 = nat
                 self._listeners.append((ls, nat))
                 loop.add_reader(ls.fileno(), self._on_accept, ls, nat)
             if self.auto_route:
@@ -246,7 +222,6 @@ class TunInbound:
         except BaseException:
             self._teardown()
             raise
-        self.accepting = True
         vnet = self.device.vnet_hdr
         loop.add_reader(self.device.fd, self._on_tun_vnet if vnet else self._on_tun)
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
@@ -294,7 +269,7 @@ class TunInbound:
         """No new flows; FIN every TCP flow and drain; end UDP sessions; remove routes, TUN."""
         if self._closed:
             return
-        self.accepting = False
+        self.stack.accepting = False
         loop = asyncio.get_running_loop()
         for ls, _ in self._listeners:
             with contextlib.suppress(ValueError, OSError):
@@ -306,17 +281,18 @@ class TunInbound:
             t.cancel()  # the relay ends; the flow's sockets close, which sends FIN both ways
         if tasks:
             await asyncio.wait(tasks, timeout=2.0)
-        for uf in self.udp.clear():
-            self._end_udp(uf, "closed")
+        self.stack.stop()
+        self._run_commands()
+        self._udp.close_all()
         # Keep translating for a moment so the FINs (and their ACKs) reach the applications.
         deadline = loop.time() + DRAIN_TIME
-        while loop.time() < deadline and any(
-            unfinished(n) for n in (self.nat4, self.nat6) if n is not None
-        ):
+        nats = [n for n in (self.stack.nat4, self.stack.nat6) if n is not None]
+        while loop.time() < deadline and any(unfinished(n) for n in nats):
             await asyncio.sleep(0.05)
         self._teardown()
-        if self.drops:
-            counts = ", ".join(f"{d.name.lower()}={c}" for d, c in sorted(self.drops.items()))
+        drops = self.stack.drops
+        if drops:
+            counts = ", ".join(f"{d.name.lower()}={c}" for d, c in sorted(drops.items()))
             log.info("inbound %s: dropped packets: %s", self.tag, counts)
 
     def _teardown(self) -> None:
@@ -356,26 +332,22 @@ class TunInbound:
     def _sweep(self) -> None:
         loop = self._loop
         assert loop is not None
-        now = loop.time()
-        for nat in (self.nat4, self.nat6):
-            if nat is not None:
-                nat.expire(now)
-        for uf in self.udp.expire(now):
-            self._end_udp(uf, "idle")
-        n = self.frags.expire(now)
-        if n:
-            self.drops[Drop.FRAGMENT_TIMEOUT] += n
+        self.stack.expire(loop.time())
+        self._run_commands()
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     # -- the TUN read loop ----------------------------------------------------------------
+    # The stack decides; this loop only reads, writes back what the stack forwarded in place,
+    # and carries out the commands it queued. The forward write stays inline here, since it
+    # carries nearly every packet.
 
     def _on_tun(self) -> None:
         fd = self.device.fd
         buf, view = self._buf, self._view
         readv, write = os.readv, os.write
-        nat4, nat6 = self.nat4, self.nat6
+        receive = self.stack.receive
+        out = self.stack.out
         now = self._loop.time()  # type: ignore[union-attr]
-        drops = self.drops
         for _ in range(READ_BATCH):
             try:
                 n = readv(fd, [buf])
@@ -383,40 +355,23 @@ class TunInbound:
                 return
             except OSError:
                 return  # the device went away (shutdown)
-            self.packets += 1
-            if n < 20:
-                drops[Drop.TRUNCATED] += 1
-                continue
-            v = buf[0] >> 4
-            if v == 4:
-                proto, nat = buf[9], nat4
-            elif v == 6:
-                proto, nat = buf[6], nat6
-            else:
-                drops[Drop.BAD_VERSION] += 1
-                continue
-            if proto == 6 and nat is not None:
-                r = nat.translate(buf, n, now)
-                if r == FORWARD:
-                    try:
-                        write(fd, view[:n])
-                    except OSError:
-                        drops[Drop.BAD_HEADER] += 1
-                    continue
-                self._on_tcp_verdict(r, nat, n, now)
-                continue
-            self._on_not_tcp(proto, n, now)
+            if receive(buf, n, now) == FORWARD:
+                try:
+                    write(fd, view[:n])
+                except OSError:
+                    self.write_errors += 1
+            if out:
+                self._run_commands()
 
     def _on_tun_vnet(self) -> None:
-        """`_on_tun` for a device with virtio-net headers: TCP super-packets (TSO) and
-        unfinished checksums (NEEDS_CSUM) pass through the NAT and go back with their header."""
+        """`_on_tun` for a device with virtio-net headers: a forwarded packet goes back with
+        its header (only addresses, ports and checksums changed, so the header still fits)."""
         fd = self.device.fd
         buf, view, hdr, iov = self._buf, self._view, self._hdr, self._iov
         readv, writev = os.readv, os.writev
-        nat4, nat6 = self.nat4, self.nat6
+        receive = self.stack.receive_vnet
+        out = self.stack.out
         now = self._loop.time()  # type: ignore[union-attr]
-        drops = self.drops
-        tcp_gso = (GSO_TCPV4, GSO_TCPV6)
         for _ in range(READ_BATCH):
             try:
                 n = readv(fd, iov) - HEADER_LEN
@@ -424,142 +379,36 @@ class TunInbound:
                 return
             except OSError:
                 return  # the device went away (shutdown)
-            self.packets += 1
-            if n < 20:
-                drops[Drop.TRUNCATED] += 1
-                continue
-            v = buf[0] >> 4
-            if v == 4:
-                proto, nat = buf[9], nat4
-            elif v == 6:
-                proto, nat = buf[6], nat6
+            if receive(buf, n, hdr, now) == FORWARD:
+                try:
+                    writev(fd, [hdr, view[:n]])
+                except OSError:
+                    self.write_errors += 1
+            if out:
+                self._run_commands()
+
+    def _run_commands(self) -> None:
+        """Carry out what the stack asked for, in order."""
+        out = self.stack.out
+        commands = out[:]
+        out.clear()
+        for c in commands:
+            if isinstance(c, WritePacket):
+                self._write(c.packet)
             else:
-                drops[Drop.BAD_VERSION] += 1
-                continue
-            gso = hdr[1]
-            if proto == 6 and nat is not None:
-                if gso and gso & ~GSO_ECN not in tcp_gso:
-                    drops[Drop.GSO] += 1
-                    continue
-                r = nat.translate(buf, n, now, hdr[0] & F_NEEDS_CSUM)
-                if r == FORWARD:
-                    try:
-                        # The header still fits: only addresses, ports and checksums changed.
-                        writev(fd, [hdr, view[:n]])
-                    except OSError:
-                        drops[Drop.BAD_HEADER] += 1
-                    continue
-                self._on_tcp_verdict(r, nat, n, now)
-                continue
-            if gso:
-                drops[Drop.GSO] += 1  # UDP GSO (USO) is never negotiated
-                continue
-            self._on_not_tcp(proto, n, now)
+                self._udp.execute(c)
 
-    # Both read loops share what follows a packet that is not a plain forward; only the
-    # forward path stays inline in each loop, since it carries nearly every packet.
-
-    def _on_tcp_verdict(self, r: int, nat: Any, n: int, now: float) -> None:
-        """A TCP packet the NAT did not forward: a new flow's SYN, or a counted drop."""
-        if r == NEW:
-            self._new_tcp(nat, n, now)
-            return
-        self.drops[Drop(r)] += 1
-        if r == Drop.NO_FLOW:
-            self._answer_rst(n)
-
-    def _on_not_tcp(self, proto: int, n: int, now: float) -> None:
-        """UDP and ICMP go to user space; anything else is dropped and counted."""
-        pkt = bytes(self._view[:n])
-        if proto == Proto.UDP:
-            self._on_udp(pkt, now)
-        elif proto in (Proto.ICMP, Proto.ICMPV6):
-            self._on_icmp(pkt)
-        else:
-            self.drops[Drop.PROTOCOL] += 1
-
-    def _write(self, pkt: bytes, hdr: bytes = PLAIN) -> None:
-        """Write one packet; `hdr` is its virtio-net header when the device uses them (all
-        zero for a packet ztun built, with every checksum complete)."""
+    def _write(self, pkt: bytes) -> None:
+        """Write one packet ztun built (with an all-zero virtio-net header where used)."""
         try:
             if self.device.vnet_hdr:
-                os.writev(self.device.fd, [hdr, pkt])
+                os.writev(self.device.fd, [PLAIN, pkt])
             else:
                 os.write(self.device.fd, pkt)
         except OSError:
-            self.drops[Drop.BAD_HEADER] += 1
-
-    def _answer_rst(self, n: int) -> None:
-        pkt = bytes(self._view[:n])
-        h = parse_ip(pkt)
-        if isinstance(h, IPHeader) and h.proto == Proto.TCP:
-            rst = build_rst(pkt, h)
-            if isinstance(rst, bytes):
-                self._write(rst)
+            self.write_errors += 1
 
     # -- TCP ------------------------------------------------------------------------------
-
-    def _new_tcp(self, nat: TcpNat, n: int, now: float) -> None:
-        pkt = bytes(self._view[:n])
-        h = parse_ip(pkt)
-        if not isinstance(h, IPHeader) or h.end - h.l4 < 20:
-            self.drops[h if isinstance(h, Drop) else Drop.TRUNCATED] += 1
-            return
-        if not self.accepting or not is_unicast(h.dst):
-            self.drops[Drop.STOPPING if not self.accepting else Drop.NOT_UNICAST] += 1
-            self._write_rst(pkt, h)
-            return
-        sport, dport = struct.unpack_from("!HH", pkt, h.l4)
-        dst_ip, dst_text = _ip(h.dst)
-        meta = FlowMeta(
-            network="tcp",
-            destination=dst_ip,
-            destination_port=dport,
-            source=_ip(h.src)[0],
-            source_port=sport,
-            inbound=self.tag,
-        )
-        flow = Flow(meta, Address(dst_text, dport))
-        try:
-            outbound = self.dispatcher.decide(flow)
-        except RejectedError as e:
-            # Decided before the handshake, so a refused flow gets its RST at once.
-            flow.end, flow.error = "blocked", str(e)
-            log_flow(flow)
-            if not e.drop:
-                self._write_rst(pkt, h)
-            self.drops[Drop.REJECTED] += 1
-            return
-        if outbound.type == "block":
-            outbound.counters.blocked_tcp += 1
-            flow.end, flow.error = "blocked", f"blocked by outbound {outbound.tag!r}"
-            log_flow(flow)
-            self._write_rst(pkt, h)
-            self.drops[Drop.REJECTED] += 1
-            return
-        port = nat.add(h.src, sport, h.dst, dport, now, (flow, outbound))
-        if isinstance(port, Drop):
-            self.drops[port] += 1
-            self._write_rst(pkt, h)
-            return
-        vnet = self.device.vnet_hdr
-        r = nat.translate(self._buf, n, now, vnet and self._hdr[0] & F_NEEDS_CSUM)
-        if r == FORWARD:
-            # Straight from the read buffer, as the read loop forwards: no copies.
-            try:
-                if vnet:
-                    os.writev(self.device.fd, [self._hdr, self._view[:n]])
-                else:
-                    os.write(self.device.fd, self._view[:n])
-            except OSError:
-                self.drops[Drop.BAD_HEADER] += 1
-        else:
-            self.drops[Drop(r) if r > 0 else Drop.NO_FLOW] += 1
-
-    def _write_rst(self, pkt: bytes, h: IPHeader) -> None:
-        rst = build_rst(pkt, h)
-        if isinstance(rst, bytes):
-            self._write(rst)
 
     def _on_accept(self, ls: socket.socket, nat: TcpNat) -> None:
         loop = self._loop
@@ -572,11 +421,11 @@ class TunInbound:
             except OSError as e:
                 log.warning("inbound %s: accept failed: %s", self.tag, e.strerror or e)
                 return
-            f = nat.lookup(int(addr[1]))
-            if f is None or f.ctx is None or not self.accepting:
+            found = self.stack.tcp_flow(nat, int(addr[1]))
+            if found is None:
                 _reset(conn)
                 continue
-            flow, outbound = f.ctx
+            flow, outbound = found
             conn.setblocking(False)
             self._conns.add(conn)
             task = loop.create_task(self._tcp_flow(conn, flow, outbound))
@@ -606,152 +455,11 @@ class TunInbound:
 
     # -- UDP ------------------------------------------------------------------------------
 
-    def _on_udp(self, pkt: bytes, now: float) -> None:
-        h = parse_ip(pkt)
-        if isinstance(h, Drop):
-            self.drops[h] += 1
+    def _udp_reply(self, key: Hashable, src: Address, payload: bytes) -> None:
+        if self.device is None or self.device.fd < 0:
             return
-        if h.frag:
-            whole = self.frags.push(pkt, h, now)
-            if whole is None:
-                return
-            if isinstance(whole, Drop):
-                self.drops[whole] += 1
-                return
-            pkt = whole
-            h = parse_ip(pkt)
-            if isinstance(h, Drop):
-                self.drops[h] += 1
-                return
-        u = parse_udp(pkt, h)
-        if isinstance(u, Drop):
-            self.drops[u] += 1
-            return
-        key = (h.src, u.sport, h.dst, u.dport)
-        uf = self.udp.get(key, now)
-        if uf is None:
-            if not self.accepting or not is_unicast(h.dst):
-                self.drops[Drop.STOPPING if not self.accepting else Drop.NOT_UNICAST] += 1
-                return
-            uf = self._new_udp(h, u.sport, u.dport, now)
-        if uf.blocked is not None:
-            self.drops[Drop.REJECTED] += 1
-            if uf.blocked == "reject":
-                self._write(build_port_unreachable(pkt, h))
-            return
-        payload = pkt[u.start : u.end]
-        uf.flow.up += len(payload)
-        if uf.session is not None and not uf.session.closed:
-            uf.session.send(uf.flow.dest, payload)
-        elif uf.pending is not None:
-            if len(uf.pending) < MAX_UDP_PENDING:
-                uf.pending.append(payload)
-        elif now >= uf.retry_at:
-            uf.pending = [payload]
-            task = self._loop.create_task(self._open_udp(uf))  # type: ignore[union-attr]
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    def _new_udp(self, h: IPHeader, sport: int, dport: int, now: float) -> _UdpFlow:
-        dst_ip, dst_text = _ip(h.dst)
-        meta = FlowMeta(
-            network="udp",
-            destination=dst_ip,
-            destination_port=dport,
-            source=_ip(h.src)[0],
-            source_port=sport,
-            inbound=self.tag,
-        )
-        flow = Flow(meta, Address(dst_text, dport))
-        uf = _UdpFlow(h.src, sport, h.dst, dport, flow)
-        try:
-            outbound = self.dispatcher.decide(flow)
-            if outbound.type == "block":
-                outbound.counters.blocked_udp += 1
-                uf.blocked = "reject"
-        except RejectedError as e:
-            uf.blocked = "drop" if e.drop else "reject"
-            flow.error = str(e)
-        if uf.blocked:
-            flow.end = "blocked"
-            log_flow(flow)
-        for gone in self.udp.put((h.src, sport, h.dst, dport), uf, now):
-            self._end_udp(gone, "evicted")
-        return uf
-
-    async def _open_udp(self, uf: _UdpFlow) -> None:
-        assert uf.flow.outbound is not None
-        outbound = self.dispatcher.outbounds[uf.flow.outbound]
-        try:
-            session = await outbound.open_udp(
-                uf.flow.meta,
-                lambda src, payload, uf=uf: self._udp_reply(uf, payload),
-                lambda why, uf=uf: self._udp_session_ended(uf, why),
-            )
-        except OutboundError as e:
-            dropped = len(uf.pending or ())
-            uf.pending = None
-            uf.retry_at = (self._loop.time() if self._loop else 0.0) + UDP_RETRY_DELAY
-            log.warning("udp %s via %s: %s (%d datagram(s) dropped)",
-                        uf.flow.dest, outbound.tag, e, dropped)  # fmt: skip
-            return
-        if uf.closed:
-            session.close()
-            return
-        uf.session = session
-        pending, uf.pending = uf.pending or [], None
-        for payload in pending:
-            session.send(uf.flow.dest, payload)
-
-    def _udp_reply(self, uf: _UdpFlow, payload: bytes) -> None:
-        if uf.closed or self.device is None or self.device.fd < 0:
-            return
-        # Replies always come from the original destination, whatever the outbound saw.
-        pkt = build_udp(uf.dst, uf.dport, uf.src, uf.sport, payload)
-        if isinstance(pkt, Drop):
-            self.drops[pkt] += 1
-            return
-        uf.flow.down += len(payload)
-        self._write(pkt)
-
-    def _udp_session_ended(self, uf: _UdpFlow, why: str) -> None:
-        if self.udp.pop((uf.src, uf.sport, uf.dst, uf.dport)) is not None:
-            self._end_udp(uf, "idle" if why == "idle" else "reset", None if why == "idle" else why)
-
-    def _end_udp(self, uf: _UdpFlow, end: str, error: str | None = None) -> None:
-        if uf.closed:
-            return
-        uf.closed = True
-        if uf.session is not None:
-            uf.session.close()
-        if uf.blocked is None:
-            uf.flow.end = end
-            uf.flow.error = error
-            log_flow(uf.flow, logging.DEBUG if end in ("idle", "closed") else logging.INFO)
-
-    # -- ICMP -----------------------------------------------------------------------------
-
-    def _on_icmp(self, pkt: bytes) -> None:
-        h = parse_ip(pkt)
-        if isinstance(h, Drop):
-            self.drops[h] += 1
-            return
-        if self.icmp != "reply" or h.frag or not is_echo_request(pkt, h) or not is_unicast(h.dst):
-            self.drops[Drop.ICMP_TYPE] += 1
-            return
-        reply = build_echo_reply(pkt, h)
-        if isinstance(reply, Drop):
-            self.drops[reply] += 1
-            return
-        self._write(reply)
-
-
-@lru_cache(maxsize=4096)
-def _ip(packed: bytes) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, str]:
-    """A packed address as an IP object and its text. Cached: addresses repeat from flow to
-    flow, and building both cost about 2 µs per new flow (IP objects are immutable)."""
-    ip = ipaddress.ip_address(packed)
-    return ip, str(ip)
+        self.stack.udp_reply(key, payload, self._loop.time())  # type: ignore[union-attr]
+        self._run_commands()
 
 
 def _reset(conn: socket.socket) -> None:

@@ -1,15 +1,27 @@
-"""The UDP session table of the TUN inbound: keyed by (source, destination), bounded, LRU.
+"""UDP flows and their outbound sessions, for both inbounds (TUN and SOCKS5 UDP ASSOCIATE).
 
-A session is created on a flow's first datagram and lives until it has been idle for `timeout`
-seconds or is evicted as the least recently used when the table is full. Pure: every call that
-needs the time takes `now`, and what is dropped is handed back for the caller to close.
+`UdpTable` is the bounded table: an entry is created on a flow's first datagram and lives until
+it has been idle for `timeout` seconds or is evicted as the least recently used when the table
+is full. `UdpSessions` builds on it and ties each flow to an outbound session (its docstring
+says how). Pure: every call that needs the time takes `now`; what is dropped is handed back, or
+asked of the I/O layer as commands.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
-from typing import Generic, TypeVar
+from collections.abc import Hashable, Iterator
+from typing import Any, Generic, TypeVar
+
+from ztun.address import Address
+from ztun.stack.commands import (
+    CloseUdpSession,
+    Command,
+    FlowEnded,
+    OpenUdpSession,
+    SendDatagram,
+)
+from ztun.stack.flow import Flow, Refused
 
 V = TypeVar("V")
 
@@ -79,3 +91,203 @@ class UdpTable(Generic[V]):
 
     def keys(self) -> list[Hashable]:
         return list(self._items)
+
+    def values(self) -> Iterator[V]:
+        return (v for v, _ in self._items.values())
+
+    def items(self) -> Iterator[tuple[Hashable, V]]:
+        return ((k, v) for k, (v, _) in self._items.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Flows and their outbound sessions, for both inbounds
+
+
+class UdpFlow:
+    """One UDP flow (a source to a destination) in a `UdpSessions`: its record, its routing
+    verdict (`outbound`, or `refused`), and the key of the outbound session it sends through."""
+
+    __slots__ = ("flow", "key", "outbound", "refused", "session_key")
+
+    def __init__(
+        self, key: Hashable, flow: Flow, outbound: Any, refused: Refused | None,
+        session_key: Hashable,
+    ) -> None:  # fmt: skip
+        self.key = key
+        self.flow = flow
+        self.outbound = outbound
+        self.refused = refused
+        self.session_key = session_key
+
+
+_OPENING, _OPEN, _FAILED = 0, 1, 2
+
+
+class _Session:
+    __slots__ = ("ident", "pending", "retry_at", "state")
+
+    def __init__(self, ident: int) -> None:
+        self.ident = ident
+        self.state = _OPENING
+        self.pending: list[tuple[Address, bytes]] = []
+        self.retry_at = 0.0
+
+
+class UdpSessions:
+    """The UDP flow table of an inbound and the state of its outbound sessions (sans-I/O).
+
+    Flows live in a `UdpTable` (bounded, LRU, idle expiry), so both inbounds expire and evict
+    the same way. Each flow sends through a session its inbound names: the TUN gives every
+    flow its own session (session key = flow key), a SOCKS5 UDP ASSOCIATE shares one session
+    per outbound among its destinations (session key = outbound tag). A session is opened on
+    its first datagram (the I/O layer answers `opened` or `open_failed`), holds up to
+    `max_pending` datagrams meanwhile, and is closed when its last flow ends. After a failed
+    open its flows end `failed` and datagrams are dropped for `retry_delay` seconds, so a dead
+    proxy costs one attempt per delay, not one per datagram.
+
+    Every call that needs the time takes `now`; what the I/O layer must do is appended to `out`.
+    """
+
+    def __init__(
+        self,
+        out: list[Command],
+        *,
+        timeout: float,
+        max_flows: int,
+        max_pending: int = 64,
+        retry_delay: float = 1.0,
+    ) -> None:
+        self.out = out
+        self.flows: UdpTable[UdpFlow] = UdpTable(timeout=timeout, max_sessions=max_flows)
+        self.max_pending = max_pending
+        self.retry_delay = retry_delay
+        self._sessions: dict[Hashable, _Session] = {}
+        #: session key -> keys of the live flows that send through it
+        self._members: dict[Hashable, set[Hashable]] = {}
+        self._next_ident = 0
+        #: datagrams dropped: queue full while a session opened, or inside a retry delay
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self.flows)
+
+    def get(self, key: Hashable, now: float) -> UdpFlow | None:
+        """The live flow `key` (marked used at `now`), or None."""
+        return self.flows.get(key, now)
+
+    def add(
+        self, key: Hashable, flow: Flow, verdict: Any, session_key: Hashable, now: float
+    ) -> UdpFlow:
+        """A new flow with its routing verdict: an outbound, or `Refused` (logged now, and
+        kept so that its next datagrams are answered without routing it again)."""
+        refused = verdict if isinstance(verdict, Refused) else None
+        uf = UdpFlow(key, flow, None if refused else verdict, refused, session_key)
+        if refused is not None:
+            flow.end, flow.error = "blocked", refused.reason
+            self.out.append(FlowEnded(flow))
+        for gone in self.flows.put(key, uf, now):
+            self._end(gone, "evicted")
+        if refused is None:
+            self._members.setdefault(session_key, set()).add(key)
+        return uf
+
+    def send(self, uf: UdpFlow, payload: bytes, now: float) -> None:
+        """Send a datagram of a flow that is not refused (the caller answers refused ones)."""
+        uf.flow.up += len(payload)
+        key = uf.session_key
+        s = self._sessions.get(key)
+        if s is None or (s.state == _FAILED and now >= s.retry_at):
+            self._next_ident += 1
+            s = self._sessions[key] = _Session(self._next_ident)
+            s.pending.append((uf.flow.dest, payload))
+            self.out.append(OpenUdpSession(key, s.ident, uf.flow, uf.outbound))
+        elif s.state == _OPEN:
+            self.out.append(SendDatagram(key, uf.flow.dest, payload))
+        elif s.state == _OPENING and len(s.pending) < self.max_pending:
+            s.pending.append((uf.flow.dest, payload))
+        else:
+            self.dropped += 1
+
+    def opened(self, session_key: Hashable, ident: int) -> None:
+        """The session asked for with `ident` is open: send what waited for it (or close it,
+        when its flows ended meanwhile)."""
+        s = self._sessions.get(session_key)
+        if s is None or s.ident != ident or s.state != _OPENING:
+            self.out.append(CloseUdpSession(session_key, ident))
+            return
+        s.state = _OPEN
+        pending, s.pending = s.pending, []
+        for dest, payload in pending:
+            self.out.append(SendDatagram(session_key, dest, payload))
+
+    def open_failed(self, session_key: Hashable, ident: int, error: str, now: float) -> int:
+        """Opening failed: its flows end `failed`; datagrams are dropped for `retry_delay`.
+        Returns how many waiting datagrams were dropped."""
+        s = self._sessions.get(session_key)
+        if s is None or s.ident != ident:
+            return 0
+        dropped = len(s.pending)
+        self.dropped += dropped
+        s.state, s.pending, s.retry_at = _FAILED, [], now + self.retry_delay
+        self._end_members(session_key, "failed", error)
+        return dropped
+
+    def ended(self, session_key: Hashable, ident: int, why: str) -> None:
+        """The open session ended on its own (control connection lost, socket error, idle):
+        its flows end, and the next datagram opens a new one."""
+        s = self._sessions.get(session_key)
+        if s is None or s.ident != ident:
+            return
+        del self._sessions[session_key]
+        self._end_members(session_key, "idle" if why == "idle" else "reset",
+                          None if why == "idle" else why)  # fmt: skip
+
+    def reply(self, key: Hashable, payload: bytes, now: float) -> UdpFlow | None:
+        """A datagram came back for flow `key`: counted, and the flow kept alive."""
+        uf = self.flows.get(key, now)
+        if uf is not None:
+            uf.flow.down += len(payload)
+        return uf
+
+    def expire(self, now: float) -> None:
+        """End flows idle longer than the timeout; forget failures whose delay is over."""
+        for uf in self.flows.expire(now):
+            self._end(uf, "idle")
+        for key in [k for k, s in self._sessions.items()
+                    if s.state == _FAILED and now >= s.retry_at]:  # fmt: skip
+            del self._sessions[key]
+
+    def end(self, key: Hashable, end: str, error: str | None = None) -> None:
+        """End flow `key` now."""
+        uf = self.flows.pop(key)
+        if uf is not None:
+            self._end(uf, end, error)
+
+    def clear(self, end: str = "closed") -> None:
+        """End every flow, and so close every session."""
+        for uf in self.flows.clear():
+            self._end(uf, end)
+        self._sessions.clear()
+
+    def _end_members(self, session_key: Hashable, end: str, error: str | None) -> None:
+        for key in list(self._members.get(session_key, ())):
+            uf = self.flows.pop(key)
+            if uf is not None:
+                self._end(uf, end, error)
+
+    def _end(self, uf: UdpFlow, end: str, error: str | None = None) -> None:
+        if uf.refused is not None:
+            return  # logged when it was refused
+        uf.flow.end, uf.flow.error = end, error
+        # Idle and closed are how nearly every UDP flow ends: those lines are at debug level.
+        self.out.append(FlowEnded(uf.flow, quiet=end in ("idle", "closed")))
+        members = self._members.get(uf.session_key)
+        if members is not None:
+            members.discard(uf.key)
+            if members:
+                return
+            del self._members[uf.session_key]
+        s = self._sessions.get(uf.session_key)
+        if s is not None and s.state != _FAILED:
+            del self._sessions[uf.session_key]
+            self.out.append(CloseUdpSession(uf.session_key, s.ident))

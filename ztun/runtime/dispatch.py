@@ -12,7 +12,6 @@ import logging
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Protocol
 
@@ -22,6 +21,7 @@ from ztun.route.action import Decision, HijackDNS, Reject, Route
 from ztun.route.metadata import FlowMeta, parse_ip
 from ztun.runtime.netio import Handover, Waiter
 from ztun.runtime.relay import RelayResult, relay
+from ztun.stack.flow import Flow, Refused
 
 log = logging.getLogger("ztun.flow")
 
@@ -33,28 +33,6 @@ class RouterLike(Protocol):
     final: str
 
     def decide_all(self, meta: FlowMeta) -> Decision: ...
-
-
-@dataclass(slots=True)
-class Flow:
-    """One flow as it is logged."""
-
-    meta: FlowMeta
-    dest: Address
-    decision: Decision | None = None
-    outbound: str | None = None
-    up: int = 0
-    down: int = 0
-    started: float = field(default_factory=time.monotonic)
-    end: str = ""
-    error: str | None = None
-
-    @property
-    def rule(self) -> str:
-        d = self.decision
-        if d is None:
-            return "-"
-        return "final" if d.rule_index is None else f"{d.rule_index}"
 
 
 def _fmt_source(meta: FlowMeta) -> str:
@@ -161,6 +139,21 @@ class Dispatcher:
             flow.outbound = str(action)
             raise RejectedError("hijack-dns is not available on this inbound")
         raise RejectedError(f"unsupported action {action}")
+
+    def route(self, flow: Flow, network: str) -> Outbound | Refused:
+        """`decide`, as the inbound cores take it: the outbound, or `Refused` (a reject rule,
+        an action this inbound cannot carry out, or an outbound that refuses `network`)."""
+        try:
+            outbound = self.decide(flow)
+        except RejectedError as e:
+            return Refused(str(e), e.drop)
+        if outbound.type == "block":
+            if network == "tcp":
+                outbound.counters.blocked_tcp += 1
+            else:
+                outbound.counters.blocked_udp += 1
+            return Refused(f"blocked by outbound {outbound.tag!r}")
+        return outbound
 
     async def open_tcp(self, flow: Flow, handover: Handover | None = None) -> socket.socket:
         """Decide and connect; raises OutboundError (RejectedError included), logged here.

@@ -1,0 +1,101 @@
+"""Carries out the UDP commands of a `ztun.nat.udp.UdpSessions` core, for either inbound.
+
+Owns: opening outbound UDP sessions when the core asks (a task each, bounded by the outbound's
+own connect timeout), sending on them, closing them, writing flow log lines, and feeding back
+what happened (`opened`, `open_failed`, `ended`, replies). The decisions stay in the core; the
+inbound drains the core's `out` list and hands each command here (the TUN handles its own
+`WritePacket`s first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Hashable
+
+from ztun.address import Address
+from ztun.nat.udp import UdpSessions
+from ztun.outbound.base import Outbound, OutboundError, UdpSession
+from ztun.runtime.dispatch import log_flow
+from ztun.stack.commands import (
+    CloseUdpSession,
+    Command,
+    FlowEnded,
+    OpenUdpSession,
+    SendDatagram,
+)
+
+log = logging.getLogger("ztun.inbound")
+
+#: Called with (session key, source address, payload) for each datagram that comes back.
+ReplyHandler = Callable[[Hashable, Address, bytes], None]
+
+
+class UdpSessionRunner:
+    def __init__(
+        self,
+        core: UdpSessions,
+        loop: asyncio.AbstractEventLoop,
+        tasks: set[asyncio.Task[None]],
+        on_reply: ReplyHandler,
+        drain: Callable[[], None],
+    ) -> None:
+        self.core = core
+        self.loop = loop
+        self.tasks = tasks
+        self.on_reply = on_reply
+        #: called after the core was told something, so that its new commands are carried out
+        self.drain = drain
+        #: the open sessions: session key -> (ident, session)
+        self.sessions: dict[Hashable, tuple[int, UdpSession]] = {}
+
+    def execute(self, c: Command) -> None:
+        if isinstance(c, SendDatagram):
+            held = self.sessions.get(c.key)
+            if held is not None and not held[1].closed:
+                held[1].send(c.dest, c.payload)
+        elif isinstance(c, FlowEnded):
+            log_flow(c.flow, logging.DEBUG if c.quiet else logging.INFO)
+        elif isinstance(c, OpenUdpSession):
+            task = self.loop.create_task(self._open(c))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        elif isinstance(c, CloseUdpSession):
+            held = self.sessions.get(c.key)
+            if held is not None and held[0] == c.ident:
+                del self.sessions[c.key]
+                held[1].close()
+
+    async def _open(self, c: OpenUdpSession) -> None:
+        key, ident = c.key, c.ident
+        outbound: Outbound = c.outbound
+        try:
+            session = await outbound.open_udp(
+                c.flow.meta,
+                lambda src, payload: self.on_reply(key, src, payload),
+                lambda why: self._ended(key, ident, outbound.tag, why),
+            )
+        except OutboundError as e:
+            dropped = self.core.open_failed(key, ident, str(e), self.loop.time())
+            log.warning("udp %s via %s: %s (%d datagram(s) dropped)",
+                        c.flow.dest, outbound.tag, e, dropped)  # fmt: skip
+            self.drain()
+            return
+        self.sessions[key] = (ident, session)
+        self.core.opened(key, ident)
+        self.drain()
+
+    def _ended(self, key: Hashable, ident: int, tag: str, why: str) -> None:
+        if why != "idle":  # a dead proxy or control connection: worth a line of its own
+            log.warning("udp via %s: session ended: %s", tag, why)
+        held = self.sessions.get(key)
+        if held is not None and held[0] == ident:
+            del self.sessions[key]
+        self.core.ended(key, ident, why)
+        self.drain()
+
+    def close_all(self) -> None:
+        for _ident, session in self.sessions.values():
+            session.close()
+        self.sessions.clear()
+

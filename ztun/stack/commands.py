@@ -1,0 +1,65 @@
+"""What an inbound core asks its I/O layer to do: a closed vocabulary of small records.
+
+A core appends these to its `out` list while it handles a packet or an event; the I/O layer
+drains the list after each call and carries every command out in order. Nothing in a command
+is awaited by the core: results come back as calls (`opened`, `open_failed`, `reply`, …).
+
+The TCP forward path is not a command: `TunStack.receive` returns `FORWARD` and the I/O layer
+writes its read buffer back as it is, so the per-packet path builds no objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from ztun.address import Address
+from ztun.stack.flow import Flow
+
+
+@dataclass(frozen=True, slots=True)
+class WritePacket:
+    """Write one IP packet that ztun built into the TUN (every checksum complete, so with an
+    all-zero virtio-net header where the device uses them)."""
+
+    packet: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OpenUdpSession:
+    """Open a UDP session through `outbound` for `flow`; answer with `opened(key, ident)` or
+    `open_failed(key, ident, …)`. `ident` tells a late answer from the current attempt."""
+
+    key: Hashable
+    ident: int
+    flow: Flow
+    outbound: Any
+
+
+@dataclass(frozen=True, slots=True)
+class SendDatagram:
+    """Send `payload` to `dest` through the open session `key`."""
+
+    key: Hashable
+    dest: Address
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CloseUdpSession:
+    """Close session `key` (its last flow ended), or a session opened too late (`ident`)."""
+
+    key: Hashable
+    ident: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEnded:
+    """A flow ended: write its log line (`quiet`: at debug level, for the common idle ends)."""
+
+    flow: Flow
+    quiet: bool = False
+
+
+Command = WritePacket | OpenUdpSession | SendDatagram | CloseUdpSession | FlowEnded

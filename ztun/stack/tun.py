@@ -1,0 +1,328 @@
+"""Every per-packet decision of the TUN inbound (`stack: system`), without I/O.
+
+`TunStack` takes a packet read from the TUN and `now`, and either returns `FORWARD` (the buffer
+was rewritten in place by the TCP NAT: write it back as it is) or `HANDLED`, having appended to
+`out` whatever else must happen: packets to write (RST, ICMP replies, UDP replies), UDP sessions
+to open, send on or close, and flow log lines. Drops are counted in `drops` by reason.
+
+TCP never leaves the kernel: a new flow's SYN is routed here (`decide`), given a NAT port and
+forwarded to the kernel listener on the TUN address; when the I/O layer accepts that connection
+it asks `tcp_flow(nat, port)` for the flow and its outbound, and connects and relays it. A
+refused SYN gets its RST at once, before any handshake. UDP flows and their outbound sessions
+live in `ztun.nat.udp.UdpSessions`, one session per flow. ICMP echo is answered here.
+
+Seams for what comes next, with no change to the I/O loop:
+- DNS hijack: `decide` may return an outbound whose UDP session answers in-process (a DNS
+  handler); the commands stay `OpenUdpSession` / `SendDatagram`, and its replies come back
+  through `udp_reply` like any other.
+- Sniffing: the first bytes of a TCP flow arrive on the accepted socket, so a flow whose
+  decision is deferred would carry its outbound as None in `tcp_flow`, for the I/O layer to read
+  the first bytes and route again before connecting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from collections.abc import Hashable
+from functools import lru_cache
+from typing import Any
+
+from ztun.address import Address, IPAddress
+from ztun.nat.tcp import FORWARD, NEW, TcpNat
+from ztun.nat.udp import UdpSessions
+from ztun.packet.fragment import Reassembler
+from ztun.packet.icmp import build_echo_reply, build_port_unreachable, is_echo_request
+from ztun.packet.ip import Drop, IPHeader, Proto, is_unicast, parse_ip
+from ztun.packet.tcp import build_rst
+from ztun.packet.udp import build_udp, parse_udp
+from ztun.packet.virtio import F_NEEDS_CSUM, GSO_ECN, GSO_TCPV4, GSO_TCPV6
+from ztun.route.metadata import FlowMeta
+from ztun.stack.commands import Command, FlowEnded, WritePacket
+from ztun.stack.flow import Decide, Flow, Refused
+
+__all__ = ["FORWARD", "HANDLED", "TunStack"]
+
+#: `receive`: the packet was handled (or dropped); whatever it needs is in `out`.
+HANDLED = 1
+
+DEFAULT_UDP_TIMEOUT = 60.0
+MAX_UDP_SESSIONS = 4096
+#: Datagrams kept per UDP flow while its outbound session is being opened.
+MAX_UDP_PENDING = 64
+#: After a UDP session failed to open, its flow's datagrams are dropped this long.
+UDP_RETRY_DELAY = 1.0
+
+_TCP_GSO = (GSO_TCPV4, GSO_TCPV6)
+
+#: A UDP flow's key: (source address, source port, destination address, destination port),
+#: addresses as packed bytes.
+UdpKey = tuple[bytes, int, bytes, int]
+
+
+class TunStack:
+    """The per-packet core of one TUN inbound. `nat4`/`nat6`: the TCP NAT of each family that
+    has a TUN address (None: that family's TCP is dropped)."""
+
+    def __init__(
+        self,
+        tag: str,
+        decide: Decide,
+        *,
+        nat4: TcpNat | None,
+        nat6: TcpNat | None,
+        udp_timeout: float = DEFAULT_UDP_TIMEOUT,
+        icmp: str = "reply",
+        max_udp_sessions: int = MAX_UDP_SESSIONS,
+    ) -> None:
+        self.tag = tag
+        self.decide = decide
+        self.nat4, self.nat6 = nat4, nat6
+        self.icmp = icmp
+        self.out: list[Command] = []
+        self.udp = UdpSessions(
+            self.out,
+            timeout=udp_timeout,
+            max_flows=max_udp_sessions,
+            max_pending=MAX_UDP_PENDING,
+            retry_delay=UDP_RETRY_DELAY,
+        )
+        self.frags = Reassembler()
+        self.drops: Counter[Drop] = Counter()
+        self.accepting = True
+        self.packets = 0
+
+    # -- packets in -----------------------------------------------------------------------
+
+    def receive(self, buf: bytearray, n: int, now: float) -> int:
+        """One packet `buf[:n]` of a plain TUN: FORWARD or HANDLED."""
+        self.packets += 1
+        if n < 20:
+            self.drops[Drop.TRUNCATED] += 1
+            return HANDLED
+        v = buf[0] >> 4
+        if v == 4:
+            proto, nat = buf[9], self.nat4
+        elif v == 6:
+            proto, nat = buf[6], self.nat6
+        else:
+            self.drops[Drop.BAD_VERSION] += 1
+            return HANDLED
+        if proto == 6 and nat is not None:
+            r = nat.translate(buf, n, now)
+            if r == FORWARD:
+                return FORWARD
+            return self._tcp_not_forwarded(r, nat, buf, n, now, 0)
+        self._not_tcp(proto, buf, n, now)
+        return HANDLED
+
+    def receive_vnet(self, buf: bytearray, n: int, hdr: bytes | bytearray, now: float) -> int:
+        """`receive` for a device with virtio-net headers: `hdr` is the packet's header. TCP
+        super-packets (TSO) and unfinished checksums (NEEDS_CSUM) go through the NAT whole, to
+        be written back with the same header."""
+        self.packets += 1
+        if n < 20:
+            self.drops[Drop.TRUNCATED] += 1
+            return HANDLED
+        v = buf[0] >> 4
+        if v == 4:
+            proto, nat = buf[9], self.nat4
+        elif v == 6:
+            proto, nat = buf[6], self.nat6
+        else:
+            self.drops[Drop.BAD_VERSION] += 1
+            return HANDLED
+        gso = hdr[1]
+        if proto == 6 and nat is not None:
+            if gso and gso & ~GSO_ECN not in _TCP_GSO:
+                self.drops[Drop.GSO] += 1
+                return HANDLED
+            partial = hdr[0] & F_NEEDS_CSUM
+            r = nat.translate(buf, n, now, partial)
+            if r == FORWARD:
+                return FORWARD
+            return self._tcp_not_forwarded(r, nat, buf, n, now, partial)
+        if gso:
+            self.drops[Drop.GSO] += 1  # UDP GSO (USO) is never negotiated
+            return HANDLED
+        self._not_tcp(proto, buf, n, now)
+        return HANDLED
+
+    # -- TCP ------------------------------------------------------------------------------
+
+    def _tcp_not_forwarded(
+        self, r: int, nat: TcpNat, buf: bytearray, n: int, now: float, partial: int
+    ) -> int:
+        if r == NEW:
+            return self._new_tcp(nat, buf, n, now, partial)
+        self.drops[Drop(r)] += 1
+        if r == Drop.NO_FLOW:
+            pkt = bytes(buf[:n])
+            h = parse_ip(pkt)
+            if isinstance(h, IPHeader) and h.proto == Proto.TCP:
+                self._rst(pkt, h)
+        return HANDLED
+
+    def _new_tcp(self, nat: TcpNat, buf: bytearray, n: int, now: float, partial: int) -> int:
+        """A SYN of an unknown flow: route it, then forward it to the listener, or RST it."""
+        pkt = bytes(buf[:n])
+        h = parse_ip(pkt)
+        if not isinstance(h, IPHeader) or h.end - h.l4 < 20:
+            self.drops[h if isinstance(h, Drop) else Drop.TRUNCATED] += 1
+            return HANDLED
+        if not self.accepting or not is_unicast(h.dst):
+            self.drops[Drop.STOPPING if not self.accepting else Drop.NOT_UNICAST] += 1
+            self._rst(pkt, h)
+            return HANDLED
+        sport = (pkt[h.l4] << 8) | pkt[h.l4 + 1]
+        dport = (pkt[h.l4 + 2] << 8) | pkt[h.l4 + 3]
+        flow = self._flow("tcp", h, sport, dport, now)
+        verdict = self.decide(flow, "tcp")
+        if isinstance(verdict, Refused):
+            # Decided before the handshake, so a refused flow gets its RST at once.
+            self._refuse(flow, verdict)
+            if not verdict.drop:
+                self._rst(pkt, h)
+            return HANDLED
+        port = nat.add(h.src, sport, h.dst, dport, now, (flow, verdict))
+        if isinstance(port, Drop):
+            self.drops[port] += 1
+            self._rst(pkt, h)
+            return HANDLED
+        r = nat.translate(buf, n, now, partial)
+        if r == FORWARD:
+            return FORWARD  # straight from the read buffer, as every forwarded segment goes
+        self.drops[Drop(r) if r > 0 else Drop.NO_FLOW] += 1
+        return HANDLED
+
+    def tcp_flow(self, nat: TcpNat, port: int) -> tuple[Flow, Any] | None:
+        """The flow and outbound behind a connection the kernel listener accepted from the
+        NAT's peer port `port`; None: unknown or stopping (reset the connection)."""
+        entry = nat.lookup(port)
+        if entry is None or entry.ctx is None or not self.accepting:
+            return None
+        flow, outbound = entry.ctx
+        return flow, outbound
+
+    def _rst(self, pkt: bytes, h: IPHeader) -> None:
+        rst = build_rst(pkt, h)
+        if isinstance(rst, bytes):
+            self.out.append(WritePacket(rst))
+
+    def _refuse(self, flow: Flow, refused: Refused) -> None:
+        flow.end, flow.error = "blocked", refused.reason
+        self.out.append(FlowEnded(flow))
+        self.drops[Drop.REJECTED] += 1
+
+    # -- UDP and ICMP ---------------------------------------------------------------------
+
+    def _not_tcp(self, proto: int, buf: bytearray, n: int, now: float) -> None:
+        """UDP and ICMP are handled here; any other transport is dropped and counted."""
+        if proto == Proto.UDP:
+            self._udp(bytes(buf[:n]), now)
+        elif proto in (Proto.ICMP, Proto.ICMPV6):
+            self._icmp(bytes(buf[:n]))
+        else:
+            self.drops[Drop.PROTOCOL] += 1
+
+    def _udp(self, pkt: bytes, now: float) -> None:
+        h = parse_ip(pkt)
+        if isinstance(h, Drop):
+            self.drops[h] += 1
+            return
+        if h.frag:
+            whole = self.frags.push(pkt, h, now)
+            if whole is None:
+                return
+            if isinstance(whole, Drop):
+                self.drops[whole] += 1
+                return
+            pkt = whole
+            h = parse_ip(pkt)
+            if isinstance(h, Drop):
+                self.drops[h] += 1
+                return
+        u = parse_udp(pkt, h)
+        if isinstance(u, Drop):
+            self.drops[u] += 1
+            return
+        key: UdpKey = (h.src, u.sport, h.dst, u.dport)
+        uf = self.udp.get(key, now)
+        if uf is None:
+            if not self.accepting or not is_unicast(h.dst):
+                self.drops[Drop.STOPPING if not self.accepting else Drop.NOT_UNICAST] += 1
+                return
+            flow = self._flow("udp", h, u.sport, u.dport, now)
+            uf = self.udp.add(key, flow, self.decide(flow, "udp"), key, now)
+        if uf.refused is not None:
+            self.drops[Drop.REJECTED] += 1
+            if not uf.refused.drop:
+                self.out.append(WritePacket(build_port_unreachable(pkt, h)))
+            return
+        self.udp.send(uf, pkt[u.start : u.end], now)
+
+    def udp_reply(self, key: Hashable, payload: bytes, now: float) -> None:
+        """A datagram came back through the session of flow `key`: written back into the TUN
+        as from the flow's original destination, whatever address the outbound saw."""
+        uf = self.udp.reply(key, payload, now)
+        if uf is None:
+            return
+        src, sport, dst, dport = key  # type: ignore[misc]
+        pkt = build_udp(dst, dport, src, sport, payload)
+        if isinstance(pkt, Drop):
+            self.drops[pkt] += 1
+            return
+        self.out.append(WritePacket(pkt))
+
+    def _icmp(self, pkt: bytes) -> None:
+        h = parse_ip(pkt)
+        if isinstance(h, Drop):
+            self.drops[h] += 1
+            return
+        if self.icmp != "reply" or h.frag or not is_echo_request(pkt, h) or not is_unicast(h.dst):
+            self.drops[Drop.ICMP_TYPE] += 1
+            return
+        reply = build_echo_reply(pkt, h)
+        if isinstance(reply, Drop):
+            self.drops[reply] += 1
+            return
+        self.out.append(WritePacket(reply))
+
+    # -- flows ----------------------------------------------------------------------------
+
+    def _flow(self, network: str, h: IPHeader, sport: int, dport: int, now: float) -> Flow:
+        dst_ip, dst_text = _ip(h.dst)
+        meta = FlowMeta(
+            network=network,  # type: ignore[arg-type]
+            destination=dst_ip,
+            destination_port=dport,
+            source=_ip(h.src)[0],
+            source_port=sport,
+            inbound=self.tag,
+        )
+        return Flow(meta, Address(dst_text, dport), now)
+
+    # -- time and shutdown ----------------------------------------------------------------
+
+    def expire(self, now: float) -> None:
+        """Forget idle TCP NAT entries, end idle UDP flows, drop stale fragments."""
+        for nat in (self.nat4, self.nat6):
+            if nat is not None:
+                nat.expire(now)
+        self.udp.expire(now)
+        n = self.frags.expire(now)
+        if n:
+            self.drops[Drop.FRAGMENT_TIMEOUT] += n
+
+    def stop(self) -> None:
+        """No new flows from now on; every UDP flow ends (its session closes)."""
+        self.accepting = False
+        self.udp.clear("closed")
+
+
+@lru_cache(maxsize=4096)
+def _ip(packed: bytes) -> tuple[IPAddress, str]:
+    """A packed address as an IP object and its text. Cached: addresses repeat from flow to
+    flow, and building both cost about 2 µs per new flow (IP objects are immutable)."""
+    ip = ipaddress.ip_address(packed)
+    return ip, str(ip)
