@@ -19,6 +19,7 @@ from jsonschema import Draft202012Validator
 from ztun.config.loader import LoadedConfig, load_config_text
 from ztun.config.validate import format_path, load_schema, validate
 from ztun.errors import Diagnostic, Mark
+from ztun.resources import EXAMPLE_DIR
 
 MINIMAL = "outbounds: [{type: direct, tag: direct}]\n"
 
@@ -639,7 +640,7 @@ REFERENCE_WORDS = ("no outbound", "no rule set", "no DNS server")
 @pytest.mark.parametrize("index", range(len(yaml_blocks("config.md"))))
 def test_config_doc_examples_match_the_schema(index: int) -> None:
     block = yaml_blocks("config.md")[index]
-    loaded = load_config_text(block, base_dir=DOCS.parent / "configs" / "examples", env={})
+    loaded = load_config_text(block, base_dir=EXAMPLE_DIR, env={})
     found = [str(d) for d in loaded.diagnostics + validate(loaded)]
     # snippets show one section each: references to tags defined elsewhere are fine
     assert [d for d in found if not any(w in d for w in REFERENCE_WORDS)] == []

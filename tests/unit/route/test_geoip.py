@@ -99,7 +99,7 @@ def test_database_without_countries_is_refused(tmp_path: Path) -> None:
 
 
 def test_shipped_sample_is_current(tmp_path: Path) -> None:
-    """configs/data/geoip-sample.mmdb is exactly what make_sample_mmdb.py writes."""
+    """The shipped data/geoip-sample.mmdb is exactly what make_sample_mmdb.py writes."""
     fresh = write_sample(tmp_path / "sample.mmdb")
     assert SAMPLE_PATH.read_bytes() == fresh.read_bytes()
     with open_geoip(SAMPLE_PATH) as db:
