@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs (Debian packages, Python packages) and runs it:
 # `ruff check`, then pytest. Safe to run again: installs only what is missing.
-# Integration tests that need root or network namespaces fail (not skip) when CI is set.
+# Tests that need root, network namespaces or a missing tool fail when CI is set
+# (tests/support.py `need`); locally they are reported as not run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -31,29 +31,59 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+ConfigsArg = Annotated[
+    list[Path], typer.Argument(help="The config file(s) (YAML).", show_default=False)
+]
+
+
 @app.command()
-def check(config: ConfigArg, as_json: JsonOpt = False) -> None:
-    """Validate a config; print every mistake as FILE:LINE:COL: message."""
+def check(configs: ConfigsArg, as_json: JsonOpt = False) -> None:
+    """Validate configs; print every mistake as FILE:LINE:COL: message. Exit 1 if any fails."""
     from ztun.check import check_file
 
-    result = check_file(config)
+    results = [(config, check_file(config)) for config in configs]
+    errors = sum(len(r.errors) for _c, r in results)
+    warnings = sum(len(r.warnings) for _c, r in results)
     if as_json:
+        # The one-file shape (valid, errors, warnings, diagnostics) stays as it was, totalled over
+        # all files; `files` adds one summary per file, in argument order.
         out = {
-            "valid": not result.errors,
-            "errors": len(result.errors),
-            "warnings": len(result.warnings),
-            "diagnostics": [d.to_json() for d in result.diagnostics],
-        }
+            "valid": not errors,
+            "errors": errors,
+            "warnings": warnings,
+            "diagnostics": [_diagnostic_json(d, c) for c, r in results for d in r.diagnostics],
+            "files": [
+                {"file": str(c), "valid": not r.errors, "errors": len(r.errors),
+                 "warnings": len(r.warnings)}
+                for c, r in results
+            ],
+        }  # fmt: skip
         typer.echo(json.dumps(out, indent=2))
     else:
-        # One stream keeps errors and warnings in file order.
-        for d in result.diagnostics:
-            typer.echo(str(d), err=True)
-        if result.errors:
-            typer.echo(
-                f"{len(result.errors)} error(s), {len(result.warnings)} warning(s)", err=True
-            )
-    raise typer.Exit(1 if result.errors else 0)
+        for config, result in results:
+            # One stream keeps errors and warnings in file order.
+            for d in result.diagnostics:
+                typer.echo(_diagnostic_text(d, config), err=True)
+        failed = sum(1 for _c, r in results if r.errors)
+        if errors:
+            of_files = f" in {failed} of {len(results)} files" if len(results) > 1 else ""
+            typer.echo(f"{errors} error(s), {warnings} warning(s){of_files}", err=True)
+    raise typer.Exit(1 if errors else 0)
+
+
+def _diagnostic_text(d: Any, config: Path) -> str:
+    # With several files a diagnostic without a position still has to say which file it is about.
+    if d.mark is not None:
+        return str(d)
+    prefix = "warning: " if d.severity == "warning" else ""
+    return f"{config}: {prefix}{d.message}"
+
+
+def _diagnostic_json(d: Any, config: Path) -> dict[str, object]:
+    out: dict[str, object] = d.to_json()
+    if out["file"] is None:
+        out["file"] = str(config)
+    return out
 
 
 def _load_router(config: Path) -> Any:
@@ -178,16 +208,54 @@ def schema() -> None:
 @app.command()
 def profiles(as_json: JsonOpt = False) -> None:
     """List the shipped profiles a config can include by name."""
-    from ztun.config.loader import list_profiles
+    from ztun.config.loader import PROFILE_DIR, list_profiles
 
     found = list_profiles()
+    if not found:
+        # An empty list would look like success; it means a broken or partial install.
+        raise _fail(f"no shipped profiles found in {PROFILE_DIR} (is ztun installed completely?)")
+    _list_configs(found, as_json)
+
+
+@app.command()
+def examples(
+    name: Annotated[
+        str | None, typer.Argument(help="Print only this example's path.", show_default=False)
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the shipped example configs and where they are installed."""
+    from ztun.config.loader import list_profiles
+    from ztun.resources import EXAMPLE_DIR
+
+    found = list_profiles(EXAMPLE_DIR)
+    if not found:
+        raise _fail(f"no shipped examples found in {EXAMPLE_DIR} (is ztun installed completely?)")
+    if name is None:
+        _list_configs(found, as_json, show_path=True)
+        return
+    for example, description, path in found:
+        if example == name:
+            if as_json:
+                typer.echo(json.dumps({"name": example, "description": description,
+                                       "path": str(path)}, indent=2))  # fmt: skip
+            else:
+                typer.echo(str(path))
+            return
+    known = ", ".join(n for n, _d, _p in found)
+    raise _fail(f"no shipped example {name!r} (examples: {known})")
+
+
+def _list_configs(
+    found: list[tuple[str, str, Path]], as_json: bool, *, show_path: bool = False
+) -> None:
     if as_json:
         typer.echo(json.dumps([{"name": n, "description": d, "path": str(p)}
                                for n, d, p in found], indent=2))  # fmt: skip
         return
-    width = max((len(n) for n, _d, _p in found), default=0)
-    for name, description, _path in found:
-        typer.echo(f"{name.ljust(width)}  {description}")
+    width = max(len(n) for n, _d, _p in found)
+    for name, description, path in found:
+        typer.echo(f"{name.ljust(width)}  {path if show_path else description}")
 
 
 @app.command()

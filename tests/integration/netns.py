@@ -22,9 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from .peers import need
+from tests.support import need
 
 HERE = Path(__file__).resolve().parent
 DIRECT4, PROXY4, BLOCK4 = "203.0.113.10", "203.0.113.20", "203.0.113.30"
@@ -138,8 +136,3 @@ def wait_until(pred, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-
         time.sleep(0.05)
     return bool(pred())
 
-
-def skip_or_fail(msg: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(msg)
-    pytest.skip(msg)

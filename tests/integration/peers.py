@@ -20,22 +20,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
+from tests.support import need
 from ztun.address import Address
 from ztun.proto import socks5
 from ztun.proto.socks5 import Command
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def need(tool: str | None, what: str) -> str:
-    """The tool's path; a missing tool skips locally and fails under CI."""
-    if tool:
-        return tool
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is required under CI")
-    pytest.skip(f"{what} not installed")
 
 
 def curl_path() -> str:

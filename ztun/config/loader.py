@@ -26,11 +26,8 @@ from typing import Any, ClassVar
 
 import yaml
 
-import ztun
 from ztun.errors import ConfigError, ConfigPath, Diagnostic, Mark
-
-#: Where the shipped profiles live: `include: [bypass-private]` reads bypass-private.yaml here.
-PROFILE_DIR = Path(ztun.__file__).resolve().parent.parent / "configs" / "profiles"
+from ztun.resources import PROFILE_DIR
 
 #: Lists whose items are merged by `tag` across includes.
 TAGGED_LISTS: frozenset[ConfigPath] = frozenset(
@@ -172,12 +169,13 @@ def load_config_text(
     return _Loader(env).load_top(Path(base_dir) / "__text__.yaml", name, text)
 
 
-def list_profiles() -> list[tuple[str, str, Path]]:
-    """The shipped profiles as (name, description, path), sorted by name."""
+def list_profiles(directory: Path | None = None) -> list[tuple[str, str, Path]]:
+    """The shipped profiles (or the configs in `directory`) as (name, description, path)."""
     out: list[tuple[str, str, Path]] = []
-    if not PROFILE_DIR.is_dir():
+    where = PROFILE_DIR if directory is None else directory
+    if not where.is_dir():
         return out
-    for path in sorted(PROFILE_DIR.glob("*.yaml")):
+    for path in sorted(where.glob("*.yaml")):
         try:
             root = _Loader({}).parse_file(path, str(path), None)
         except ConfigError as exc:

@@ -1,19 +1,18 @@
-"""Where the JSON schema of the config format lives, and its text.
+"""The JSON schema of the config format: its text (`ztun schema`) and its parsed form.
 
-The schema is kept at the top of the repository (`schemas/ztun.schema.json`) so editors can point
-at it; ztun reads it from there.
+The file ships inside the package (`ztun/resources/schema/ztun.schema.json`, see ztun.resources),
+so the shipped configs' yaml-language-server lines can point at it and an installed ztun finds it.
 """
 
 from __future__ import annotations
 
 import json
 from functools import cache
-from pathlib import Path
 from typing import Any
 
-import ztun
+from ztun.resources import SCHEMA_PATH
 
-SCHEMA_PATH = Path(ztun.__file__).resolve().parent.parent / "schemas" / "ztun.schema.json"
+__all__ = ["SCHEMA_PATH", "schema", "schema_text"]
 
 
 def schema_text() -> str:

@@ -50,7 +50,7 @@ def config(tmp_path: Path) -> Path:
 def test_version_and_help() -> None:
     assert ztun("version").stdout.startswith("ztun ")
     out = ztun("--help").stdout
-    for command in ("check", "route", "format", "schema", "profiles", "version"):
+    for command in ("check", "route", "format", "schema", "profiles", "examples", "version"):
         assert command in out
 
 
@@ -84,6 +84,24 @@ def test_check_reports_file_line_column(tmp_path: Path) -> None:
     as_json = json.loads(ztun("check", str(path), "--json").stdout)
     assert as_json["valid"] is False and as_json["errors"] >= 3
     assert {d["line"] for d in as_json["diagnostics"]} >= {5, 7, 9}
+
+
+def test_check_several_files_lists_every_error_of_every_file(config: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("outbounds:\n  - {type: direct, tag: direct}\nroute: {final: nope}\n")
+    missing = tmp_path / "missing.yaml"
+    proc = ztun("check", str(config), str(bad), str(missing))
+    assert proc.returncode == 1
+    assert f"{bad}:3:" in proc.stderr and "missing.yaml" in proc.stderr
+    assert str(config) not in proc.stderr  # the valid file says nothing
+    assert "in 2 of 3 files" in proc.stderr
+    out = json.loads(ztun("check", str(config), str(bad), str(missing), "--json").stdout)
+    assert out["valid"] is False and out["errors"] == 2
+    assert [(f["file"], f["valid"]) for f in out["files"]] == [
+        (str(config), True), (str(bad), False), (str(missing), False)
+    ]
+    assert {d["file"] for d in out["diagnostics"]} == {str(bad), str(missing)}
+    assert ztun("check", str(config), str(config)).returncode == 0
 
 
 def test_check_missing_file(tmp_path: Path) -> None:
@@ -148,3 +166,33 @@ def test_profiles_lists_shipped_profiles() -> None:
     proc = ztun("profiles")
     assert proc.returncode == 0
     assert "bypass-private" in proc.stdout
+    listed = json.loads(ztun("profiles", "--json").stdout)
+    assert all(Path(p["path"]).is_file() for p in listed)
+
+
+def test_profiles_fails_when_none_is_found(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # In-process: the only way to get no profiles is a broken install, simulated here.
+    from typer.testing import CliRunner
+
+    from ztun import cli
+    from ztun.config import loader
+
+    monkeypatch.setattr(loader, "PROFILE_DIR", tmp_path)
+    for args in (["profiles"], ["profiles", "--json"]):
+        result = CliRunner().invoke(cli.app, args)
+        # `output` holds stderr too, in every click version (mix_stderr went away in 8.2)
+        assert result.exit_code == 1 and "no shipped profiles found" in result.output
+
+
+def test_examples_lists_shipped_examples_with_paths(tmp_path: Path) -> None:
+    proc = ztun("examples", cwd=tmp_path)
+    assert proc.returncode == 0
+    names = [line.split()[0] for line in proc.stdout.splitlines()]
+    assert {"local-proxy", "tun-split", "profile-override"} <= set(names)
+    path = ztun("examples", "local-proxy", cwd=tmp_path).stdout.strip()
+    assert Path(path).is_absolute() and Path(path).name == "local-proxy.yaml"
+    assert ztun("check", path, cwd=tmp_path).returncode == 0
+    listed = json.loads(ztun("examples", "--json").stdout)
+    assert {e["name"] for e in listed} == set(names) and all(e["description"] for e in listed)
+    unknown = ztun("examples", "nope")
+    assert unknown.returncode == 1 and "local-proxy" in unknown.stderr

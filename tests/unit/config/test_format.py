@@ -10,9 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ztun.config.format import format_config, normalise
-from ztun.config.loader import LoadedConfig, load_config, load_config_text
-
-ROOT = Path(__file__).resolve().parents[3]
+from ztun.config.loader import PROFILE_DIR, LoadedConfig, load_config, load_config_text
+from ztun.resources import EXAMPLE_DIR
 
 
 def reload(text: str, base_dir: Path | str = ".") -> dict[str, Any]:
@@ -20,9 +19,9 @@ def reload(text: str, base_dir: Path | str = ".") -> dict[str, Any]:
 
 
 def test_schema_line_points_at_the_schema_from_the_config_directory() -> None:
-    loaded = load_config(ROOT / "configs" / "examples" / "local-proxy.yaml", env={})
+    loaded = load_config(EXAMPLE_DIR / "local-proxy.yaml", env={})
     text = format_config(loaded)
-    assert text.splitlines()[0] == "# yaml-language-server: $schema=../../schemas/ztun.schema.json"
+    assert text.splitlines()[0] == "# yaml-language-server: $schema=../schema/ztun.schema.json"
     assert format_config(loaded, schema_ref="x.json").startswith(
         "# yaml-language-server: $schema=x.json\n"
     )
@@ -104,7 +103,7 @@ def test_empty_config() -> None:
 
 
 def test_shipped_configs_round_trip(tmp_path: Path) -> None:
-    files = sorted((ROOT / "configs").glob("*/*.yaml"))
+    files = sorted([*PROFILE_DIR.glob("*.yaml"), *EXAMPLE_DIR.glob("*.yaml")])
     assert files
     for path in files:
         loaded = load_config(path, env={})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import re
 from pathlib import Path
@@ -11,12 +10,11 @@ import pytest
 
 from ztun.config.loader import PROFILE_DIR, list_profiles, load_config, load_config_text
 from ztun.config.validate import SCHEMA_PATH, validate
+from ztun.resources import EXAMPLE_DIR
 
-ROOT = Path(__file__).resolve().parents[3]
-SHIPPED = sorted((ROOT / "configs").glob("*/*.yaml"))
+SHIPPED = sorted([*PROFILE_DIR.glob("*.yaml"), *EXAMPLE_DIR.glob("*.yaml")])
 PROFILES = ["block-ads", "bypass-private", "geoip-split", "global-proxy", "split-dns"]
 EXAMPLES = ["local-proxy", "profile-override", "tun-split"]
-HAS_CHECK = importlib.util.find_spec("ztun.check") is not None
 
 # documentation, private, loopback and ULA ranges are the only addresses examples may use
 ALLOWED = [ipaddress.ip_network(n) for n in (
@@ -27,9 +25,11 @@ IPV4ISH = re.compile(r"(?<![\w.])(\d{1,3}(?:\.\d{1,3}){3})(?:/\d+)?(?![\w.])")
 
 
 def test_the_expected_files_are_shipped() -> None:
-    assert {p.stem for p in (ROOT / "configs" / "profiles").glob("*.yaml")} >= set(PROFILES)
-    assert {p.stem for p in (ROOT / "configs" / "examples").glob("*.yaml")} >= set(EXAMPLES)
-    assert PROFILE_DIR == ROOT / "configs" / "profiles"
+    assert {p.stem for p in PROFILE_DIR.glob("*.yaml")} >= set(PROFILES)
+    assert {p.stem for p in EXAMPLE_DIR.glob("*.yaml")} >= set(EXAMPLES)
+    # inside the package, so an installed (not editable) ztun has them too
+    package = Path(__file__).resolve().parents[3] / "ztun"
+    assert PROFILE_DIR.is_relative_to(package) and EXAMPLE_DIR.is_relative_to(package)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -104,14 +104,13 @@ def test_environment_overrides_the_profile_defaults() -> None:
 
 
 def test_local_proxy_example_is_the_rootless_one() -> None:
-    data = load_config(ROOT / "configs" / "examples" / "local-proxy.yaml", env={}).data
+    data = load_config(EXAMPLE_DIR / "local-proxy.yaml", env={}).data
     assert [(i["type"], i["listen"], i["listen_port"]) for i in data["inbounds"]] == [
         ("mixed", "127.0.0.1", 2080)
     ]
     assert {o["type"] for o in data["outbounds"]} == {"direct", "block"}
 
 
-@pytest.mark.skipif(not HAS_CHECK, reason="ztun/check.py (the lead's pipeline) is missing")
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_config_passes_check_file(path: Path) -> None:
     from ztun.check import check_file

@@ -1,4 +1,4 @@
-"""Build small MaxMind DB files for tests and for configs/data/geoip-sample.mmdb.
+"""Build small MaxMind DB files for tests and for ztun/resources/data/geoip-sample.mmdb.
 
 Run `python tests/unit/route/make_sample_mmdb.py` to regenerate the shipped sample (the output
 is byte-for-byte reproducible: the build time is pinned). Only documentation address ranges are
@@ -17,7 +17,7 @@ from mmdb_writer import MMDBWriter
 from netaddr import IPSet
 
 ROOT = Path(__file__).resolve().parents[3]
-SAMPLE_PATH = ROOT / "configs" / "data" / "geoip-sample.mmdb"
+SAMPLE_PATH = ROOT / "ztun" / "resources" / "data" / "geoip-sample.mmdb"
 #: 2020-01-01T00:00:00Z: a fixed build time, so the file does not change on every run.
 BUILD_EPOCH = 1577836800
 

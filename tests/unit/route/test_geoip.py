@@ -99,7 +99,7 @@ def test_database_without_countries_is_refused(tmp_path: Path) -> None:
 
 
 def test_shipped_sample_is_current(tmp_path: Path) -> None:
-    """configs/data/geoip-sample.mmdb is exactly what make_sample_mmdb.py writes."""
+    """The shipped data/geoip-sample.mmdb is exactly what make_sample_mmdb.py writes."""
     fresh = write_sample(tmp_path / "sample.mmdb")
     assert SAMPLE_PATH.read_bytes() == fresh.read_bytes()
     with open_geoip(SAMPLE_PATH) as db:
@@ -110,15 +110,13 @@ def test_shipped_sample_is_current(tmp_path: Path) -> None:
         assert db.country(ip_address("8.8.8.8")) is None
 
 
-def _geolite2_city() -> Path | None:
+def _geolite2_city() -> Path:
+    # maxminddb-geolite2 is a declared test dependency: its absence fails the test
     spec = importlib.util.find_spec("_maxminddb_geolite2")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "GeoLite2-City.mmdb"
-    return path if path.exists() else None
+    assert spec is not None and spec.origin is not None, "maxminddb-geolite2 is not installed"
+    return Path(spec.origin).parent / "GeoLite2-City.mmdb"
 
 
-@pytest.mark.skipif(_geolite2_city() is None, reason="maxminddb-geolite2 is not installed")
 @pytest.mark.parametrize(
     ("ip", "code"),
     [
@@ -136,7 +134,6 @@ def _geolite2_city() -> Path | None:
 )
 def test_real_geolite2_city(ip: str, code: str | None) -> None:
     path = _geolite2_city()
-    assert path is not None
     with open_geoip(path) as db:
         assert db.database_type == "GeoLite2-City"
         assert db.country(ip_address(ip)) == code

@@ -13,13 +13,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
+import uvloop
 
 from ztun.runtime import netio
-
-try:
-    import uvloop
-except ImportError:  # pragma: no cover
-    uvloop = None  # type: ignore[assignment]
 
 Runner = Callable[[Coroutine[Any, Any, None]], None]
 
@@ -27,8 +23,6 @@ Runner = Callable[[Coroutine[Any, Any, None]], None]
 @pytest.fixture(params=["asyncio", "uvloop"])
 def run(request: pytest.FixtureRequest) -> Runner:
     if request.param == "uvloop":
-        if uvloop is None:  # pragma: no cover
-            pytest.skip("uvloop not installed")
 
         def on_uvloop(coro: Coroutine[Any, Any, None]) -> None:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
