@@ -8,6 +8,7 @@ offending value was written.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,7 @@ def check_file(path: str | Path, *, offline: bool = True) -> CheckResult:
     is checked, or a warning says they were not.
     """
     try:
-        loaded = load_config(path)
+        loaded = load_config(path, env=os.environ)
     except ConfigError as exc:
         return CheckResult(None, _place(None, exc.diagnostics))
     diagnostics = list(loaded.diagnostics)

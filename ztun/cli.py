@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 the config (or a query) has errors, 2 bad usage.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, TextIO
@@ -189,7 +190,7 @@ def format_(config: ConfigArg) -> None:
     from ztun.errors import ConfigError
 
     try:
-        loaded = load_config(config)
+        loaded = load_config(config, env=os.environ)
     except ConfigError as exc:
         for d in exc.diagnostics:
             typer.echo(str(d), err=True)

@@ -15,9 +15,7 @@ Reading rules (documented for users in docs/profiles.md):
 
 from __future__ import annotations
 
-# `os` only for the process environment (default of `env`) and path normalisation: the loader is
-# the file-reading helper of the otherwise pure config package.
-import os
+import posixpath
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -209,7 +207,9 @@ class _Loader:
     """One load: shared environment, diagnostics and list of files read."""
 
     def __init__(self, env: Mapping[str, str] | None) -> None:
-        self.env: Mapping[str, str] = os.environ if env is None else env
+        # The process environment is the caller's to pass (ztun.check does): the config layer
+        # reads the files it is handed and nothing else of the process.
+        self.env: Mapping[str, str] = {} if env is None else env
         self.diagnostics: list[Diagnostic] = []
         self.files: list[str] = []
         self.base_dir = Path(".")
@@ -328,7 +328,7 @@ class _Loader:
                 )
             return target, str(target)
         target = Path(name) if Path(name).is_absolute() else here / name
-        shown = os.path.normpath(str(target))
+        shown = posixpath.normpath(str(target))
         if not target.is_file():
             raise _fail(f"include {name!r}: no such file {shown}", mark, ("include",))
         return target, shown
@@ -352,8 +352,8 @@ def _yaml_message(exc: yaml.MarkedYAMLError) -> str:
 
 def _rebase(target: Path, base: Path) -> str:
     """`target` relative to `base` (with '..'), or absolute when they share only the root."""
-    t = Path(os.path.abspath(target))
-    b = Path(os.path.abspath(base))
+    t = Path(posixpath.normpath(target.absolute()))
+    b = Path(posixpath.normpath(base.absolute()))
     common = 0
     for x, y in zip(t.parts, b.parts, strict=False):
         if x != y:

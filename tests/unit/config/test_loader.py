@@ -466,12 +466,22 @@ def test_env_malformed_references_are_errors(text: str) -> None:
     assert loaded.diagnostics[0].mark == Mark("<string>", 1, 4)
 
 
-def test_env_is_not_applied_to_keys_and_defaults_to_os_environ(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("ZTUN_TEST_VALUE", "from-env")
-    loaded = load_config_text("${K}: ${ZTUN_TEST_VALUE}\n")
+def test_env_is_not_applied_to_keys() -> None:
+    loaded = load_config_text("${K}: ${ZTUN_TEST_VALUE}\n", env={"ZTUN_TEST_VALUE": "from-env"})
     assert loaded.data == {"${K}": "from-env"}
+
+
+def test_the_process_environment_comes_from_the_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pure loader reads no environment of its own; `ztun check`/`run` pass the process's.
+    from ztun.check import check_file
+
+    monkeypatch.setenv("ZTUN_TEST_LEVEL", "warn")
+    write(tmp_path, "c.yaml", "log:\n  level: ${ZTUN_TEST_LEVEL}\n")
+    assert load_config(tmp_path / "c.yaml").diagnostics  # unset here: reported
+    result = check_file(tmp_path / "c.yaml")
+    assert result.loaded is not None and result.loaded.data["log"] == {"level": "warn"}
 
 
 def test_env_in_include_names(tmp_path: Path) -> None:
