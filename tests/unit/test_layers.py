@@ -16,6 +16,7 @@ PURE = [
     ROOT / "config" / "duration.py",
     ROOT / "config" / "validate.py",
     ROOT / "config" / "format.py",
+    ROOT / "config" / "options.py",
     *sorted((ROOT / "proto").glob("*.py")),
     *sorted((ROOT / "packet").glob("*.py")),
     *sorted((ROOT / "nat").glob("*.py")),
