@@ -101,7 +101,7 @@ def main() -> None:
         config, batch = generate(tmp, args.queries)
 
         started = time.perf_counter()
-        _loaded, router = load_and_compile(config, offline=True)
+        router = load_and_compile(config, offline=True).router
         compile_s = time.perf_counter() - started
 
         defaults = {"port": 0, "network": "tcp", "source": None, "source_port": 0,

@@ -13,13 +13,11 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
+from ztun.config.options import LogOptions, Options
 from ztun.errors import ZtunError
-from ztun.inbound.mixed import MixedInbound
-from ztun.inbound.tun import TunInbound
+from ztun.inbound.registry import Inbound, build_inbound
 from ztun.outbound.base import Outbound
 from ztun.outbound.registry import build_outbound
 from ztun.runtime.dispatch import Dispatcher, RouterLike, wait_closed
@@ -41,20 +39,20 @@ _LEVELS = {
 }
 
 
-def setup_logging(options: Mapping[str, Any] | None, override: str | None = None) -> None:
+def setup_logging(options: LogOptions | None = None, override: str | None = None) -> None:
     """Configure the `ztun` logger from the config's `log` block; `override` is --log-level."""
-    opts = dict(options or {})
-    name = (override or opts.get("level") or "info").lower()
+    opts = options or LogOptions()
+    name = (override or opts.level).lower()
     if name not in _LEVELS:
         raise ZtunError(f"unknown log level {name!r} (use one of {', '.join(_LEVELS)})")
     root = logging.getLogger("ztun")
     root.handlers.clear()
     root.propagate = False
-    if opts.get("disabled") and override is None:
+    if opts.disabled and override is None:
         root.addHandler(logging.NullHandler())
         root.setLevel(logging.CRITICAL + 1)
         return
-    output = opts.get("output")
+    output = opts.output
     handler: logging.Handler
     if output:
         try:
@@ -64,42 +62,33 @@ def setup_logging(options: Mapping[str, Any] | None, override: str | None = None
     else:
         handler = logging.StreamHandler(sys.stderr)
     fmt = "%(levelname)s %(message)s"
-    if opts.get("timestamp", True):
+    if opts.timestamp:
         fmt = "%(asctime)s " + fmt
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
     root.setLevel(_LEVELS[name])
 
 
-def load(path: str | Path) -> tuple[dict[str, Any], RouterLike]:
-    """The config data and its router; raises ConfigError listing every mistake."""
+def load(path: str | Path) -> tuple[Options, RouterLike]:
+    """The config's options and its router; raises ConfigError listing every mistake."""
     from ztun.check import load_and_compile
 
-    loaded, router = load_and_compile(path)
-    return dict(loaded.data), router
+    compiled = load_and_compile(path)
+    return compiled.options, compiled.router
 
 
 class Box:
     def __init__(
-        self, data: Mapping[str, Any], router: RouterLike, *, grace: float = GRACE_PERIOD
+        self, options: Options, router: RouterLike, *, grace: float = GRACE_PERIOD
     ) -> None:
-        self.data = data
+        self.options = options
         self.grace = grace
-        outbounds: dict[str, Outbound] = {}
-        for opts in data.get("outbounds") or []:
-            outbounds[opts["tag"]] = build_outbound(opts)
+        # Both through their registries (type → options class, class): no if-chain on `type`.
+        outbounds: dict[str, Outbound] = {o.tag: build_outbound(o) for o in options.outbounds}
         self.dispatcher = Dispatcher(router, outbounds)
-        self.inbounds: list[MixedInbound | TunInbound] = []
-        for opts in data.get("inbounds") or []:
-            if opts.get("type") == "mixed":
-                self.inbounds.append(MixedInbound.from_options(opts, self.dispatcher))
-            elif opts.get("type") == "tun":  # issue 4: the TUN inbound
-                self.inbounds.append(TunInbound.from_options(opts, self.dispatcher, data))
-            else:
-                raise ZtunError(
-                    f"inbound {opts.get('tag')!r}: type {opts.get('type')!r} is not available "
-                    "in `ztun run` yet"
-                )
+        self.inbounds: list[Inbound] = [
+            build_inbound(o, self.dispatcher, options.route) for o in options.inbounds
+        ]
         if not self.inbounds:
             raise ZtunError("the config has no inbound to run")
         self._stop = asyncio.Event()
@@ -117,7 +106,7 @@ class Box:
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
-        started: list[MixedInbound | TunInbound] = []
+        started: list[Inbound] = []
         try:
             for inbound in self.inbounds:
                 await inbound.start()
@@ -171,13 +160,13 @@ def _raise_fd_limit() -> None:
 
 def run(path: str | Path, log_level: str | None = None, *, grace: float = GRACE_PERIOD) -> int:
     """Run the config at `path` until a signal; the exit code."""
-    data, router = load(path)
-    setup_logging(data.get("log"), log_level)
+    options, router = load(path)
+    setup_logging(options.log, log_level)
     _raise_fd_limit()
     runner = asyncio.Runner() if os.environ.get("ZTUN_LOOP") == "asyncio" else _runner()
     with runner:
-        return runner.run(_serve(data, router, grace))
+        return runner.run(_serve(options, router, grace))
 
 
-async def _serve(data: Mapping[str, Any], router: RouterLike, grace: float) -> int:
-    return await Box(data, router, grace=grace).serve()
+async def _serve(options: Options, router: RouterLike, grace: float) -> int:
+    return await Box(options, router, grace=grace).serve()

@@ -2,8 +2,8 @@
 
 This is the pipeline behind `ztun check`, `ztun route` and `ztun run`: load (YAML, includes,
 ${VAR}) → validate (schema, references) → open the GeoIP database and load rule sets → compile
-the rules. Each stage adds diagnostics; each diagnostic gets the file:line:column where the
-offending value was written.
+the rules → typed options (ztun.config.options). Each stage adds diagnostics; each diagnostic
+gets the file:line:column where the offending value was written.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ztun.config.loader import LoadedConfig, load_config
+from ztun.config.options import Options, build_options
 from ztun.config.validate import format_path, validate
 from ztun.errors import ConfigError, Diagnostic, ZtunError
 from ztun.route.compile import as_list, compile_router
@@ -26,6 +27,8 @@ class CheckResult:
     loaded: LoadedConfig | None
     diagnostics: list[Diagnostic] = field(default_factory=list)
     router: Router | None = None
+    #: the typed config, built once the config has no errors
+    options: Options | None = None
 
     @property
     def errors(self) -> list[Diagnostic]:
@@ -145,15 +148,31 @@ def check_file(path: str | Path, *, offline: bool = True) -> CheckResult:
         geoip_failed=geoip_failed,
     )  # fmt: skip
     diagnostics.extend(_merge_compile(diagnostics, compile_diagnostics))
+    options = None
+    if not any(d.severity == "error" for d in diagnostics):
+        # Only validated data is converted: the conversions trust the schema's shapes.
+        try:
+            options = build_options(loaded.data)
+        except ConfigError as exc:
+            diagnostics.extend(exc.diagnostics)
     result = CheckResult(loaded, _place(loaded, diagnostics))
     if not result.errors:
         result.router = router
+        result.options = options
     return result
 
 
-def load_and_compile(path: str | Path, *, offline: bool = False) -> tuple[LoadedConfig, Router]:
-    """The loaded config and its router; raises ConfigError listing every error."""
+class Compiled(NamedTuple):
+    """What `ztun run` and `ztun route` start from."""
+
+    loaded: LoadedConfig
+    options: Options
+    router: Router
+
+
+def load_and_compile(path: str | Path, *, offline: bool = False) -> Compiled:
+    """The loaded config, its options and its router; raises ConfigError listing every error."""
     result = check_file(path, offline=offline)
-    if result.errors or result.loaded is None or result.router is None:
+    if result.errors or result.loaded is None or result.router is None or result.options is None:
         raise ConfigError(result.errors or result.diagnostics)
-    return result.loaded, result.router
+    return Compiled(result.loaded, result.options, result.router)

@@ -92,7 +92,7 @@ def _load_router(config: Path) -> Any:
     from ztun.errors import ConfigError
 
     try:
-        _loaded, router = load_and_compile(config, offline=True)
+        router = load_and_compile(config, offline=True).router
     except ConfigError as exc:
         for d in exc.diagnostics:
             typer.echo(str(d), err=True)

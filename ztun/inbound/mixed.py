@@ -16,11 +16,12 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ztun.address import Address
+from ztun.config.options import MixedInboundOptions
 from ztun.errors import ProtocolError
 from ztun.nat.udp import UdpSessions
 from ztun.outbound.base import ErrorKind, OutboundError
@@ -65,37 +66,25 @@ class MixedInbound:
 
     def __init__(
         self,
-        tag: str,
+        options: MixedInboundOptions,
         dispatcher: Dispatcher,
         *,
-        listen: str = "127.0.0.1",
-        listen_port: int,
-        users: Mapping[str, str] | None = None,
         max_flows: int = MAX_FLOWS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
-        self.tag = tag
+        self.options = options
+        self.tag = options.tag
         self.dispatcher = dispatcher
-        self.listen = listen
-        self.listen_port = listen_port
-        self.users = dict(users or {})
+        self.listen = options.listen
+        # Not frozen: port 0 becomes the port the kernel chose at start().
+        self.listen_port = options.listen_port
+        self.users = {u.username: u.password for u in options.users}
         self.max_flows = max_flows
         self.handshake_timeout = handshake_timeout
         self.tasks: set[asyncio.Task[None]] = set()
         self.sock: socket.socket | None = None
         self.refused = 0
         self.dropped_fragments = 0
-
-    @classmethod
-    def from_options(cls, opts: Mapping[str, Any], dispatcher: Dispatcher) -> MixedInbound:
-        users = {str(u["username"]): str(u.get("password", "")) for u in opts.get("users") or []}
-        return cls(
-            opts["tag"],
-            dispatcher,
-            listen=str(opts.get("listen") or "127.0.0.1"),
-            listen_port=int(opts["listen_port"]),
-            users=users,
-        )
 
     # -- listening ------------------------------------------------------------------------
 

@@ -27,24 +27,24 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable
 from typing import Any
 
 from ztun.address import Address
+from ztun.config.options import RouteOptions, TunInboundOptions
 from ztun.errors import ZtunError
 from ztun.nat.tcp import FORWARD, TcpNat, unfinished
-from ztun.outbound.base import Outbound, OutboundError, seconds
+from ztun.outbound.base import Outbound, OutboundError
 from ztun.packet.virtio import HEADER_LEN, PLAIN
 from ztun.runtime.dispatch import Dispatcher, log_flow
 from ztun.runtime.netio import Handover
 from ztun.runtime.udp import UdpSessionRunner
 from ztun.stack.commands import WritePacket
 from ztun.stack.flow import Flow
-from ztun.stack.tun import DEFAULT_UDP_TIMEOUT, MAX_UDP_SESSIONS, TunStack
+from ztun.stack.tun import MAX_UDP_SESSIONS, TunStack
 
 log = logging.getLogger("ztun.inbound")
 
-DEFAULT_MTU = 9000
 MAX_TCP_FLOWS = 16384
 #: Packets handled per wake-up before other callbacks get a turn (the fd stays readable).
 READ_BATCH = 512
@@ -79,61 +79,42 @@ def _first_and_peer(
     return None
 
 
-Net = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def _networks(value: object, tag: str, name: str) -> list[Net]:
-    items = value if isinstance(value, list) else ([] if value is None else [value])
-    out = []
-    for v in items:
-        try:
-            out.append(ipaddress.ip_network(str(v), strict=False))
-        except ValueError:
-            raise TunOptionError(f"inbound {tag!r}: {name}: {v!r} is not a CIDR") from None
-    return out
 
 
 class TunInbound:
     type = "tun"
 
     def __init__(
-        self,
-        tag: str,
-        dispatcher: Dispatcher,
-        *,
-        interface_name: str = "",
-        address: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
-        mtu: int = DEFAULT_MTU,
-        auto_route: bool = False,
-        strict_route: bool = False,
-        route_address: list[Any] | None = None,
-        route_exclude_address: list[Any] | None = None,
-        udp_timeout: float = DEFAULT_UDP_TIMEOUT,
-        icmp: str = "reply",
-        default_mark: int | None = None,
+        self, options: TunInboundOptions, dispatcher: Dispatcher, route: RouteOptions
     ) -> None:
-        if not address:
+        tag = options.tag
+        if options.stack != "system":
+            raise TunOptionError(
+                f"inbound {tag!r}: stack {options.stack!r} is not available (use system)"
+            )
+        if not options.address:
             raise TunOptionError(f"inbound {tag!r}: `address` needs at least one prefix")
+        self.options = options
         self.tag = tag
         self.dispatcher = dispatcher
-        self.interface_name = interface_name
-        self.address = address
-        self.mtu = mtu
-        self.auto_route = auto_route
-        self.strict_route = strict_route
-        self.route_address = list(route_address or [])
-        self.route_exclude_address = list(route_exclude_address or [])
-        self.udp_timeout = udp_timeout
-        self.icmp = icmp
-        self.mark = default_mark
-        self.v4 = _first_and_peer(address, 4, tag)
-        self.v6 = _first_and_peer(address, 6, tag)
+        self.interface_name = options.interface_name
+        self.address = list(options.address)
+        self.mtu = options.mtu
+        self.auto_route = options.auto_route
+        self.strict_route = options.strict_route
+        self.route_address = list(options.route_address)
+        self.route_exclude_address = list(options.route_exclude_address)
+        self.udp_timeout = udp_timeout = options.udp_timeout
+        self.icmp = options.icmp
+        self.mark = route.default_mark
+        self.v4 = _first_and_peer(self.address, 4, tag)
+        self.v6 = _first_and_peer(self.address, 6, tag)
         self.tasks: set[asyncio.Task[None]] = set()
         self.device: Any = None
         self.routes: Any = None
         # Every per-packet decision; its NATs are set in start(), once the listeners are bound.
         self.stack = TunStack(tag, dispatcher.route, nat4=None, nat6=None,
-                              udp_timeout=udp_timeout, icmp=icmp,
+                              udp_timeout=udp_timeout, icmp=options.icmp,
                               max_udp_sessions=MAX_UDP_SESSIONS)  # fmt: skip
         self._listeners: list[tuple[socket.socket, TcpNat]] = []
         self._conns: set[socket.socket] = set()
@@ -146,44 +127,6 @@ class TunInbound:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
-
-    @classmethod
-    def from_options(
-        cls,
-        opts: Mapping[str, Any],
-        dispatcher: Dispatcher,
-        config: Mapping[str, Any] | None = None,
-    ) -> TunInbound:
-        tag = str(opts["tag"])
-        stack = opts.get("stack", "system")
-        if stack != "system":
-            raise TunOptionError(f"inbound {tag!r}: stack {stack!r} is not available (use system)")
-        addrs = []
-        for a in opts.get("address") or []:
-            try:
-                addrs.append(ipaddress.ip_interface(str(a)))
-            except ValueError:
-                raise TunOptionError(f"inbound {tag!r}: address {a!r} is not a prefix") from None
-        route = (config or {}).get("route") or {}
-        mark = route.get("default_mark")
-        if isinstance(mark, str):
-            mark = int(mark, 0)
-        return cls(
-            tag,
-            dispatcher,
-            interface_name=str(opts.get("interface_name") or ""),
-            address=addrs,
-            mtu=int(opts.get("mtu") or DEFAULT_MTU),
-            auto_route=bool(opts.get("auto_route")),
-            strict_route=bool(opts.get("strict_route")),
-            route_address=_networks(opts.get("route_address"), tag, "route_address"),
-            route_exclude_address=_networks(
-                opts.get("route_exclude_address"), tag, "route_exclude_address"
-            ),
-            udp_timeout=seconds(opts.get("udp_timeout"), DEFAULT_UDP_TIMEOUT),
-            icmp=str(opts.get("icmp") or "reply"),
-            default_mark=mark,
-        )
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -234,24 +177,13 @@ class TunInbound:
 
         mark = self.mark or routes.DEFAULT_MARK
         bypass: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        loop = asyncio.get_running_loop()
         for ob in self.dispatcher.outbounds.values():
-            if ob.type == "direct":
-                # ztun's own direct sockets carry the mark, which rule 9000 sends to `main`.
-                own = getattr(ob, "routing_mark", None) or getattr(ob, "bind_interface", None)
-                if not own:
-                    ob.routing_mark = mark  # type: ignore[attr-defined]
-            elif ob.type == "socks":
-                server = str(ob.server)  # type: ignore[attr-defined]
-                try:
-                    infos = await loop.getaddrinfo(server, None, type=socket.SOCK_STREAM)
-                except OSError as e:
-                    raise TunOptionError(
-                        f"auto_route: cannot resolve the SOCKS5 server {server!r} of outbound "
-                        f"{ob.tag!r} to exclude it from the TUN: {e}"
-                    ) from None
-                for info in infos:
-                    bypass.append(ipaddress.ip_network(str(info[4][0])))
+            # ztun's own sockets carry the mark, which rule 9000 sends to `main`.
+            ob.use_default_mark(mark)
+            try:
+                bypass += await ob.bypass_addresses()
+            except ZtunError as e:
+                raise TunOptionError(f"auto_route: {e}: it must be kept out of the TUN") from None
         p = routes.plan(
             interface=self.device.name,
             index=self.device.index,

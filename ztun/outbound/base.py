@@ -1,12 +1,14 @@
 """What every outbound offers, and the errors an outbound can end a flow with.
 
-Owns: the `Outbound` and `UdpSession` interfaces, `OutboundError` with its kinds, and the
+Owns: the `Outbound` and `UdpSession` interfaces (with the capabilities by which inbounds
+treat outbounds differently: never by their `type`), `OutboundError` with its kinds, and the
 mapping from a kind to the SOCKS5 reply code and HTTP status the inbound answers with.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 from collections.abc import Callable
@@ -15,7 +17,6 @@ from enum import Enum
 from typing import Protocol
 
 from ztun.address import Address
-from ztun.config.duration import parse_duration
 from ztun.errors import ZtunError
 from ztun.proto.socks5 import Reply
 from ztun.route.metadata import FlowMeta
@@ -26,8 +27,7 @@ DatagramHandler = Callable[[Address, bytes], None]
 #: Called once when a UDP session ends on its own (control connection lost, socket error).
 CloseHandler = Callable[[str], None]
 
-DEFAULT_CONNECT_TIMEOUT = 5.0
-DEFAULT_UDP_TIMEOUT = 60.0
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ErrorKind(Enum):
@@ -130,6 +130,22 @@ class Outbound(Protocol):
     tag: str
     type: str
     counters: Counters
+    #: `connect_tcp` always fails with ErrorKind.BLOCKED, so an inbound may refuse a TCP flow
+    #: (an RST to a TUN SYN) without calling it; it then counts `counters.blocked_tcp` itself.
+    refuses_tcp: bool
+    #: A UDP session only drops (and counts) datagrams: the flow is logged as blocked.
+    drops_udp: bool
+
+    def use_default_mark(self, mark: int) -> None:
+        """auto_route is on and sockets with `mark` bypass the TUN: an outbound whose sockets
+        would otherwise be routed back into the TUN marks them, unless it was told where to go
+        (its own routing_mark or bind_interface). Outbounds that dial nothing ignore it."""
+        ...
+
+    async def bypass_addresses(self) -> list[Network]:
+        """Addresses this outbound's own connections go to (a proxy server), which auto_route
+        must keep out of the TUN; raises ZtunError when they cannot be found out."""
+        ...
 
     async def connect_tcp(
         self, dest: Address, meta: FlowMeta, handover: Handover | None = None
@@ -155,13 +171,3 @@ class Outbound(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def seconds(value: object, default: float) -> float:
-    """A config duration in seconds, or `default` when absent (the checker validated it)."""
-    if value is None:
-        return default
-    try:
-        return parse_duration(value)
-    except ValueError as e:
-        raise ZtunError(str(e)) from None

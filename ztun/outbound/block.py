@@ -3,25 +3,36 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Mapping
-from typing import Any
 
 from ztun.address import Address
-from ztun.outbound.base import CloseHandler, Counters, DatagramHandler, ErrorKind, OutboundError
+from ztun.config.options import BlockOutboundOptions
+from ztun.outbound.base import (
+    CloseHandler,
+    Counters,
+    DatagramHandler,
+    ErrorKind,
+    Network,
+    OutboundError,
+)
 from ztun.route.metadata import FlowMeta
 from ztun.runtime.netio import Handover
 
 
 class BlockOutbound:
     type = "block"
+    refuses_tcp = True
+    drops_udp = True
 
-    def __init__(self, tag: str) -> None:
-        self.tag = tag
+    def __init__(self, options: BlockOutboundOptions) -> None:
+        self.options = options
+        self.tag = options.tag
         self.counters = Counters()
 
-    @classmethod
-    def from_options(cls, opts: Mapping[str, Any]) -> BlockOutbound:
-        return cls(opts["tag"])
+    def use_default_mark(self, mark: int) -> None:
+        return None  # dials nothing
+
+    async def bypass_addresses(self) -> list[Network]:
+        return []
 
     async def connect_tcp(
         self, dest: Address, meta: FlowMeta, handover: Handover | None = None

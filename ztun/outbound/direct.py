@@ -11,21 +11,19 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
-from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any
 
 from ztun.address import Address
+from ztun.config.options import DirectOutboundOptions
 from ztun.outbound.base import (
-    DEFAULT_CONNECT_TIMEOUT,
     CloseHandler,
     Counters,
     DatagramHandler,
     ErrorKind,
+    Network,
     OutboundError,
     describe,
     kind_of,
-    seconds,
 )
 from ztun.route.metadata import FlowMeta
 from ztun.runtime import netio
@@ -38,14 +36,6 @@ ATTEMPT_DELAY = 0.25
 SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 _STRATEGIES = ("prefer_ipv4", "prefer_ipv6", "ipv4_only", "ipv6_only")
-
-
-def _routing_mark(value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return int(value, 0)
-    return int(value)  # type: ignore[call-overload]
 
 
 @lru_cache(maxsize=4096)
@@ -81,34 +71,32 @@ def order_addresses(infos: list[str], strategy: str | None) -> list[str]:
 
 class DirectOutbound:
     type = "direct"
+    refuses_tcp = False
+    drops_udp = False
 
-    def __init__(
-        self,
-        tag: str,
-        *,
-        bind_interface: str | None = None,
-        routing_mark: int | None = None,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        domain_strategy: str | None = None,
-    ) -> None:
-        if domain_strategy is not None and domain_strategy not in _STRATEGIES:
-            raise OutboundError(ErrorKind.GENERAL, f"unknown domain_strategy {domain_strategy!r}")
-        self.tag = tag
-        self.bind_interface = bind_interface
-        self.routing_mark = routing_mark
-        self.connect_timeout = connect_timeout
-        self.domain_strategy = domain_strategy
+    def __init__(self, options: DirectOutboundOptions) -> None:
+        strategy = options.domain_strategy
+        if strategy is not None and strategy not in _STRATEGIES:
+            raise OutboundError(ErrorKind.GENERAL, f"unknown domain_strategy {strategy!r}")
+        self.options = options
+        self.tag = options.tag
+        self.bind_interface = options.bind_interface
+        # Not frozen: auto_route may give unmarked sockets its mark (use_default_mark).
+        self.routing_mark = options.routing_mark
+        self.connect_timeout = options.connect_timeout
+        self.domain_strategy = strategy
         self.counters = Counters()
 
-    @classmethod
-    def from_options(cls, opts: Mapping[str, Any]) -> DirectOutbound:
-        return cls(
-            opts["tag"],
-            bind_interface=opts.get("bind_interface"),
-            routing_mark=_routing_mark(opts.get("routing_mark")),
-            connect_timeout=seconds(opts.get("connect_timeout"), DEFAULT_CONNECT_TIMEOUT),
-            domain_strategy=opts.get("domain_strategy"),
-        )
+    # -- capabilities ---------------------------------------------------------------------
+
+    def use_default_mark(self, mark: int) -> None:
+        # Rule 9000 of auto_route sends marked sockets to `main`; a socket bound to an
+        # interface or with a mark of its own already goes where the user said.
+        if not (self.routing_mark or self.bind_interface):
+            self.routing_mark = mark
+
+    async def bypass_addresses(self) -> list[Network]:
+        return []
 
     # -- socket options -------------------------------------------------------------------
 

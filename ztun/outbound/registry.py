@@ -1,28 +1,47 @@
-"""The outbound registry: config `type` → factory, one explicit line per type."""
+"""The outbound registry: config `type` → (options class, outbound class), one line per type.
+
+The config layer (ztun.config.options.OUTBOUND_OPTIONS) knows every type the schema accepts;
+this table knows the ones `ztun run` can run. A type in the first and not here is a config that
+checks but cannot run, which `build_outbound` says in words.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
+from ztun.config.options import (
+    BlockOutboundOptions,
+    DirectOutboundOptions,
+    OutboundOptions,
+    SocksOutboundOptions,
+)
 from ztun.errors import ZtunError
 from ztun.outbound.base import Outbound
 from ztun.outbound.block import BlockOutbound
 from ztun.outbound.direct import DirectOutbound
 from ztun.outbound.socks import SocksOutbound
 
-Factory = Callable[[Mapping[str, Any]], Outbound]
 
-OUTBOUND_TYPES: dict[str, Factory] = {
-    "direct": DirectOutbound.from_options,
-    "socks": SocksOutbound.from_options,
-    "block": BlockOutbound.from_options,
-}
+class OutboundType(NamedTuple):
+    options: type[OutboundOptions]
+    factory: Callable[[Any], Outbound]
 
 
-def build_outbound(opts: Mapping[str, Any]) -> Outbound:
-    kind = opts.get("type")
-    factory = OUTBOUND_TYPES.get(str(kind))
-    if factory is None:
-        raise ZtunError(f"outbound {opts.get('tag')!r}: unknown type {kind!r}")
-    return factory(opts)
+OUTBOUND_TYPES: Mapping[str, OutboundType] = MappingProxyType({
+    "direct": OutboundType(DirectOutboundOptions, DirectOutbound),
+    "socks": OutboundType(SocksOutboundOptions, SocksOutbound),
+    "block": OutboundType(BlockOutboundOptions, BlockOutbound),
+})  # fmt: skip
+
+
+def build_outbound(options: OutboundOptions) -> Outbound:
+    """The outbound for one outbound's options; ZtunError for a type ztun cannot run."""
+    entry = OUTBOUND_TYPES.get(options.type)
+    if entry is None or not isinstance(options, entry.options):
+        raise ZtunError(
+            f"outbound {options.tag!r}: type {options.type!r} is not available in `ztun run` "
+            f"(available: {', '.join(OUTBOUND_TYPES)})"
+        )
+    return entry.factory(options)

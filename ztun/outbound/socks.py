@@ -16,24 +16,22 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
-from collections.abc import Mapping
 from typing import Any
 
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
 from python_socks.async_.asyncio import Proxy
 
 from ztun.address import Address
-from ztun.errors import ProtocolError
+from ztun.config.options import SocksOutboundOptions
+from ztun.errors import ProtocolError, ZtunError
 from ztun.outbound.base import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_UDP_TIMEOUT,
     CloseHandler,
     Counters,
     DatagramHandler,
     ErrorKind,
+    Network,
     OutboundError,
     describe,
-    seconds,
 )
 from ztun.proto import socks5
 from ztun.proto.socks5 import Command, Reply
@@ -56,29 +54,20 @@ _REPLY_KIND = {
 
 class SocksOutbound:
     type = "socks"
+    refuses_tcp = False
+    drops_udp = False
 
-    def __init__(
-        self,
-        tag: str,
-        server: str,
-        server_port: int,
-        *,
-        version: str = "5",
-        username: str | None = None,
-        password: str | None = None,
-        network: str | None = None,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        udp_timeout: float = DEFAULT_UDP_TIMEOUT,
-    ) -> None:
-        self.tag = tag
-        self.server = server
-        self.server_port = server_port
-        self.version = str(version)
-        self.username = username
-        self.password = password
-        self.network = network
-        self.connect_timeout = connect_timeout
-        self.udp_timeout = udp_timeout
+    def __init__(self, options: SocksOutboundOptions) -> None:
+        self.options = options
+        self.tag = options.tag
+        self.server = server = options.server
+        self.server_port = server_port = options.server_port
+        self.version = options.version
+        self.username = options.username
+        self.password = options.password
+        self.network = options.network
+        self.connect_timeout = options.connect_timeout
+        self.udp_timeout = options.udp_timeout
         self.counters = Counters()
         self._proxy: Proxy | None = None
         # An IP literal needs no resolving: build its socket address once.
@@ -93,19 +82,21 @@ class SocksOutbound:
             else:
                 self._server_addr = (socket.AF_INET6, (server, server_port, 0, 0))
 
-    @classmethod
-    def from_options(cls, opts: Mapping[str, Any]) -> SocksOutbound:
-        return cls(
-            opts["tag"],
-            str(opts["server"]),
-            int(opts["server_port"]),
-            version=str(opts.get("version", "5")),
-            username=opts.get("username"),
-            password=opts.get("password"),
-            network=opts.get("network"),
-            connect_timeout=seconds(opts.get("connect_timeout"), DEFAULT_CONNECT_TIMEOUT),
-            udp_timeout=seconds(opts.get("udp_timeout"), DEFAULT_UDP_TIMEOUT),
-        )
+    # -- capabilities ---------------------------------------------------------------------
+
+    def use_default_mark(self, mark: int) -> None:
+        return None  # its connections go to the server, which bypass_addresses keeps off the TUN
+
+    async def bypass_addresses(self) -> list[Network]:
+        """Every address of the proxy server, resolved now."""
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(self.server, None, type=socket.SOCK_STREAM)
+        except OSError as e:
+            raise ZtunError(
+                f"cannot resolve the SOCKS server {self.server!r} of outbound {self.tag!r}: {e}"
+            ) from None
+        return [ipaddress.ip_network(str(info[4][0])) for info in infos]
 
     @property
     def _where(self) -> str:

@@ -147,11 +147,11 @@ class Dispatcher:
             outbound = self.decide(flow)
         except RejectedError as e:
             return Refused(str(e), e.drop)
-        if outbound.type == "block":
-            if network == "tcp":
-                outbound.counters.blocked_tcp += 1
-            else:
-                outbound.counters.blocked_udp += 1
+        if network == "tcp" and outbound.refuses_tcp:
+            outbound.counters.blocked_tcp += 1
+            return Refused(f"blocked by outbound {outbound.tag!r}")
+        if network == "udp" and outbound.drops_udp:
+            outbound.counters.blocked_udp += 1
             return Refused(f"blocked by outbound {outbound.tag!r}")
         return outbound
 

@@ -46,7 +46,6 @@ __all__ = ["FORWARD", "HANDLED", "TunStack"]
 #: `receive`: the packet was handled (or dropped); whatever it needs is in `out`.
 HANDLED = 1
 
-DEFAULT_UDP_TIMEOUT = 60.0
 MAX_UDP_SESSIONS = 4096
 #: Datagrams kept per UDP flow while its outbound session is being opened.
 MAX_UDP_PENDING = 64
@@ -71,7 +70,7 @@ class TunStack:
         *,
         nat4: TcpNat | None,
         nat6: TcpNat | None,
-        udp_timeout: float = DEFAULT_UDP_TIMEOUT,
+        udp_timeout: float,
         icmp: str = "reply",
         max_udp_sessions: int = MAX_UDP_SESSIONS,
     ) -> None:

@@ -8,6 +8,7 @@ import socket
 import time
 
 from ztun.address import Address
+from ztun.config.options import BlockOutboundOptions, MixedInboundOptions, build
 from ztun.inbound.mixed import MixedInbound
 from ztun.outbound.block import BlockOutbound
 from ztun.proto import socks5
@@ -25,8 +26,12 @@ class _ToBlock:
 
 
 def _inbound(**kw: float) -> MixedInbound:
-    dispatcher = Dispatcher(_ToBlock(), {"block": BlockOutbound("block")})
-    return MixedInbound("mixed-in", dispatcher, listen="127.0.0.1", listen_port=0, **kw)
+    block = BlockOutbound(build(BlockOutboundOptions, {"tag": "block"}))
+    dispatcher = Dispatcher(_ToBlock(), {"block": block})
+    options = build(
+        MixedInboundOptions, {"tag": "mixed-in", "listen": "127.0.0.1", "listen_port": 0}
+    )
+    return MixedInbound(options, dispatcher, **kw)
 
 
 async def _talk(port: int, data: bytes) -> tuple[bytes, float]:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from ztun.address import Address
+from ztun.config.options import SocksOutboundOptions, build
 from ztun.outbound.base import ErrorKind, OutboundError
 from ztun.outbound.socks import SocksOutbound
 from ztun.proto import socks5
@@ -23,6 +24,12 @@ from ztun.proto.socks5 import Reply
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, list[bytes]], Awaitable[None]]
 DEST = Address("example.test", 443)
 REQUEST = bytes((5, 1, 0)) + socks5.build_address(DEST)
+
+
+def _socks(port: int, **config: object) -> SocksOutbound:
+    """A socks outbound to 127.0.0.1:port, its options built as the config layer does."""
+    data = {"tag": "p", "server": "127.0.0.1", "server_port": port, **config}
+    return SocksOutbound(build(SocksOutboundOptions, data))
 
 
 async def _with_proxy(script: Script, call: Callable[[int], Awaitable[object]]) -> list[bytes]:
@@ -90,7 +97,7 @@ def test_no_auth_is_pipelined_and_reads_exactly(bound: Address, bytewise: bool) 
     got: list[bytes] = []
 
     async def call(port: int) -> None:
-        ob = SocksOutbound("p", "127.0.0.1", port)
+        ob = _socks(port)
         sock = await ob.connect_tcp(DEST, None)  # type: ignore[arg-type]
         loop = asyncio.get_running_loop()
         data = b""
@@ -119,7 +126,7 @@ def test_auth_sends_credentials_and_request_together() -> None:
         await _read(r, ch, 100)
 
     async def call(port: int) -> None:
-        ob = SocksOutbound("p", "127.0.0.1", port, username="alice", password="secret")
+        ob = _socks(port, username="alice", password="secret")
         (await ob.connect_tcp(DEST, None)).close()  # type: ignore[arg-type]
 
     _run(_with_proxy(script, call))
@@ -129,7 +136,7 @@ def _failure(script: Script, **kw: object) -> OutboundError:
     err: list[OutboundError] = []
 
     async def call(port: int) -> None:
-        ob = SocksOutbound("p", "127.0.0.1", port, **kw)  # type: ignore[arg-type]
+        ob = _socks(port, **kw)
         with pytest.raises(OutboundError) as ei:
             await ob.connect_tcp(DEST, None)  # type: ignore[arg-type]
         assert ob.counters.errors == 1
@@ -220,7 +227,7 @@ def test_proxy_down() -> None:
         port = s.getsockname()[1]  # bound, not listening: connections are refused
 
         async def call() -> OutboundError:
-            ob = SocksOutbound("p", "127.0.0.1", port)
+            ob = _socks(port)
             with pytest.raises(OutboundError) as ei:
                 await ob.connect_tcp(DEST, None)  # type: ignore[arg-type]
             assert ob.counters.errors == 1
@@ -237,7 +244,7 @@ def test_cancel_is_not_an_error() -> None:
         await _read(r, ch, 100)  # until the client goes away
 
     async def call(port: int) -> None:
-        ob = SocksOutbound("p", "127.0.0.1", port)
+        ob = _socks(port)
         task = asyncio.ensure_future(ob.connect_tcp(DEST, None))  # type: ignore[arg-type]
         await asyncio.sleep(0.05)
         task.cancel()
@@ -260,7 +267,7 @@ def test_socks4a_goes_through_python_socks(granted: bool) -> None:
         await _read(r, ch, 100)
 
     async def call(port: int) -> None:
-        ob = SocksOutbound("p", "127.0.0.1", port, version="4a")
+        ob = _socks(port, version="4a")
         if granted:
             (await ob.connect_tcp(DEST, None)).close()  # type: ignore[arg-type]
         else:

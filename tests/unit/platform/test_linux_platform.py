@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from ztun.config.options import RouteOptions, TunInboundOptions, build, route_options
 from ztun.inbound.tun import TunInbound, TunOptionError
 from ztun.platform.linux import routes, tun_device
 
@@ -68,12 +69,14 @@ class _D:
 ])  # fmt: skip
 def test_tun_options_checked(address: list[str], msg: str) -> None:
     with pytest.raises(TunOptionError, match=msg):
-        TunInbound.from_options({"tag": "t", "address": address}, _D())  # type: ignore[arg-type]
+        options = build(TunInboundOptions, {"tag": "t", "address": address})
+        TunInbound(options, _D(), RouteOptions())  # type: ignore[arg-type]
 
 
 def test_tun_options_defaults() -> None:
-    t = TunInbound.from_options({"tag": "t", "address": ["198.18.0.1/30"]}, _D(),  # type: ignore[arg-type]
-                                {"route": {"default_mark": "0x10"}})  # fmt: skip
+    options = build(TunInboundOptions, {"tag": "t", "address": ["198.18.0.1/30"]})
+    route = route_options({"default_mark": "0x10"})
+    t = TunInbound(options, _D(), route)  # type: ignore[arg-type]
     assert t.mtu == 9000 and t.udp_timeout == 60 and t.icmp == "reply" and t.mark == 0x10
     assert t.v4 == (bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2])) and t.v6 is None
 
