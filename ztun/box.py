@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ztun.errors import ZtunError
+from ztun.errors import Diagnostic, ZtunError
 from ztun.inbound.mixed import MixedInbound
 from ztun.inbound.tun import TunInbound
 from ztun.outbound.base import Outbound
@@ -71,12 +71,14 @@ def setup_logging(options: Mapping[str, Any] | None, override: str | None = None
     root.setLevel(_LEVELS[name])
 
 
-def load(path: str | Path) -> tuple[dict[str, Any], RouterLike]:
-    """The config data and its router; raises ConfigError listing every mistake."""
-    from ztun.check import load_and_compile
+def load(path: str | Path) -> tuple[dict[str, Any], RouterLike, list[Diagnostic]]:
+    """The config data, its router and the check's warnings; raises ConfigError listing every
+    mistake."""
+    from ztun.check import compile_checked
 
-    loaded, router = load_and_compile(path)
-    return dict(loaded.data), router
+    result = compile_checked(path)
+    assert result.loaded is not None and result.router is not None
+    return dict(result.loaded.data), result.router, result.warnings
 
 
 class Box:
@@ -171,8 +173,12 @@ def _raise_fd_limit() -> None:
 
 def run(path: str | Path, log_level: str | None = None, *, grace: float = GRACE_PERIOD) -> int:
     """Run the config at `path` until a signal; the exit code."""
-    data, router = load(path)
+    data, router, warnings = load(path)
     setup_logging(data.get("log"), log_level)
+    # What `ztun check` warns about (features accepted but not executed, stale rule sets, ...)
+    # is said once here too: a config run without checking should not fail silently.
+    for warning in warnings:
+        log.warning("%s: %s", warning.mark or "<config>", warning.message)
     _raise_fd_limit()
     runner = asyncio.Runner() if os.environ.get("ZTUN_LOOP") == "asyncio" else _runner()
     with runner:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ztun.config.loader import LoadedConfig, load_config
+from ztun.config.unexecuted import not_executed
 from ztun.config.validate import format_path, validate
 from ztun.errors import ConfigError, Diagnostic, ZtunError
 from ztun.route.compile import as_list, compile_router
@@ -133,6 +134,9 @@ def check_file(path: str | Path, *, offline: bool = True) -> CheckResult:
         return CheckResult(None, _place(None, exc.diagnostics))
     diagnostics = list(loaded.diagnostics)
     diagnostics.extend(validate(loaded))
+    diagnostics.extend(
+        Diagnostic(message, path, severity="warning") for path, message in not_executed(loaded.data)
+    )
     errors_before = len(diagnostics)
     geoip = _open_geoip(loaded, diagnostics)
     geoip_failed = len(diagnostics) > errors_before
@@ -150,9 +154,17 @@ def check_file(path: str | Path, *, offline: bool = True) -> CheckResult:
     return result
 
 
-def load_and_compile(path: str | Path, *, offline: bool = False) -> tuple[LoadedConfig, Router]:
-    """The loaded config and its router; raises ConfigError listing every error."""
+def compile_checked(path: str | Path, *, offline: bool = False) -> CheckResult:
+    """`check_file` for a config about to be used: raises ConfigError listing every error, so
+    the result has its loaded config and router (and the warnings, for the caller to show)."""
     result = check_file(path, offline=offline)
     if result.errors or result.loaded is None or result.router is None:
         raise ConfigError(result.errors or result.diagnostics)
+    return result
+
+
+def load_and_compile(path: str | Path, *, offline: bool = False) -> tuple[LoadedConfig, Router]:
+    """The loaded config and its router; raises ConfigError listing every error."""
+    result = compile_checked(path, offline=offline)
+    assert result.loaded is not None and result.router is not None
     return result.loaded, result.router
