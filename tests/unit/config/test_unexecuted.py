@@ -90,7 +90,9 @@ def test_every_use_is_one_warning_at_its_place(tmp_path: Path) -> None:
     warnings = check_text(tmp_path, USES_EVERYTHING)
     found = [(d.mark.line, d.mark.column, d.message) for d in warnings if d.mark]
     assert len(found) == len(warnings) == len(EXPECTED)
-    for (line, column, message), (want_line, want_column, start) in zip(found, EXPECTED, strict=True):
+    for (line, column, message), (want_line, want_column, start) in zip(
+        found, EXPECTED, strict=True
+    ):
         assert message.startswith(start)
         assert (line, column) == (want_line, want_column), message
     for d in warnings:
