@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -187,7 +188,14 @@ def test_run_logs_the_warnings_once_at_start(
         return 0
 
     monkeypatch.setattr(box, "_serve", serve)
-    assert box.run(path) == 0
+    # run() sets up the `ztun` logger for real: put it back so later tests' caplog still works
+    logger = logging.getLogger("ztun")
+    saved = (logger.handlers[:], logger.propagate, logger.level)
+    try:
+        assert box.run(path) == 0
+    finally:
+        logger.handlers[:], logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])  # setLevel, not the attribute: it clears the level cache
     lines = [line for line in capsys.readouterr().err.splitlines() if "not yet executed" in line]
     assert lines == [
         f"WARNING {path}:5:22: route.rules[0].action: hijack-dns is accepted but not yet "
