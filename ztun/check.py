@@ -43,11 +43,8 @@ def _open_geoip(loaded: LoadedConfig, diagnostics: list[Diagnostic]) -> Any:
         return None
     from ztun.route.geoip import open_geoip
 
-    path = Path(str(geo["path"]))
-    if not path.is_absolute():
-        path = Path(loaded.base_dir) / path
     try:
-        return open_geoip(path)
+        return open_geoip(loaded.resolve_path(str(geo["path"])))
     except ZtunError as exc:
         diagnostics.append(Diagnostic(str(exc), ("route", "geoip", "path")))
     return None
