@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ztun.config.options import LogOptions, Options
-from ztun.errors import ZtunError
+from ztun.errors import Diagnostic, ZtunError
 from ztun.inbound.registry import Inbound, build_inbound
 from ztun.outbound.base import Outbound
 from ztun.outbound.registry import build_outbound
@@ -69,12 +69,13 @@ def setup_logging(options: LogOptions | None = None, override: str | None = None
     root.setLevel(_LEVELS[name])
 
 
-def load(path: str | Path) -> tuple[Options, RouterLike]:
-    """The config's options and its router; raises ConfigError listing every mistake."""
+def load(path: str | Path) -> tuple[Options, RouterLike, list[Diagnostic]]:
+    """The config's options, its router and the check's warnings; raises ConfigError listing
+    every mistake."""
     from ztun.check import load_and_compile
 
     compiled = load_and_compile(path)
-    return compiled.options, compiled.router
+    return compiled.options, compiled.router, compiled.warnings
 
 
 class Box:
@@ -160,8 +161,12 @@ def _raise_fd_limit() -> None:
 
 def run(path: str | Path, log_level: str | None = None, *, grace: float = GRACE_PERIOD) -> int:
     """Run the config at `path` until a signal; the exit code."""
-    options, router = load(path)
+    options, router, warnings = load(path)
     setup_logging(options.log, log_level)
+    # What `ztun check` warns about (features accepted but not executed, stale rule sets, ...)
+    # is said once here too: a config run without checking should not fail silently.
+    for warning in warnings:
+        log.warning("%s: %s", warning.mark or "<config>", warning.message)
     _raise_fd_limit()
     runner = asyncio.Runner() if os.environ.get("ZTUN_LOOP") == "asyncio" else _runner()
     with runner:

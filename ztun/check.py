@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 from ztun.config.loader import LoadedConfig, load_config
 from ztun.config.options import Options, build_options
+from ztun.config.unexecuted import not_executed
 from ztun.config.validate import format_path, validate
 from ztun.errors import ConfigError, Diagnostic, ZtunError
 from ztun.route.compile import as_list, compile_router
@@ -46,11 +47,8 @@ def _open_geoip(loaded: LoadedConfig, diagnostics: list[Diagnostic]) -> Any:
         return None
     from ztun.route.geoip import open_geoip
 
-    path = Path(str(geo["path"]))
-    if not path.is_absolute():
-        path = Path(loaded.base_dir) / path
     try:
-        return open_geoip(path)
+        return open_geoip(loaded.resolve_path(str(geo["path"])))
     except ZtunError as exc:
         diagnostics.append(Diagnostic(str(exc), ("route", "geoip", "path")))
     return None
@@ -137,6 +135,9 @@ def check_file(path: str | Path, *, offline: bool = True) -> CheckResult:
         return CheckResult(None, _place(None, exc.diagnostics))
     diagnostics = list(loaded.diagnostics)
     diagnostics.extend(validate(loaded))
+    diagnostics.extend(
+        Diagnostic(message, path, severity="warning") for path, message in not_executed(loaded.data)
+    )
     errors_before = len(diagnostics)
     geoip = _open_geoip(loaded, diagnostics)
     geoip_failed = len(diagnostics) > errors_before
@@ -168,6 +169,8 @@ class Compiled(NamedTuple):
     loaded: LoadedConfig
     options: Options
     router: Router
+    #: what `ztun check` would warn about, for `ztun run` to log once
+    warnings: list[Diagnostic]
 
 
 def load_and_compile(path: str | Path, *, offline: bool = False) -> Compiled:
@@ -175,4 +178,4 @@ def load_and_compile(path: str | Path, *, offline: bool = False) -> Compiled:
     result = check_file(path, offline=offline)
     if result.errors or result.loaded is None or result.router is None or result.options is None:
         raise ConfigError(result.errors or result.diagnostics)
-    return Compiled(result.loaded, result.options, result.router)
+    return Compiled(result.loaded, result.options, result.router, result.warnings)

@@ -65,15 +65,6 @@ class ConfigError(ZtunError):
         return "\n".join(str(d) for d in self.diagnostics) or "invalid config"
 
 
-class CompileError(ZtunError):
-    """A config value that the rule compiler rejects, at a path inside the config data."""
-
-    def __init__(self, message: str, path: ConfigPath = ()) -> None:
-        super().__init__(message)
-        self.message = message
-        self.path = path
-
-
 class ProtocolError(ZtunError):
     """Malformed bytes on the wire."""
 

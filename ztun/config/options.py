@@ -174,7 +174,7 @@ def by_type(
 class LogOptions:
     level: str = "info"
     disabled: bool = False
-    timestamp: bool = False
+    timestamp: bool = True  # as ztun has always logged; the schema and docs say so
     output: str | None = None
 
 

@@ -57,7 +57,6 @@ class RouteOptions:
         return "route-options(" + ", ".join(f"{k}={v}" for k, v in self.options) + ")"
 
 
-FinalAction = Route | Reject | HijackDNS
 Action = Route | Reject | HijackDNS | Sniff | RouteOptions
 
 

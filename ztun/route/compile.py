@@ -9,12 +9,12 @@ every mistake. Nothing here reads files: rule-set contents and the GeoIP databas
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ztun.config.duration import parse_duration
-from ztun.errors import CompileError, ConfigError, ConfigPath, Diagnostic
+from ztun.errors import ConfigError, ConfigPath, Diagnostic
 from ztun.route.action import (
     Action,
     HijackDNS,
@@ -44,14 +44,6 @@ from ztun.route.rule import DefaultRule, HeadlessRule, ItemGroups, LogicalRule, 
 if TYPE_CHECKING:
     from ztun.route.geoip import GeoIPDatabase
 
-#: Fields that select flows; everything else on a rule is an action field or structure.
-DOMAIN_FIELDS = ("domain", "domain_suffix", "domain_keyword", "domain_regex")
-MATCH_FIELDS = frozenset({
-    *DOMAIN_FIELDS, "ip_cidr", "ip_is_private", "geoip", "source_ip_cidr",
-    "source_ip_is_private", "source_geoip", "port", "port_range", "source_port",
-    "source_port_range", "network", "inbound", "protocol", "ip_version", "auth_user",
-    "rule_set", "query_type",
-})  # fmt: skip
 ROUTE_OPTION_FIELDS = ("override_address", "override_port", "udp_timeout", "udp_connect")
 VALID_NETWORKS = frozenset({"tcp", "udp", "icmp"})
 #: DNS query type names that `query_type` accepts besides numbers.
@@ -84,15 +76,6 @@ class _Compiler:
         self.diagnostics.append(Diagnostic(message, path, severity="warning"))
 
     # -- items --------------------------------------------------------------------------------
-
-    def _checked(self, path: ConfigPath, build: Callable[[], RuleItem]) -> RuleItem | None:
-        try:
-            return build()
-        except CompileError as exc:
-            self.error(exc.message, path + exc.path)
-        except (ValueError, TypeError, re.error) as exc:
-            self.error(str(exc), path)
-        return None
 
     def _prefixes(self, values: list[Any], path: ConfigPath) -> list[str]:
         good = []

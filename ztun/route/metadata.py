@@ -7,7 +7,7 @@ order bugs hard to see). Any state a match needs lives in the match call.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ztun.address import IPAddress
@@ -54,10 +54,6 @@ class FlowMeta:
         if self.destination is not None:
             return self.destination.version
         return None
-
-    def with_(self, **changes: object) -> FlowMeta:
-        """A copy with some fields changed (e.g. after sniffing found a domain)."""
-        return replace(self, **changes)  # type: ignore[arg-type]
 
 
 def parse_ip(text: str) -> IPAddress | None:

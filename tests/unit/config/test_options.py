@@ -125,7 +125,7 @@ def test_route_rules_keep_sing_box_shapes() -> None:
 
 def test_defaults_mirror_the_schema() -> None:
     opts = o.build_options({})
-    assert opts.log == o.LogOptions(level="info", disabled=False, timestamp=False, output=None)
+    assert opts.log == o.LogOptions(level="info", disabled=False, timestamp=True, output=None)
     assert opts.inbounds == opts.outbounds == () and opts.route == o.RouteOptions()
     assert o.outbound_options({"type": "direct", "tag": "d"}) == o.DirectOutboundOptions(
         tag="d", connect_timeout=5.0

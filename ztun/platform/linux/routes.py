@@ -42,7 +42,6 @@ TABLE_INDEX = 2022
 RULE_INDEX = 9000
 DEFAULT_MARK = 0x2024
 MAIN_TABLE = 254
-FIB_RULE_INVERT = 0x2
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
