@@ -38,10 +38,6 @@ log = logging.getLogger("ztun.inbound")
 MAX_FLOWS = 4096
 HANDSHAKE_TIMEOUT = 10.0
 MAX_UDP_FLOWS = 1024
-#: Datagrams kept per outbound while its UDP session is being opened.
-MAX_UDP_PENDING = 64
-#: After an outbound failed to open a UDP session, drop its datagrams this long before retrying.
-UDP_RETRY_DELAY = 0.5
 
 T = TypeVar("T")
 
@@ -379,8 +375,6 @@ class UdpAssociation:
             self.out,
             timeout=self.dispatcher.udp_idle_timeout,
             max_flows=MAX_UDP_FLOWS,
-            max_pending=MAX_UDP_PENDING,
-            retry_delay=UDP_RETRY_DELAY,
         )
         self.tasks: set[asyncio.Task[None]] = set()
         self.runner = UdpSessionRunner(self.core, self.loop, self.tasks, self._on_reply,

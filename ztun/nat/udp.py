@@ -120,6 +120,11 @@ class UdpFlow:
         self.session_key = session_key
 
 
+#: Datagrams a flow's session holds while it is being opened; more are dropped and counted.
+MAX_PENDING = 64
+#: After a session failed to open, its datagrams are dropped this long before the next try.
+RETRY_DELAY = 1.0
+
 _OPENING, _OPEN, _FAILED = 0, 1, 2
 
 
@@ -154,8 +159,8 @@ class UdpSessions:
         *,
         timeout: float,
         max_flows: int,
-        max_pending: int = 64,
-        retry_delay: float = 1.0,
+        max_pending: int = MAX_PENDING,
+        retry_delay: float = RETRY_DELAY,
     ) -> None:
         self.out = out
         self.flows: UdpTable[UdpFlow] = UdpTable(timeout=timeout, max_sessions=max_flows)

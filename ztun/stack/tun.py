@@ -47,10 +47,6 @@ __all__ = ["FORWARD", "HANDLED", "TunStack"]
 HANDLED = 1
 
 MAX_UDP_SESSIONS = 4096
-#: Datagrams kept per UDP flow while its outbound session is being opened.
-MAX_UDP_PENDING = 64
-#: After a UDP session failed to open, its flow's datagrams are dropped this long.
-UDP_RETRY_DELAY = 1.0
 
 _TCP_GSO = (GSO_TCPV4, GSO_TCPV6)
 
@@ -83,8 +79,6 @@ class TunStack:
             self.out,
             timeout=udp_timeout,
             max_flows=max_udp_sessions,
-            max_pending=MAX_UDP_PENDING,
-            retry_delay=UDP_RETRY_DELAY,
         )
         self.frags = Reassembler()
         self.drops: Counter[Drop] = Counter()
