@@ -114,6 +114,8 @@ class Reassembler:
         self._forget(key)
         hdr = bytearray(p.header)
         total = len(hdr) + pos
+        if total > 0xFFFF:
+            return Drop.FRAGMENT  # the first fragment's longer header pushed it past 64 KiB
         hdr[2], hdr[3] = total >> 8, total & 0xFF
         hdr[6] &= 0x40  # keep DF, clear MF and the offset
         hdr[7] = 0
