@@ -167,8 +167,9 @@ class UdpSessions:
         self.max_pending = max_pending
         self.retry_delay = retry_delay
         self._sessions: dict[Hashable, _Session] = {}
-        #: session key -> keys of the live flows that send through it
-        self._members: dict[Hashable, set[Hashable]] = {}
+        #: session key -> keys of the live flows that send through it (a dict: ordered, so
+        #: the flows of a failed session end, and are logged, in the order they began)
+        self._members: dict[Hashable, dict[Hashable, None]] = {}
         self._next_ident = 0
         #: datagrams dropped: queue full while a session opened, or inside a retry delay
         self.dropped = 0
@@ -193,12 +194,12 @@ class UdpSessions:
         for gone in self.flows.put(key, uf, now):
             self._end(gone, "evicted")
         if refused is None:
-            self._members.setdefault(session_key, set()).add(key)
+            self._members.setdefault(session_key, {})[key] = None
         return uf
 
     def send(self, uf: UdpFlow, payload: bytes, now: float) -> None:
-        """Send a datagram of a flow that is not refused (the caller answers refused ones)."""
-        uf.flow.up += len(payload)
+        """Send a datagram of a flow that is not refused (the caller answers refused ones).
+        `flow.up` counts what is sent or queued, not what is dropped."""
         key = uf.session_key
         s = self._sessions.get(key)
         if s is None or (s.state == _FAILED and now >= s.retry_at):
@@ -212,18 +213,22 @@ class UdpSessions:
             s.pending.append((uf.flow.dest, payload))
         else:
             self.dropped += 1
+            return
+        uf.flow.up += len(payload)
 
-    def opened(self, session_key: Hashable, ident: int) -> None:
-        """The session asked for with `ident` is open: send what waited for it (or close it,
-        when its flows ended meanwhile)."""
+    def opened(self, session_key: Hashable, ident: int) -> bool:
+        """The session asked for with `ident` is open: send what waited for it. False when
+        nobody waits for it any more (its flows ended, or a newer attempt replaced it): the
+        caller closes it, and must not let it stand in for a newer session of the same key."""
         s = self._sessions.get(session_key)
         if s is None or s.ident != ident or s.state != _OPENING:
             self.out.append(CloseUdpSession(session_key, ident))
-            return
+            return False
         s.state = _OPEN
         pending, s.pending = s.pending, []
         for dest, payload in pending:
             self.out.append(SendDatagram(session_key, dest, payload))
+        return True
 
     def open_failed(self, session_key: Hashable, ident: int, error: str, now: float) -> int:
         """Opening failed: its flows end `failed`; datagrams are dropped for `retry_delay`.
@@ -288,7 +293,7 @@ class UdpSessions:
         self.out.append(FlowEnded(uf.flow, quiet=end in ("idle", "closed")))
         members = self._members.get(uf.session_key)
         if members is not None:
-            members.discard(uf.key)
+            members.pop(uf.key, None)
             if members:
                 return
             del self._members[uf.session_key]

@@ -81,8 +81,10 @@ class UdpSessionRunner:
                         c.flow.dest, outbound.tag, e, dropped)  # fmt: skip
             self.drain()
             return
-        self.sessions[key] = (ident, session)
-        self.core.opened(key, ident)
+        if self.core.opened(key, ident):
+            self.sessions[key] = (ident, session)
+        else:
+            session.close()  # late: a newer session of this key, or none, is the live one
         self.drain()
 
     def _ended(self, key: Hashable, ident: int, tag: str, why: str) -> None:

@@ -180,6 +180,8 @@ class TunStack:
         port = nat.add(h.src, sport, h.dst, dport, now, (flow, verdict))
         if isinstance(port, Drop):
             self.drops[port] += 1
+            flow.end, flow.error = "failed", "the TCP NAT table is full"
+            self.out.append(FlowEnded(flow))
             self._rst(pkt, h)
             return HANDLED
         r = nat.translate(buf, n, now, partial)

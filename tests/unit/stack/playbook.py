@@ -102,6 +102,10 @@ def default_router() -> Router:
                    BLOCK4: refused, BLOCK6: refused, DROP4: dropped, DROP6: dropped})  # fmt: skip
 
 
+#: the TUN inbound's default UDP idle timeout
+UDP_TIMEOUT = 60.0
+
+
 def make_nat(version: int, **kw: Any) -> TcpNat:
     f = FAMILIES[version]
     return TcpNat(f["local"], f["peer"], P, **kw)
@@ -119,7 +123,7 @@ def make_stack(
         router if router is not None else default_router(),
         nat4=nat4 if nat4 is not None else make_nat(4),
         nat6=nat6 if nat6 is not None else make_nat(6),
-        **kw,
+        **{"udp_timeout": UDP_TIMEOUT, **kw},
     )
 
 

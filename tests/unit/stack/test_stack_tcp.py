@@ -218,8 +218,10 @@ def test_nat_full_gets_rst(v: int) -> None:
     r, _ = feed(stack, tcp(f["app"], f["ok"], 2222, 80, SYN, seq=41))
     assert r == HANDLED
     out = take(stack)
-    assert len(out) == 1 and isinstance(out[0], WritePacket)
-    h, sp, dp, seq, ack, flags = check_tcp(out[0].packet)
+    # The routed flow gets its log line (it failed), and the app its RST.
+    assert len(out) == 2 and isinstance(out[0], FlowEnded) and isinstance(out[1], WritePacket)
+    assert out[0].flow.end == "failed" and "NAT table is full" in (out[0].flow.error or "")
+    h, sp, dp, seq, ack, flags = check_tcp(out[1].packet)
     assert (h.src, h.dst, sp, dp, seq, ack, flags) == (f["ok"], f["app"], 80, 2222, 0, 42,
                                                        RST | ACK)  # fmt: skip
     assert stack.drops == {Drop.NAT_FULL: 1}
@@ -229,7 +231,7 @@ def test_nat_full_gets_rst(v: int) -> None:
 @VERSIONS
 def test_tcp_without_a_nat_is_dropped(v: int) -> None:
     f = FAMILIES[v]
-    stack = TunStack(TAG, lambda flow, network: DIRECT, nat4=None, nat6=None)
+    stack = TunStack(TAG, lambda flow, network: DIRECT, nat4=None, nat6=None, udp_timeout=60.0)
     r, _ = feed(stack, tcp(f["app"], f["ok"], 1111, 80, SYN))
     assert r == HANDLED
     assert take(stack) == []

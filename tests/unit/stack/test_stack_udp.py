@@ -21,6 +21,8 @@ from playbook import (
 )
 
 from ztun.address import Address
+from ztun.nat.udp import MAX_PENDING as MAX_UDP_PENDING
+from ztun.nat.udp import RETRY_DELAY as UDP_RETRY_DELAY
 from ztun.packet.icmp import (
     PORT_UNREACHABLE_V4,
     PORT_UNREACHABLE_V6,
@@ -35,7 +37,7 @@ from ztun.stack.commands import (
     SendDatagram,
     WritePacket,
 )
-from ztun.stack.tun import HANDLED, MAX_UDP_PENDING, UDP_RETRY_DELAY, TunStack
+from ztun.stack.tun import HANDLED, TunStack
 
 VERSIONS = pytest.mark.parametrize("v", [4, 6])
 SPORT, DPORT = 5353, 53

@@ -1,0 +1,102 @@
+"""UdpSessionRunner: the I/O side of a UdpSessions core, with fake outbounds (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Hashable
+
+from ztun.address import Address
+from ztun.nat.udp import UdpSessions
+from ztun.outbound.base import CloseHandler, DatagramHandler
+from ztun.route.metadata import FlowMeta
+from ztun.runtime.udp import UdpSessionRunner
+from ztun.stack.commands import Command
+from ztun.stack.flow import Flow
+
+DEST = Address("203.0.113.7", 53)
+
+
+class FakeSession:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.closed = False
+        self.sent: list[bytes] = []
+
+    def send(self, dest: Address, payload: bytes) -> None:
+        self.sent.append(payload)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class SlowThenFastOutbound:
+    """The first open waits for `release`; every later one returns at once."""
+
+    tag = "proxy"
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.opened: list[FakeSession] = []
+
+    async def open_udp(
+        self, meta: FlowMeta, on_datagram: DatagramHandler, on_close: CloseHandler
+    ) -> FakeSession:
+        session = FakeSession(f"session{len(self.opened) + 1}")
+        self.opened.append(session)
+        if len(self.opened) == 1:
+            await self.release.wait()
+        return session
+
+
+def flow(now: float) -> Flow:
+    meta = FlowMeta(network="udp", destination=ipaddress.ip_address(DEST.host),
+                    destination_port=DEST.port)  # fmt: skip
+    return Flow(meta, DEST, now)
+
+
+async def _late_open_does_not_replace_the_live_session() -> None:
+    loop = asyncio.get_running_loop()
+    out: list[Command] = []
+    core = UdpSessions(out, timeout=60.0, max_flows=16)
+    tasks: set[asyncio.Task[None]] = set()
+    replies: list[tuple[Hashable, bytes]] = []
+
+    def drain() -> None:
+        commands = out[:]
+        out.clear()
+        for c in commands:
+            runner.execute(c)
+
+    runner = UdpSessionRunner(core, loop, tasks, lambda k, s, p: replies.append((k, p)), drain)
+    outbound = SlowThenFastOutbound()
+    # A first flow asks for the session; its open hangs.
+    a = core.add("a", flow(0.0), outbound, "proxy", 0.0)
+    core.send(a, b"one", 0.0)
+    drain()
+    await asyncio.sleep(0)
+    # The flow ends while the session is still opening; a new flow asks again and gets one.
+    core.end("a", "closed")
+    b = core.add("b", flow(1.0), outbound, "proxy", 1.0)
+    core.send(b, b"two", 1.0)
+    drain()
+    await asyncio.sleep(0.01)
+    live = outbound.opened[1]
+    assert runner.sessions["proxy"][1] is live and live.sent == [b"two"]
+    # Now the first open completes, late: it is closed and the live session stays.
+    outbound.release.set()
+    await asyncio.sleep(0.01)
+    late = outbound.opened[0]
+    assert late.closed and not live.closed
+    assert runner.sessions["proxy"][1] is live
+    core.send(b, b"three", 2.0)
+    drain()
+    assert live.sent == [b"two", b"three"]
+    # The last flow ends: the live session closes.
+    core.end("b", "closed")
+    drain()
+    assert live.closed and "proxy" not in runner.sessions
+
+
+def test_a_late_open_does_not_replace_the_live_session() -> None:
+    asyncio.run(_late_open_does_not_replace_the_live_session())
