@@ -118,7 +118,9 @@ def test_check_passes_on_every_shipped_example_and_profile(installed: Installed)
     files += [Path(p["path"]) for p in json.loads(installed.ztun("profiles", "--json").stdout)]
     for path in files:
         proc = installed.ztun("check", str(path))
-        assert (proc.returncode, proc.stderr) == (0, ""), path
+        assert proc.returncode == 0, (path, proc.stderr)
+        # The only warnings a shipped file may get: fields accepted but not executed yet.
+        assert all("not yet executed" in line for line in proc.stderr.splitlines()), proc.stderr
     together = json.loads(installed.ztun("check", "--json", *map(str, files)).stdout)
     assert together["valid"] is True and len(together["files"]) == len(files)
 
