@@ -223,9 +223,9 @@ class TunInbound:
             await asyncio.sleep(0.05)
         self._teardown()
         drops = self.stack.drops
-        if drops:
-            counts = ", ".join(f"{d.name.lower()}={c}" for d, c in sorted(drops.items()))
-            log.info("inbound %s: dropped packets: %s", self.tag, counts)
+        counts = ", ".join(f"{d.name.lower()}={c}" for d, c in sorted(drops.items()) if c)
+        log.info("inbound %s: %d packets read, dropped: %s, failed writes: %d", self.tag,
+                 self.stack.packets, counts or "none", self.write_errors)  # fmt: skip
 
     def _teardown(self) -> None:
         if self._closed:

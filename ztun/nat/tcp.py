@@ -153,11 +153,6 @@ class TcpNat:
 
     # -- flows ----------------------------------------------------------------------------
 
-    def key_of(self, buf: bytearray | bytes, t: int) -> bytes:
-        """The flow key of a packet whose TCP header starts at `t` (used with NEW)."""
-        a0, a1 = (12, 20) if self.v4 else (8, 40)
-        return bytes(buf[a0:a1]) + bytes(buf[t : t + 4])
-
     def add(
         self, src: bytes, sport: int, dst: bytes, dport: int, now: float, ctx: Any = None
     ) -> int | Drop:
@@ -225,11 +220,6 @@ class TcpNat:
             int.from_bytes(key[2 * k + 2 :], "big"),
             e[_CTX],
         )
-
-    def set_ctx(self, port: int, ctx: Any) -> None:
-        e = self._ports.get(port)
-        if e is not None:
-            e[_CTX] = ctx
 
     def remove(self, port: int) -> None:
         e = self._ports.pop(port, None)

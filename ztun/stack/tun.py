@@ -112,7 +112,8 @@ class TunStack:
     def receive_vnet(self, buf: bytearray, n: int, hdr: bytes | bytearray, now: float) -> int:
         """`receive` for a device with virtio-net headers: `hdr` is the packet's header. TCP
         super-packets (TSO) and unfinished checksums (NEEDS_CSUM) go through the NAT whole, to
-        be written back with the same header."""
+        be written back with the same header. Its first lines repeat `receive`'s on purpose:
+        they run for every packet, and a shared helper would cost a call per packet."""
         self.packets += 1
         if n < 20:
             self.drops[Drop.TRUNCATED] += 1
