@@ -85,7 +85,7 @@ def load_rule_sets(
     a warning), which is what `ztun check` uses. `outbounds` are the config's outbounds, for
     `download_detour`.
     """
-    loader = _Loader(
+    loader = _RuleSetLoader(
         base_dir=Path(base_dir),
         cache_dir=Path(cache_dir),
         now=time.time() if now is None else now,
@@ -119,7 +119,7 @@ class _DownloadError(Exception):
 
 
 @dataclass
-class _Loader:
+class _RuleSetLoader:
     base_dir: Path
     cache_dir: Path
     now: float

@@ -48,7 +48,7 @@ class Sniff:
 
 
 @dataclass(frozen=True, slots=True)
-class RouteOptions:
+class RouteOptionsAction:
     """Non-final: options merged into the flow's decision (later rules override earlier)."""
 
     options: tuple[tuple[str, object], ...] = ()
@@ -57,7 +57,7 @@ class RouteOptions:
         return "route-options(" + ", ".join(f"{k}={v}" for k, v in self.options) + ")"
 
 
-Action = Route | Reject | HijackDNS | Sniff | RouteOptions
+Action = Route | Reject | HijackDNS | Sniff | RouteOptionsAction
 
 
 @dataclass(frozen=True, slots=True)

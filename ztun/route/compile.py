@@ -20,7 +20,7 @@ from ztun.route.action import (
     HijackDNS,
     Reject,
     Route,
-    RouteOptions,
+    RouteOptionsAction,
     Sniff,
 )
 from ztun.route.items import (
@@ -255,7 +255,7 @@ class _Compiler:
                     self.error(str(exc), (*path, "timeout"))
             return Sniff(tuple(str(s) for s in as_list(rule.get("sniffer"))), timeout_ms)
         if kind == "route-options":
-            return RouteOptions(options)
+            return RouteOptionsAction(options)
         self.error(f"'{kind}' is not an action (route, reject, hijack-dns, sniff, "
                    "route-options)", (*path, "action"))  # fmt: skip
         return None

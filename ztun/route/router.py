@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ztun.route.action import Decision, Route, RouteOptions, Sniff
+from ztun.route.action import Decision, Route, RouteOptionsAction, Sniff
 from ztun.route.metadata import FlowMeta
 from ztun.route.rule import DefaultRule, LogicalRule, MatchState
 
@@ -42,7 +42,7 @@ class Router:
         self._plain: list[Decision | None] = []
         for index, rule in enumerate(self.rules):
             action = rule.action
-            if action is None or isinstance(action, RouteOptions):
+            if action is None or isinstance(action, RouteOptionsAction):
                 self._plain.append(None)
                 continue
             options = dict(action.options) if isinstance(action, Route) else {}
@@ -72,7 +72,7 @@ class Router:
                 return plain
             action = rule.action
             trace.append((index, rule.text))
-            if isinstance(action, RouteOptions):
+            if isinstance(action, RouteOptionsAction):
                 gathered.update(action.options)
                 continue
             if isinstance(action, Sniff):
