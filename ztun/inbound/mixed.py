@@ -31,7 +31,7 @@ from ztun.runtime import netio
 from ztun.runtime.dispatch import Dispatcher, RejectedError, log_flow, meta_for
 from ztun.runtime.udp import UdpSessionRunner
 from ztun.stack.commands import Command as StackCommand
-from ztun.stack.flow import Flow
+from ztun.stack.flow import Flow, decide_datagram
 
 log = logging.getLogger("ztun.inbound")
 
@@ -469,7 +469,7 @@ class UdpAssociation:
             client = (self.client[0], self.client[1]) if self.client else None
             meta = meta_for("udp", dest, client, self.inbound.tag, self.user)
             flow = Flow(meta, dest, now)
-            verdict = self.dispatcher.route(flow, "udp")
+            verdict = decide_datagram(self.dispatcher.route, flow, "udp", payload)
             # One outbound session per outbound, whatever the destination.
             uf = self.core.add(key, flow, verdict, flow.outbound, now)
         if uf.refused is None:

@@ -38,9 +38,10 @@ from ztun.outbound.base import Outbound, OutboundError
 from ztun.packet.virtio import HEADER_LEN, PLAIN
 from ztun.runtime.dispatch import Dispatcher, log_flow
 from ztun.runtime.netio import Handover
+from ztun.runtime.sniff import sniff_and_route
 from ztun.runtime.udp import UdpSessionRunner
 from ztun.stack.commands import WritePacket
-from ztun.stack.flow import Flow
+from ztun.stack.flow import Flow, Refused, SniffFirst
 from ztun.stack.tun import MAX_UDP_SESSIONS, TunStack
 
 log = logging.getLogger("ztun.inbound")
@@ -364,20 +365,35 @@ class TunInbound:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    async def _tcp_flow(self, conn: socket.socket, flow: Flow, outbound: Outbound) -> None:
+    async def _tcp_flow(
+        self, conn: socket.socket, flow: Flow, outbound: Outbound | SniffFirst
+    ) -> None:
         # The outbound's watch on its socket comes with it, for the relay to take over.
         handover = Handover()
+        remote: socket.socket | None = None
+        first_bytes = b""
         try:
+            if isinstance(outbound, SniffFirst):
+                sniffed = await sniff_and_route(conn, flow, outbound, self.dispatcher.route)
+                if isinstance(sniffed.verdict, Refused):
+                    flow.end, flow.error = "blocked", sniffed.verdict.reason
+                    log_flow(flow)
+                    _reset(conn)
+                    return
+                outbound, remote, first_bytes = sniffed.verdict, sniffed.remote, sniffed.first_bytes
+            if remote is None:
+                try:
+                    remote = await outbound.connect_tcp(flow.dest, flow.meta, handover)
+                except OutboundError as e:
+                    flow.end = "failed"
+                    flow.error = str(e)
+                    log_flow(flow, logging.WARNING)
+                    _reset(conn)  # the application sees RST, as from a refusing server
+                    return
             try:
-                remote = await outbound.connect_tcp(flow.dest, flow.meta, handover)
-            except OutboundError as e:
-                flow.end = "failed"
-                flow.error = str(e)
-                log_flow(flow, logging.WARNING)
-                _reset(conn)  # the application sees RST, as from a refusing server
-                return
-            try:
-                await self.dispatcher.relay_tcp(flow, conn, remote, remote_watch=handover.take())
+                await self.dispatcher.relay_tcp(
+                    flow, conn, remote, first_bytes, remote_watch=handover.take()
+                )
             finally:
                 handover.release()  # still held only if the relay never got it
                 remote.close()

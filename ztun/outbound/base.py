@@ -135,6 +135,9 @@ class Outbound(Protocol):
     refuses_tcp: bool
     #: A UDP session only drops (and counts) datagrams: the flow is logged as blocked.
     drops_udp: bool
+    #: The far end resolves names itself (a proxy): given a flow whose IP ztun's own DNS
+    #: answer produced (reverse mapping), it gets the name instead, as the application asked.
+    resolves_remotely: bool
 
     def use_default_mark(self, mark: int) -> None:
         """auto_route is on and sockets with `mark` bypass the TUN: an outbound whose sockets

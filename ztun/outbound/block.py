@@ -21,6 +21,7 @@ from ztun.runtime.netio import Handover
 class BlockOutbound:
     type = "block"
     refuses_tcp = True
+    resolves_remotely = False
     drops_udp = True
 
     def __init__(self, options: BlockOutboundOptions) -> None:

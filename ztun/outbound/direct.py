@@ -72,6 +72,7 @@ def order_addresses(infos: list[str], strategy: str | None) -> list[str]:
 class DirectOutbound:
     type = "direct"
     refuses_tcp = False
+    resolves_remotely = False
     drops_udp = False
 
     def __init__(self, options: DirectOutboundOptions) -> None:

@@ -55,6 +55,7 @@ _REPLY_KIND = {
 class SocksOutbound:
     type = "socks"
     refuses_tcp = False
+    resolves_remotely = True  # the SOCKS5 server resolves a domain destination
     drops_udp = False
 
     def __init__(self, options: SocksOutboundOptions) -> None:

@@ -11,17 +11,18 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from functools import lru_cache
 from typing import Protocol
 
-from ztun.address import Address
+from ztun.address import Address, IPAddress
 from ztun.outbound.base import ErrorKind, Outbound, OutboundError
-from ztun.route.action import Decision, HijackDNS, Reject, Route
+from ztun.route.action import Decision, HijackDNS, Reject, Route, Sniff
 from ztun.route.metadata import FlowMeta, parse_ip
 from ztun.runtime.netio import Handover, Waiter
 from ztun.runtime.relay import RelayResult, relay
-from ztun.stack.flow import Flow, Refused
+from ztun.stack.flow import Flow, Refused, SniffFirst
 
 log = logging.getLogger("ztun.flow")
 
@@ -32,7 +33,9 @@ UDP_IDLE_TIMEOUT = 60.0
 class RouterLike(Protocol):
     final: str
 
-    def decide_all(self, meta: FlowMeta) -> Decision: ...
+    def decide(
+        self, meta: FlowMeta, start: int = 0, options: dict[str, object] | None = None
+    ) -> Decision: ...
 
 
 def _fmt_source(meta: FlowMeta) -> str:
@@ -101,6 +104,11 @@ def meta_for(
     )
 
 
+#: Gives the domain an earlier DNS answer (reverse mapping) or the FakeIP pool holds for an
+#: IP destination, and whether it is a FakeIP address; None when there is none.
+NameLookup = Callable[[IPAddress], "tuple[str, bool] | None"]
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -109,17 +117,34 @@ class Dispatcher:
         *,
         tcp_idle_timeout: float = TCP_IDLE_TIMEOUT,
         udp_idle_timeout: float = UDP_IDLE_TIMEOUT,
+        dns_hijack: Outbound | None = None,
+        names: NameLookup | None = None,
     ) -> None:
         self.router = router
         self.outbounds = dict(outbounds)
         self.tcp_idle_timeout = tcp_idle_timeout
         self.udp_idle_timeout = udp_idle_timeout
+        #: where `hijack-dns` flows go: ztun's DNS module, as an outbound
+        self.dns_hijack = dns_hijack
+        self.names = names
 
-    def decide(self, flow: Flow) -> Outbound:
-        """Route `flow`: fills its decision and outbound tag; raises RejectedError."""
-        decision = self.router.decide_all(flow.meta)
+    def verdict(self, flow: Flow, *, sniffing: bool = True) -> Outbound | Refused | SniffFirst:
+        """Route `flow`: fills its decision and outbound tag (and its destination, after route
+        options or a FakeIP address). `SniffFirst` when a `sniff` rule matched and the flow
+        was not sniffed yet (with `sniffing=False` the walk goes on as if nothing was found)."""
+        meta = flow.meta
+        if self.names is not None and meta.domain is None and meta.destination is not None:
+            self._name_of(flow, meta.destination)
+        while True:
+            decision = self.router.decide(flow.meta, flow.resume_at, flow.gathered)
+            action = decision.action
+            if not isinstance(action, Sniff):
+                break
+            flow.resume_at, flow.gathered = decision.resume_at, dict(decision.options)
+            if sniffing and not flow.sniffed:
+                flow.decision = decision
+                return SniffFirst(action.sniffers, action.timeout_ms / 1000)
         flow.decision = decision
-        action = decision.action
         if isinstance(action, Route):
             opts = decision.options
             if "override_address" in opts or "override_port" in opts:
@@ -130,30 +155,56 @@ class Dispatcher:
             flow.outbound = action.outbound
             outbound = self.outbounds.get(action.outbound)
             if outbound is None:  # the checker rejects this; guard anyway
-                raise RejectedError(f"no outbound tagged {action.outbound!r}")
+                return Refused(f"no outbound tagged {action.outbound!r}")
+            if flow.domain_from == "reverse" and outbound.resolves_remotely:
+                # The proxy gets the name the application asked for, not ztun's answer for it.
+                flow.dest = Address(str(flow.meta.domain), flow.dest.port)
             return outbound
+        flow.outbound = str(action)
         if isinstance(action, Reject):
-            flow.outbound = str(action)
-            raise RejectedError(f"rejected by rule {flow.rule}", drop=action.method == "drop")
+            return Refused(f"rejected by rule {flow.rule}", action.method == "drop")
         if isinstance(action, HijackDNS):
-            flow.outbound = str(action)
-            raise RejectedError("hijack-dns is not available on this inbound")
-        raise RejectedError(f"unsupported action {action}")
+            if self.dns_hijack is None:
+                return Refused("hijack-dns: ztun's DNS module is not running")
+            return self.dns_hijack
+        return Refused(f"unsupported action {action}")
 
-    def route(self, flow: Flow, network: str) -> Outbound | Refused:
-        """`decide`, as the inbound cores take it: the outbound, or `Refused` (a reject rule,
-        an action this inbound cannot carry out, or an outbound that refuses `network`)."""
-        try:
-            outbound = self.decide(flow)
-        except RejectedError as e:
-            return Refused(str(e), e.drop)
-        if network == "tcp" and outbound.refuses_tcp:
-            outbound.counters.blocked_tcp += 1
-            return Refused(f"blocked by outbound {outbound.tag!r}")
-        if network == "udp" and outbound.drops_udp:
-            outbound.counters.blocked_udp += 1
-            return Refused(f"blocked by outbound {outbound.tag!r}")
-        return outbound
+    def _name_of(self, flow: Flow, ip: IPAddress) -> None:
+        assert self.names is not None
+        found = self.names(ip)
+        if found is None:
+            return
+        domain, fake = found
+        flow.meta = replace(flow.meta, domain=domain)
+        if fake:
+            # A FakeIP address means nothing outside ztun: every outbound gets the name.
+            flow.domain_from = "fakeip"
+            flow.dest = Address(domain, flow.dest.port)
+        else:
+            flow.domain_from = "reverse"
+
+    def decide(self, flow: Flow) -> Outbound:
+        """`verdict` for a flow whose request already names its destination (the mixed
+        inbound's TCP): no sniffing; raises RejectedError instead of returning `Refused`."""
+        verdict = self.verdict(flow, sniffing=False)
+        if isinstance(verdict, Refused):
+            raise RejectedError(verdict.reason, verdict.drop)
+        assert not isinstance(verdict, SniffFirst)
+        return verdict
+
+    def route(self, flow: Flow, network: str) -> Outbound | Refused | SniffFirst:
+        """`verdict`, as the inbound cores take it (`stack.flow.Decide`): an outbound that
+        refuses `network` (block) gives `Refused` too."""
+        verdict = self.verdict(flow)
+        if isinstance(verdict, Refused | SniffFirst):
+            return verdict
+        if network == "tcp" and verdict.refuses_tcp:
+            verdict.counters.blocked_tcp += 1
+            return Refused(f"blocked by outbound {verdict.tag!r}")
+        if network == "udp" and verdict.drops_udp:
+            verdict.counters.blocked_udp += 1
+            return Refused(f"blocked by outbound {verdict.tag!r}")
+        return verdict
 
     async def open_tcp(self, flow: Flow, handover: Handover | None = None) -> socket.socket:
         """Decide and connect; raises OutboundError (RejectedError included), logged here.

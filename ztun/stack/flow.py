@@ -9,12 +9,13 @@ pure router, so the core decides synchronously on the first packet and never awa
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from ztun.address import Address
 from ztun.route.action import Decision
 from ztun.route.metadata import FlowMeta
+from ztun.sniff import ALL_SNIFFERS, Sniffed, sniff_datagram
 
 #: How a flow ended, as its log line says it (`end=`).
 End = Literal[
@@ -39,6 +40,14 @@ class Flow:
     down: int = 0
     end: str = ""
     error: str | None = None
+    #: where the rule walk goes on after a `sniff` rule, and the route options gathered so far
+    resume_at: int = 0
+    gathered: dict[str, object] | None = None
+    #: the first bytes were sniffed (later `sniff` rules are passed over)
+    sniffed: bool = False
+    #: how the flow's domain became known for an IP destination: "reverse" (an earlier DNS
+    #: answer), "fakeip" (the destination is a FakeIP address) or "sniff"; None otherwise
+    domain_from: str | None = None
 
     @property
     def rule(self) -> str:
@@ -57,7 +66,40 @@ class Refused:
     drop: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class SniffFirst:
+    """A `sniff` rule matched: route again once the flow's first bytes were sniffed with
+    `sniffers` (empty: all), waiting at most `timeout` seconds for them."""
+
+    sniffers: tuple[str, ...]
+    timeout: float
+
+
+def apply_sniffed(flow: Flow, found: Sniffed | None) -> None:
+    """Record what sniffing found (protocol, domain) for the next routing step; sniffing ran
+    even when it found nothing, so the walk goes on past the sniff rule."""
+    flow.sniffed = True
+    if found is None:
+        return
+    changes: dict[str, object] = {"protocol": found.protocol}
+    if found.domain:
+        # A name the client itself sent (SNI, Host) is more precise than a reverse mapping.
+        changes["domain"] = found.domain
+        flow.domain_from = "sniff"
+    flow.meta = replace(flow.meta, **changes)  # type: ignore[arg-type]
+
+
+def decide_datagram(decide: Decide, flow: Flow, network: str, payload: bytes) -> Any:
+    """Route a UDP flow on its first datagram, sniffing that datagram when a rule asks."""
+    verdict = decide(flow, network)
+    if isinstance(verdict, SniffFirst):
+        apply_sniffed(flow, sniff_datagram(payload, verdict.sniffers or ALL_SNIFFERS))
+        verdict = decide(flow, network)
+    return verdict
+
+
 #: The routing step: fills `flow.decision`, `flow.outbound` (and `flow.dest` after route
-#: options) and returns the outbound to use (opaque to the cores) or `Refused`. `network` is
-#: "tcp" or "udp": an outbound that refuses a network (block) gives `Refused` here.
-Decide = Callable[[Flow, str], "Any | Refused"]
+#: options) and returns the outbound to use (opaque to the cores), `Refused`, or `SniffFirst`
+#: (sniff, then call it again). `network` is "tcp" or "udp": an outbound that refuses a
+#: network (block) gives `Refused` here.
+Decide = Callable[[Flow, str], "Any | Refused | SniffFirst"]

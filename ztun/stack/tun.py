@@ -11,13 +11,12 @@ it asks `tcp_flow(nat, port)` for the flow and its outbound, and connects and re
 refused SYN gets its RST at once, before any handshake. UDP flows and their outbound sessions
 live in `ztun.nat.udp.UdpSessions`, one session per flow. ICMP echo is answered here.
 
-Seams for what comes next, with no change to the I/O loop:
-- DNS hijack: `decide` may return an outbound whose UDP session answers in-process (a DNS
-  handler); the commands stay `OpenUdpSession` / `SendDatagram`, and its replies come back
-  through `udp_reply` like any other.
-- Sniffing: the first bytes of a TCP flow arrive on the accepted socket, so a flow whose
-  decision is deferred would carry its outbound as None in `tcp_flow`, for the I/O layer to read
-  the first bytes and route again before connecting.
+DNS hijack and sniffing need no change to the I/O loop: a hijacked flow's outbound is ztun's
+DNS module, whose UDP sessions answer in-process (commands stay `OpenUdpSession` /
+`SendDatagram`, replies come back through `udp_reply`). A UDP flow whose rules ask to sniff is
+sniffed here on its first datagram (`decide_datagram`); a TCP flow's first bytes arrive on the
+accepted socket, so its NAT entry carries `SniffFirst` for the I/O layer to sniff and route
+again before it connects.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ from ztun.packet.udp import build_udp, parse_udp
 from ztun.packet.virtio import F_NEEDS_CSUM, GSO_ECN, GSO_TCPV4, GSO_TCPV6
 from ztun.route.metadata import FlowMeta
 from ztun.stack.commands import Command, FlowEnded, WritePacket
-from ztun.stack.flow import Decide, Flow, Refused
+from ztun.stack.flow import Decide, Flow, Refused, SniffFirst, decide_datagram
 
 __all__ = ["FORWARD", "HANDLED", "TunStack"]
 
@@ -191,9 +190,10 @@ class TunStack:
         self.drops[Drop(r) if r > 0 else Drop.NO_FLOW] += 1
         return HANDLED
 
-    def tcp_flow(self, nat: TcpNat, port: int) -> tuple[Flow, Any] | None:
+    def tcp_flow(self, nat: TcpNat, port: int) -> tuple[Flow, Any | SniffFirst] | None:
         """The flow and outbound behind a connection the kernel listener accepted from the
-        NAT's peer port `port`; None: unknown or stopping (reset the connection)."""
+        NAT's peer port `port` — or `SniffFirst`: read the first bytes, sniff, and route the
+        flow again (`decide`) before connecting. None: unknown or stopping (reset it)."""
         entry = nat.lookup(port)
         if entry is None or entry.ctx is None or not self.accepting:
             return None
@@ -249,7 +249,9 @@ class TunStack:
                 self.drops[Drop.STOPPING if not self.accepting else Drop.NOT_UNICAST] += 1
                 return
             flow = self._flow("udp", h, u.sport, u.dport, now)
-            uf = self.udp.add(key, flow, self.decide(flow, "udp"), key, now)
+            payload = pkt[u.start : u.end]
+            verdict = decide_datagram(self.decide, flow, "udp", payload)
+            uf = self.udp.add(key, flow, verdict, key, now)
         if uf.refused is not None:
             self.drops[Drop.REJECTED] += 1
             if not uf.refused.drop:

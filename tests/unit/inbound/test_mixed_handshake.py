@@ -21,7 +21,9 @@ from ztun.runtime.dispatch import Dispatcher
 class _ToBlock:
     final = "block"
 
-    def decide_all(self, meta: FlowMeta) -> Decision:
+    def decide(
+        self, meta: FlowMeta, start: int = 0, options: dict[str, object] | None = None
+    ) -> Decision:
         return Decision(Route("block"), None, "final")
 
 

@@ -1,0 +1,165 @@
+"""Dispatcher.verdict/route: sniff rules, names for IP destinations (reverse mapping and
+FakeIP), hijack-dns, blocks — with the real rule compiler and fake outbounds (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from typing import Any
+
+from ztun.address import Address, IPAddress
+from ztun.dns.hijack import DnsHijack
+from ztun.outbound.base import Counters
+from ztun.route.compile import compile_router
+from ztun.route.metadata import FlowMeta
+from ztun.runtime.dispatch import Dispatcher
+from ztun.stack.flow import Flow, Refused, SniffFirst, apply_sniffed, decide_datagram
+
+
+class FakeOutbound:
+    type = "fake"
+    refuses_tcp = False
+    drops_udp = False
+
+    def __init__(self, tag: str, *, remote: bool = False, block: bool = False) -> None:
+        self.tag = tag
+        self.counters = Counters()
+        self.resolves_remotely = remote
+        self.refuses_tcp = self.drops_udp = block
+
+
+DIRECT = FakeOutbound("direct")
+PROXY = FakeOutbound("proxy", remote=True)
+BLOCK = FakeOutbound("block", block=True)
+OUTBOUNDS = {"direct": DIRECT, "proxy": PROXY, "block": BLOCK}
+
+
+class FakeDns:
+    def __init__(self) -> None:
+        self.queries: list[bytes] = []
+
+    async def exchange(self, query: bytes, meta: FlowMeta) -> bytes | None:
+        self.queries.append(query)
+        return b"answer:" + query
+
+
+def dispatcher(rules: list[dict[str, Any]], names: Any = None) -> Dispatcher:
+    data = {
+        "outbounds": [{"type": "direct", "tag": t} for t in OUTBOUNDS],
+        "route": {"rules": rules, "final": "direct"},
+    }
+    router, diagnostics = compile_router(data)
+    assert router is not None, diagnostics
+    return Dispatcher(router, OUTBOUNDS, dns_hijack=DnsHijack(FakeDns()), names=names)  # type: ignore[arg-type]
+
+
+def flow(dest: str, port: int = 443, network: str = "tcp") -> Flow:
+    ip = ipaddress.ip_address(dest)
+    meta = FlowMeta(network=network, destination=ip, destination_port=port)  # type: ignore[arg-type]
+    return Flow(meta, Address(dest, port), 0.0)
+
+
+SNIFF_RULES = [
+    {"action": "sniff"},
+    {"protocol": "dns", "action": "hijack-dns"},
+    {"domain_suffix": ["proxied.test"], "outbound": "proxy"},
+    {"protocol": "tls", "outbound": "block"},
+]
+
+
+def test_a_sniff_rule_asks_to_sniff_once_then_routes_on_what_was_found() -> None:
+    d = dispatcher(SNIFF_RULES)
+    f = flow("203.0.113.9")
+    ask = d.route(f, "tcp")
+    assert isinstance(ask, SniffFirst) and ask.timeout == 0.3
+    from ztun.sniff import Sniffed
+
+    apply_sniffed(f, Sniffed("tls", "www.proxied.test"))
+    assert d.route(f, "tcp") is PROXY
+    assert f.meta.domain == "www.proxied.test" and f.meta.protocol == "tls"
+    assert f.rule == "2" and f.outbound == "proxy"
+    # Sniffed, nothing found: the walk goes on past the sniff rule to the final outbound.
+    g = flow("203.0.113.9")
+    assert isinstance(d.route(g, "tcp"), SniffFirst)
+    apply_sniffed(g, None)
+    assert d.route(g, "tcp") is DIRECT and g.rule == "final"
+
+
+def test_sniffed_protocol_can_block_and_decide_skips_sniffing() -> None:
+    d = dispatcher(SNIFF_RULES)
+    f = flow("203.0.113.9")
+    d.route(f, "tcp")
+    from ztun.sniff import Sniffed
+
+    apply_sniffed(f, Sniffed("tls", None))
+    assert isinstance(d.route(f, "tcp"), Refused)  # block refuses TCP
+    assert BLOCK.counters.blocked_tcp == 1
+    # The mixed inbound's requests name their destination: no sniffing, the walk goes on.
+    assert d.decide(flow("203.0.113.9")) is DIRECT
+
+
+def test_a_dns_datagram_is_sniffed_and_hijacked() -> None:
+    import dns.message
+
+    d = dispatcher(SNIFF_RULES)
+    f = flow("198.51.100.200", 53, "udp")
+    query = dns.message.make_query("example.test", "A").to_wire()
+    verdict = decide_datagram(d.route, f, "udp", query)
+    assert verdict is d.dns_hijack and f.meta.protocol == "dns" and f.outbound == "hijack-dns"
+    # Not DNS: routed on, to the final outbound.
+    g = flow("198.51.100.200", 53, "udp")
+    assert decide_datagram(d.route, g, "udp", b"\x00" * 3) is DIRECT
+
+
+def test_names_for_ip_destinations_reverse_mapping_and_fakeip() -> None:
+    names = {
+        ipaddress.ip_address("203.0.113.20"): ("www.proxied.test", False),
+        ipaddress.ip_address("198.18.128.5"): ("fake.proxied.test", True),
+    }
+
+    def lookup(ip: IPAddress) -> tuple[str, bool] | None:
+        return names.get(ip)
+
+    d = dispatcher([{"domain_suffix": ["proxied.test"], "outbound": "proxy"}], lookup)
+    # Reverse mapping: the rule sees the domain; the proxy gets the name, not ztun's answer.
+    f = flow("203.0.113.20")
+    assert d.route(f, "tcp") is PROXY
+    assert f.meta.domain == "www.proxied.test" and f.domain_from == "reverse"
+    assert f.dest == Address("www.proxied.test", 443)
+    # FakeIP: every outbound gets the name (the fake address means nothing outside ztun).
+    g = flow("198.18.128.5")
+    assert d.route(g, "tcp") is PROXY and g.dest == Address("fake.proxied.test", 443)
+    # A direct flow keeps the IP the application resolved; unknown IPs have no name.
+    d2 = dispatcher([], lookup)
+    h = flow("203.0.113.20")
+    assert d2.route(h, "tcp") is DIRECT and h.dest == Address("203.0.113.20", 443)
+    assert h.meta.domain == "www.proxied.test"
+    k = flow("203.0.113.99")
+    assert d2.route(k, "tcp") is DIRECT and k.meta.domain is None
+
+
+def test_hijack_answers_udp_in_process_and_tcp_over_a_socket_pair() -> None:
+    async def main() -> None:
+        fake = FakeDns()
+        hijack = DnsHijack(fake)
+        got: list[tuple[Address, bytes]] = []
+        meta = FlowMeta(network="udp")
+        session = await hijack.open_udp(meta, lambda a, p: got.append((a, p)), lambda w: None)
+        asker = Address("198.51.100.200", 53)
+        session.send(asker, b"q1")
+        await asyncio.sleep(0.01)
+        assert got == [(asker, b"answer:q1")]  # as from the server the client asked
+        # TCP: RFC 7766 framing over the socket pair the relay would use.
+        loop = asyncio.get_running_loop()
+        sock = await hijack.connect_tcp(asker, FlowMeta())
+        await loop.sock_sendall(sock, b"\x00\x02q2\x00\x02q3")
+        want = b"\x00\x09answer:q2\x00\x09answer:q3"
+        buf = b""
+        while len(buf) < len(want):
+            buf += await asyncio.wait_for(loop.sock_recv(sock, 100), 2)
+        assert buf == want
+        sock.close()
+        session.close()
+        await hijack.close()
+
+    asyncio.run(main())
