@@ -34,11 +34,12 @@ def host_name(raw: bytes, *, underscore: bool = False) -> str | None:
 
 
 def _a_label_ok(label: bytes) -> bool:
-    """A label that claims to be an A-label ("xn--") must decode to a non-ASCII U-label."""
+    """A label that claims to be an A-label ("xn--") must decode to a printable, non-ASCII
+    U-label (not the full IDNA 2008 check: that needs Unicode tables for a rare case)."""
     if not label.startswith(b"xn--"):
         return True
     try:
         text = label[4:].decode("punycode")
     except (UnicodeError, ValueError, IndexError, OverflowError):
         return False
-    return any(ord(c) > 0x7F for c in text)
+    return not text.isascii() and text.isprintable()
