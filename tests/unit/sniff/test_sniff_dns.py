@@ -96,3 +96,12 @@ def test_arbitrary_datagrams(data):
     assert result is None or result.protocol == "dns"
     check_prefixes(tcp(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + data))
     check_prefixes(data)
+
+
+def test_additional_record_cut_short():
+    wire = query(use_edns=0)
+    assert sniff_datagram(wire[:-3]) is None
+
+
+def test_module_entry_points():
+    assert sdns.sniff_stream(b"\x16") is None

@@ -105,3 +105,8 @@ _texty = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x7F), ma
 def test_arbitrary_requests(start, text, tail):
     check_prefixes(start + text.encode() + tail)
     check_prefixes(start + text.replace("\n", "\r\n").encode() + b"\r\n\r\n")
+
+
+def test_module_entry_point():
+    assert http.sniff_stream(b"") is NEED_MORE
+    assert http.sniff_stream(b"\x16") is None

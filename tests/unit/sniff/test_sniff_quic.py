@@ -67,6 +67,7 @@ def test_out_of_order_and_overlapping_crypto_frames():
         + crypto_frame(10, HELLO[10:30])  # overlaps both neighbours
         + b"\x02" + varint(3) + varint(0) + varint(1) + varint(0) + varint(0) + varint(1)  # ACK
         + b"\x03" + varint(3) + varint(0) + varint(0) + varint(0) + varint(1) * 3  # ACK_ECN
+        + crypto_frame(5, b"")  # empty: allowed, carries nothing
         + crypto_frame(0, a)
     )  # fmt: skip
     assert sniff_datagram(initial_packet(frames)) == BUILT
@@ -138,3 +139,24 @@ def test_arbitrary_decrypted_payloads(payload, at):
 @given(st.binary(min_size=1200, max_size=1300))
 def test_arbitrary_long_headers(data):
     assert sniff_datagram(b"\xc0\x00\x00\x00\x01" + data) is None
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        crypto_frame(0, HELLO) + b"\x06",  # frame fields missing
+        crypto_frame(0, HELLO) + b"\x06" + varint(0) + varint(500) + b"x",
+        crypto_frame(0, HELLO) + b"\x02" + varint(1),
+        crypto_frame(0, HELLO) + b"\x41",  # a 2-byte frame type, cut
+    ],
+)
+def test_frames_cut_at_the_packet_end(frames):
+    # no PADDING after them: the packet ends inside the frame (the datagram is padded after it)
+    assert sniff_datagram(initial_packet(frames, size=0) + bytes(1200)) is None
+
+
+def test_trailing_bytes_after_the_initial():
+    packet = initial_packet(crypto_frame(0, HELLO), size=0)
+    assert sniff_datagram(packet + b"\xc0\x00" + bytes(1200)) == BUILT
+    packet = initial_packet(crypto_frame(0, HELLO), size=1198)
+    assert sniff_datagram(packet + b"\xc0\x00") == BUILT  # too short for a header

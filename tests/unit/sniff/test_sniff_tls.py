@@ -167,3 +167,9 @@ def test_mutated_real_hello(data):
         hello[i] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(hello)))
     check_prefixes(bytes(hello[:cut]))
+
+
+def test_module_entry_point_and_direct_body():
+    assert tls.sniff_stream(b"G") is None
+    assert tls.parse_client_hello(client_hello_body(version=b"\x02\x00")) is None
+    assert tls.parse_client_hello(client_hello_body(extension(16, b"\x00\x03\x02h2\x00"))) is None
