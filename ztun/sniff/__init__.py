@@ -15,8 +15,9 @@ Owns: the common API the inbounds call once per new flow when a `sniff` rule act
 `sniffers` holds sing-box sniffer names; the ones ztun does not implement (stun, bittorrent,
 …) are ignored, so they simply never match. Nothing here raises on any input bytes.
 
-Cost: a first byte that rules out every enabled sniffer is answered in well under 1 µs (one
-dispatch on that byte); the per-protocol figures are in each module's docstring.
+Cost: a first byte that rules out every enabled sniffer is answered in about 0.2 µs (one
+dispatch on that byte), a datagram that is neither an Initial nor a query in about 1 µs; the
+per-protocol figures are in each module's docstring.
 """
 
 from __future__ import annotations

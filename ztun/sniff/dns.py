@@ -11,8 +11,8 @@ else (and for the root itself) the domain is None.
 A hand-written reader rather than dnspython: the checks above are a few lines, and a
 prefix-by-prefix stream check needs the header fields one at a time anyway.
 
-Cost: a datagram shorter than a header, or a response, is refused in under 1 µs; a typical
-query sniffs in about 3 µs.
+Cost (timeit, Python 3.11, dev box): a first TCP byte of 0x10 or more is refused in about
+0.2 µs, a datagram that is not a query in under 1 µs; a 44-byte EDNS query sniffs in about 5 µs.
 """
 
 from __future__ import annotations

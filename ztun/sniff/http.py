@@ -8,8 +8,8 @@ The domain comes from the Host header, or from an absolute- or authority-form ta
 there is no Host; the port is stripped; an address literal or invalid name gives domain None.
 Two Host headers, or a header line without a colon, give `Sniffed("http", None)`.
 
-Cost: a first byte no method starts with is refused in about 0.1 µs; a 100-byte GET head
-sniffs in about 4 µs.
+Cost (timeit, Python 3.11, dev box): a first byte no method starts with is refused in about
+0.2 µs through `sniff_stream`; curl's 88-byte GET head sniffs in about 5.5 µs.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ it ~1.8 KB): `QuicSniffer` keeps the Initial keys and the CRYPTO fragments of on
 up to `MAX_DATAGRAMS` datagrams. `sniff_datagram` is the one-datagram answer: a valid Initial
 whose ClientHello is cut short there is `Sniffed("quic", None)`, for rules on the protocol.
 
-Cost: a datagram that is not a long-header packet of ≥1200 bytes is refused in under 1 µs; a
-1200-byte Initial sniffs in about 40 µs (key derivation, AES-ECB, AES-GCM, parse).
+Cost (timeit, Python 3.11, dev box): a datagram that is not a long-header packet of ≥1200
+bytes is refused in about 0.2 µs; aioquic's 1200-byte Initial sniffs in about 43 µs (key
+derivation, AES-ECB, AES-GCM, frames, ClientHello); a hello over two datagrams in about 78 µs.
 """
 
 from __future__ import annotations
@@ -249,5 +250,7 @@ def _skip_ack(buf: bytes, pos: int, ecn: bool) -> int:
 
 def sniff_datagram(data: bytes) -> Sniffed | None:
     """One datagram → `Sniffed("quic", …)`; a ClientHello cut short here gives domain None."""
+    if len(data) < MIN_INITIAL_DATAGRAM or data[0] & 0xC0 != 0xC0:
+        return None  # most UDP: decided before building a sniffer
     result = QuicSniffer().feed(data)
     return Sniffed("quic") if result is NEED_MORE else result

@@ -8,8 +8,9 @@ over at most `MAX_RECORDS` records; beyond that the answer is None. A ClientHell
 structure is broken is None too ("not TLS"); a sound one whose server_name is missing or not a
 host name is `Sniffed("tls", None)`.
 
-Cost (Python 3.11, one core of the dev box): a first byte other than 0x16 is refused in about
-0.1 µs; a whole 500-byte ClientHello sniffs in about 10 µs.
+Cost (measured with timeit, Python 3.11 on the 2-core dev box): a first byte other than 0x16
+is refused in about 0.15 µs; a 500-byte ClientHello (Python's, 15 extensions) sniffs in about
+22 µs, a partial one answers NEED_MORE in about 1.3 µs.
 """
 
 from __future__ import annotations

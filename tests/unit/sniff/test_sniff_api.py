@@ -83,3 +83,11 @@ def test_sniffed_is_a_value():
     with pytest.raises(AttributeError):
         a.domain = "b"  # type: ignore[misc]
     assert repr(NEED_MORE) == "NEED_MORE"
+
+
+@pytest.mark.parametrize("name", STREAM_VECTORS + DATAGRAM_VECTORS)
+def test_a_bytearray_buffer_answers_the_same(name):
+    # the inbounds accumulate first bytes in a bytearray
+    data = vector(name)
+    assert sniff_stream(bytearray(data)) == sniff_stream(data)
+    assert sniff_datagram(bytearray(data)) == sniff_datagram(data)
