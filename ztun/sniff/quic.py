@@ -99,8 +99,8 @@ class QuicSniffer:
     `feed` answers `Sniffed("quic", …)`, `NEED_MORE` (a valid Initial so far, ClientHello not
     complete: feed the next datagram), or None (not a QUIC v1/v2 client's first flight, or not
     complete after `MAX_DATAGRAMS` datagrams or `MAX_HELLO` bytes). After a final answer every
-    call returns it again. Later datagrams count only if they are Initials with the same
-    version and Destination Connection ID."""
+    call returns it again. Later datagrams add to the ClientHello only if they hold Initials
+    with the same version and Destination Connection ID; others are passed over."""
 
     __slots__ = ("_crypto", "_dcid", "_done", "_fed", "_keys", "_version")
 
@@ -122,8 +122,11 @@ class QuicSniffer:
         return self._done
 
     def _feed(self, data: bytes) -> Sniffed | NeedMore | None:
+        # After the first Initial, a datagram with none of this connection's (0-RTT, another
+        # CID, a small datagram) is skipped: it still counts toward MAX_DATAGRAMS.
+        miss: NeedMore | None = None if self._keys is None else NEED_MORE
         if len(data) < MIN_INITIAL_DATAGRAM or data[0] & 0xC0 != 0xC0:
-            return None  # the common "not QUIC" answer: short, or not a long header
+            return miss  # the common "not QUIC" answer: short, or not a long header
         pos = 0
         got = False
         # coalesced packets (RFC 9000 §12.2): read the Initials, stop at anything else
@@ -135,9 +138,7 @@ class QuicSniffer:
             if not self._frames(payload):
                 return None
             got = True
-        if not got:
-            return None
-        return self._hello()
+        return self._hello() if got else miss
 
     def _open(self, data: bytes, start: int) -> tuple[int, bytes] | None:
         """Decrypt the Initial at `start` → (offset after it, payload), or None."""

@@ -40,7 +40,8 @@ def test_datagram_sniffer_selection(name):
 def test_datagram_sniffer_tries_dns_on_the_first_datagram_only():
     sniffer = DatagramSniffer()
     assert sniffer.feed(vector("quic_multi_0.bin")) is NEED_MORE
-    assert sniffer.feed(vector("dns_query.bin")) is None
+    assert sniffer.feed(vector("dns_query.bin")) is NEED_MORE  # passed over, not DNS
+    assert sniffer.feed(vector("quic_multi_1.bin")).domain == "multi.example.net"
     assert DatagramSniffer().feed(vector("dns_query.bin")) == Sniffed("dns", "dns.example.com")
     assert DatagramSniffer(()).feed(vector("quic_aioquic.bin")) is None
 

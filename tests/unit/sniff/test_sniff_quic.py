@@ -84,7 +84,17 @@ def test_coalesced_initials_in_one_datagram():
 def test_same_connection_only_across_datagrams():
     sniffer = q.QuicSniffer()
     assert sniffer.feed(initial_packet(crypto_frame(0, HELLO[:40]))) is NEED_MORE
-    assert sniffer.feed(initial_packet(crypto_frame(40, HELLO[40:]), dcid=b"12345678")) is None
+    # another connection's Initial, a small datagram, a 0-RTT packet: passed over
+    assert sniffer.feed(initial_packet(crypto_frame(40, HELLO[40:]), dcid=b"12345678")) is NEED_MORE
+    assert sniffer.feed(b"\x40" + bytes(50)) is NEED_MORE
+    assert sniffer.feed(b"\xd0\x00\x00\x00\x01" + bytes(1200)) is None  # the 4th: give up
+
+
+def test_interleaved_datagram_is_passed_over():
+    sniffer = q.QuicSniffer()
+    assert sniffer.feed(initial_packet(crypto_frame(0, HELLO[:40]))) is NEED_MORE
+    assert sniffer.feed(b"\xd0\x00\x00\x00\x01" + bytes(1200)) is NEED_MORE  # 0-RTT
+    assert sniffer.feed(initial_packet(crypto_frame(40, HELLO[40:]), pn=1)) == BUILT
 
 
 def test_version_2_built():
