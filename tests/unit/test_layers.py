@@ -13,9 +13,10 @@ ROOT = Path(__file__).resolve().parents[2] / "ztun"
 FORBIDDEN = frozenset(
     {"asyncio", "socket", "selectors", "time", "os", "threading", "subprocess", "urllib", "http"}
 )
-#: The pure layers (config compile and validation, route, packet, nat, proto, the stack cores).
+#: The pure layers (config compile and validation, route, packet, nat, proto, the stack cores,
+#: the sniffers).
 #: They may read a file they are handed a path to (pathlib), nothing more.
-PURE_PACKAGES = ["route", "packet", "nat", "proto", "stack"]
+PURE_PACKAGES = ["route", "packet", "nat", "proto", "stack", "sniff"]
 PURE_MODULES = [
     "address.py",
     "errors.py",
