@@ -31,7 +31,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ztun.outbound.base import Outbound, OutboundError
-from ztun.sniff import ALL_SNIFFERS, NEED_MORE, sniff_stream
+from ztun.sniff import ALL as ALL_SNIFFERS
+from ztun.sniff import NEED_MORE, sniff_stream
 from ztun.stack.flow import Flow, Refused, SniffFirst, apply_sniffed
 
 #: How long after accepting a sniffed flow its likely outbound is connected (see above).

@@ -15,7 +15,8 @@ from typing import Any, Literal
 from ztun.address import Address
 from ztun.route.action import Decision
 from ztun.route.metadata import FlowMeta
-from ztun.sniff import ALL_SNIFFERS, Sniffed, sniff_datagram
+from ztun.sniff import ALL as ALL_SNIFFERS
+from ztun.sniff import Sniffed, sniff_datagram
 
 #: How a flow ended, as its log line says it (`end=`).
 End = Literal[
