@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ztun.check import check_file
 from ztun.config.legacy_dns import legacy_server, typed_text
@@ -272,3 +274,32 @@ def test_check_warns_on_unknown_dns_rule_outbound(tmp_path: Path) -> None:
     result = check_file(path)
     assert result.errors == []
     assert any("no outbound tagged 'proxx'" in w.message for w in result.warnings)
+
+
+# -- any shape ---------------------------------------------------------------------------------
+
+_KEYS = ["type", "tag", "rules", "server", "action", "method", "rcode", "answer", "ns", "extra",
+         "domain", "query_type", "outbound", "mode", "invert", "address", "final", "servers",
+         "strategy", "rewrite_ttl", "disable_cache"]  # fmt: skip
+_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 70000),
+    st.sampled_from(["local", "logical", "and", "reject", "predefined", "route-options", "drop",
+                     "NXDOMAIN", "x. IN A 192.0.2.1", "tls://1.1.1.1", "quic://x", "A"]),
+)  # fmt: skip
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(_KEYS), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_VALUES)
+def test_compile_dns_router_never_raises(dns: Any) -> None:
+    compiled, diagnostics = compile_dns_router({"dns": dns})
+    if any(d.severity == "error" for d in diagnostics):
+        assert compiled is None
+    if compiled is not None:
+        compiled.decide(q("a.example"))
