@@ -18,8 +18,9 @@ from ztun.config.loader import LoadedConfig, load_config
 from ztun.config.options import Options, build_options
 from ztun.config.unexecuted import not_executed
 from ztun.config.validate import format_path, validate
+from ztun.dns.router import DnsRouter
 from ztun.errors import ConfigError, Diagnostic, ZtunError
-from ztun.route.compile import as_list, compile_router
+from ztun.route.compile import as_list, compile_dns_router, compile_router
 from ztun.route.router import Router
 
 
@@ -30,6 +31,8 @@ class CheckResult:
     router: Router | None = None
     #: the typed config, built once the config has no errors
     options: Options | None = None
+    #: the compiled dns.rules, when the config has DNS servers and no errors
+    dns_router: DnsRouter | None = None
 
     @property
     def errors(self) -> list[Diagnostic]:
@@ -148,6 +151,13 @@ def check_file(path: str | Path, *, offline: bool = True) -> CheckResult:
         loaded.data, rule_sets=rule_sets, geoip=geoip, report_references=False,
         geoip_failed=geoip_failed,
     )  # fmt: skip
+    dns_router = None
+    if loaded.data.get("dns") is not None:
+        dns_router, dns_diagnostics = compile_dns_router(
+            loaded.data, rule_sets=rule_sets, geoip=geoip, report_references=False,
+            geoip_failed=geoip_failed,
+        )  # fmt: skip
+        compile_diagnostics = compile_diagnostics + dns_diagnostics
     diagnostics.extend(_merge_compile(diagnostics, compile_diagnostics))
     options = None
     if not any(d.severity == "error" for d in diagnostics):
@@ -160,6 +170,7 @@ def check_file(path: str | Path, *, offline: bool = True) -> CheckResult:
     if not result.errors:
         result.router = router
         result.options = options
+        result.dns_router = dns_router
     return result
 
 
@@ -171,6 +182,8 @@ class Compiled(NamedTuple):
     router: Router
     #: what `ztun check` would warn about, for `ztun run` to log once
     warnings: list[Diagnostic]
+    #: the compiled dns.rules (None without DNS servers)
+    dns_router: DnsRouter | None = None
 
 
 def load_and_compile(path: str | Path, *, offline: bool = False) -> Compiled:
@@ -178,4 +191,6 @@ def load_and_compile(path: str | Path, *, offline: bool = False) -> Compiled:
     result = check_file(path, offline=offline)
     if result.errors or result.loaded is None or result.router is None or result.options is None:
         raise ConfigError(result.errors or result.diagnostics)
-    return Compiled(result.loaded, result.options, result.router, result.warnings)
+    return Compiled(
+        result.loaded, result.options, result.router, result.warnings, result.dns_router
+    )

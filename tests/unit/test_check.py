@@ -34,6 +34,8 @@ CONFIGS = st.fixed_dictionaries(
                               max_size=3),
         "route": st.dictionaries(st.sampled_from(["rules", "rule_set", "final", "geoip"]), VALUES,
                                  max_size=4),
+        "dns": st.dictionaries(st.sampled_from(["servers", "rules", "final", "strategy"]), VALUES,
+                               max_size=4),
     },
 )  # fmt: skip
 

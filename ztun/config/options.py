@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
 from ztun.config.duration import parse_duration
+from ztun.config.legacy_dns import is_legacy_server, legacy_server
 from ztun.config.validate import format_path
 from ztun.errors import ConfigError, ConfigPath, Diagnostic
 
@@ -319,14 +320,18 @@ class _RouteActionFields:
 
 @dataclass(frozen=True, kw_only=True)
 class _DNSActionFields:
-    action: Literal["route", "reject", "predefined"] = "route"
+    action: Literal["route", "route-options", "reject", "predefined"] = "route"
     server: str | None = None
     disable_cache: bool = False
     rewrite_ttl: int | None = None
-    method: Literal["default", "drop", "reply"] = "default"
+    strategy: Literal["prefer_ipv4", "prefer_ipv6", "ipv4_only", "ipv6_only"] | None = None
+    # DNS rejects answer REFUSED or nothing: sing-box has no `reply` for DNS
+    method: Literal["default", "drop"] = "default"
     no_drop: bool = False
     rcode: str = "NOERROR"
     answer: tuple[str, ...] = _conv(_strings, ())
+    ns: tuple[str, ...] = _conv(_strings, ())
+    extra: tuple[str, ...] = _conv(_strings, ())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -370,6 +375,8 @@ RuleOptions = DefaultRuleOptions | LogicalRuleOptions
 class DefaultDNSRuleOptions(_DNSActionFields, _RouteRuleFields, _MatchFields):
     type: Literal["default"] = "default"
     query_type: tuple[int | str, ...] = _conv(_items, ())
+    #: the outbound the flow behind the query was routed to ("any": whichever)
+    outbound: tuple[str, ...] = _conv(_strings, ())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -545,14 +552,29 @@ DNS_SERVERS: Mapping[str, type[DNSServerOptions]] = MappingProxyType({
 })  # fmt: skip
 
 
+def _dns_servers(value: Any, path: ConfigPath) -> tuple[DNSServerOptions, ...]:
+    """dns.servers, the legacy `address:` form read as the typed one."""
+    out = []
+    for i, item in enumerate(value):
+        if is_legacy_server(item):
+            try:
+                item = legacy_server(item)
+            except ValueError as exc:
+                raise _fail((*path, i, "address"), str(exc)) from None
+        out.append(by_type(DNS_SERVERS, item, (*path, i), None))
+    return tuple(out)
+
+
 @dataclass(frozen=True, kw_only=True)
 class DNSOptions:
-    servers: tuple[DNSServerOptions, ...] = _conv(_by_type(DNS_SERVERS), ())
+    servers: tuple[DNSServerOptions, ...] = _conv(_dns_servers, ())
     rules: tuple[DNSRuleOptions, ...] = _conv(_by_type(DNS_RULES, "default"), ())
     final: str | None = None
     strategy: Literal["prefer_ipv4", "prefer_ipv6", "ipv4_only", "ipv6_only"] | None = None
     disable_cache: bool = False
     cache_capacity: int = 1024
+    #: each server keeps its own cached answers (sing-box's `independent_cache`)
+    independent_cache: bool = False
     reverse_mapping: bool = False
 
 

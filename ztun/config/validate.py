@@ -20,6 +20,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
+from ztun.config.legacy_dns import is_legacy_server, legacy_server, typed_text
 from ztun.config.loader import LoadedConfig
 from ztun.config.schema import SCHEMA_PATH
 from ztun.config.schema import schema as load_schema
@@ -62,6 +63,7 @@ def validate(loaded: LoadedConfig) -> list[Diagnostic]:
         _references,
         _outbound_presence,
         _dns_defaults,
+        _dns_legacy_servers,
         _tun_prefixes,
         _listen_clashes,
     )
@@ -367,6 +369,12 @@ def _references(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
                 yield from _unknown(
                     rule["inbound"], (*path, "inbound"), inbounds, "inbound", "warning"
                 )
+            if section == "dns" and "outbound" in rule:
+                # a match item here: the outbound the query's flow was routed to
+                yield from _unknown(
+                    rule["outbound"], (*path, "outbound"), [*outbounds, "any"], "outbound",
+                    "warning",
+                )  # fmt: skip
 
     final = _get(data, ("route", "final"))
     if final is not None:
@@ -407,7 +415,7 @@ def _dns_defaults(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
     del loaded
     dns = _dict(_get(data, ("dns",)))
     servers = list(_tagged(dns.get("servers"), ("dns", "servers")))
-    kinds = {tag: server.get("type") for tag, _, server in servers}
+    kinds = {tag: _server_kind(server) for tag, _, server in servers}
     final = dns.get("final")
     if isinstance(final, str):
         if kinds.get(final) == "fakeip":
@@ -430,6 +438,35 @@ def _dns_defaults(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
             ("dns", "rules"),
             "dns.rules: there are no dns.servers for the rules to use",
             "error",
+        )
+
+
+def _server_kind(server: dict[str, Any]) -> Any:
+    if is_legacy_server(server):
+        try:
+            return legacy_server(server).get("type")
+        except ValueError:
+            return None
+    return server.get("type")
+
+
+def _dns_legacy_servers(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
+    """The address form read as the typed one: say what it became, or why it cannot be."""
+    del loaded
+    for index, server in enumerate(_list(_get(data, ("dns", "servers")))):
+        if not is_legacy_server(server) or not isinstance(server["address"], str):
+            continue  # not the legacy form, or the schema reports the address
+        path: ConfigPath = ("dns", "servers", index, "address")
+        try:
+            text = typed_text(server)
+        except ValueError as exc:
+            yield (path, f"{format_path(path)}: {exc}", "error")
+            continue
+        yield (
+            path,
+            f"{format_path(path)}: the address: form is read as {text} (write that; "
+            "the address form is deprecated in sing-box)",
+            "warning",
         )
 
 

@@ -60,6 +60,55 @@ class RouteOptionsAction:
 Action = Route | Reject | HijackDNS | Sniff | RouteOptionsAction
 
 
+# -- DNS rule actions (dns.rules): `reject` is the Reject above, with method default or drop --
+
+
+@dataclass(frozen=True, slots=True)
+class DnsRoute:
+    """Ask `server` (a dns.servers tag); the options shape that one query."""
+
+    server: str
+    disable_cache: bool = False
+    rewrite_ttl: int | None = None
+    strategy: str | None = None
+
+    def __str__(self) -> str:
+        return f"route({self.server})"
+
+
+@dataclass(frozen=True, slots=True)
+class DnsRouteOptions:
+    """Non-final: options for the query, whichever server answers it (later rules win)."""
+
+    disable_cache: bool = False
+    rewrite_ttl: int | None = None
+    strategy: str | None = None
+
+    def __str__(self) -> str:
+        shown = [f"{k}={v}" for k, v in (("disable_cache", self.disable_cache),
+                 ("rewrite_ttl", self.rewrite_ttl), ("strategy", self.strategy)) if v]  # fmt: skip
+        return "route-options(" + ", ".join(shown) + ")"
+
+
+@dataclass(frozen=True, slots=True)
+class Predefined:
+    """Answer at once with `rcode` and these records (zone-file text), asking no server."""
+
+    rcode: str = "NOERROR"
+    answer: tuple[str, ...] = ()
+    ns: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        records = len(self.answer) + len(self.ns) + len(self.extra)
+        return f"predefined({self.rcode}, {records} records)" if records else (
+            f"predefined({self.rcode})"
+        )
+
+
+DnsAction = DnsRoute | DnsRouteOptions | Reject | Predefined
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """What the router decided for a flow, and why.

@@ -14,10 +14,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ztun.config.duration import parse_duration
+from ztun.config.legacy_dns import is_legacy_server, legacy_server
+from ztun.dns.message import RCODES, parse_record
+from ztun.dns.router import DnsRouter
 from ztun.errors import ConfigError, ConfigPath, Diagnostic
 from ztun.route.action import (
     Action,
+    DnsAction,
+    DnsRoute,
+    DnsRouteOptions,
     HijackDNS,
+    Predefined,
     Reject,
     Route,
     RouteOptionsAction,
@@ -31,6 +38,7 @@ from ztun.route.items import (
     GeoIPItem,
     IPCIDRItem,
     IPIsPrivateItem,
+    OutboundItem,
     PortItem,
     RuleItem,
     RuleSetItem,
@@ -47,6 +55,7 @@ if TYPE_CHECKING:
 ROUTE_OPTION_FIELDS = ("override_address", "override_port", "udp_timeout", "udp_connect")
 VALID_NETWORKS = frozenset({"tcp", "udp", "icmp"})
 #: DNS query type names that `query_type` accepts besides numbers.
+STRATEGIES = ("prefer_ipv4", "prefer_ipv6", "ipv4_only", "ipv6_only")
 QUERY_TYPES = {"A": 1, "NS": 2, "CNAME": 5, "SOA": 6, "PTR": 12, "MX": 15, "TXT": 16,
                "AAAA": 28, "SRV": 33, "SVCB": 64, "HTTPS": 65, "ANY": 255}  # fmt: skip
 
@@ -67,6 +76,8 @@ class _Compiler:
     report_references: bool
     #: the config names a GeoIP database that could not be opened (already reported)
     geoip_failed: bool = False
+    #: compiling dns.rules: DNS actions, and `outbound` is a match item, not an action field
+    dns: bool = False
     diagnostics: list[Diagnostic] = field(default_factory=list)
 
     def error(self, message: str, path: ConfigPath) -> None:
@@ -167,6 +178,8 @@ class _Compiler:
                 if n not in VALID_NETWORKS:
                     self.error(f"'{n}' is not a network (tcp, udp or icmp)", (*path, "network", i))
             groups.other.append(FieldInItem("network", "network", networks))
+        if self.dns and (tags := as_list(rule.get("outbound"))):
+            groups.other.append(OutboundItem(str(t) for t in tags))
         for name, attr in (("inbound", "inbound"), ("protocol", "protocol"),
                            ("auth_user", "user")):  # fmt: skip
             if values := as_list(rule.get(name)):
@@ -209,7 +222,9 @@ class _Compiler:
         if not isinstance(rule, Mapping):
             self.error("a rule must be a mapping of fields", path)
             return None
-        action = self.action(rule, path) if top else None
+        action: Action | DnsAction | None = None
+        if top:
+            action = self.dns_action(rule, path) if self.dns else self.action(rule, path)
         invert = rule.get("invert") is True
         if rule.get("type") == "logical":
             subs = []
@@ -258,6 +273,61 @@ class _Compiler:
             return RouteOptionsAction(options)
         self.error(f"'{kind}' is not an action (route, reject, hijack-dns, sniff, "
                    "route-options)", (*path, "action"))  # fmt: skip
+        return None
+
+    def dns_action(self, rule: Mapping[str, Any], path: ConfigPath) -> DnsAction | None:
+        kind = rule.get("action", "route")
+        if kind in ("route", "route-options"):
+            disable_cache = rule.get("disable_cache") is True
+            rewrite_ttl = rule.get("rewrite_ttl")
+            if rewrite_ttl is not None and not (
+                isinstance(rewrite_ttl, int) and not isinstance(rewrite_ttl, bool)
+                and 0 <= rewrite_ttl <= 0x7FFFFFFF
+            ):  # fmt: skip
+                self.error(f"'{rewrite_ttl}' is not a TTL (seconds, 0 or more)",
+                           (*path, "rewrite_ttl"))  # fmt: skip
+                rewrite_ttl = None
+            strategy = rule.get("strategy")
+            if strategy is not None and strategy not in STRATEGIES:
+                self.error(f"'{strategy}' is not a strategy ({', '.join(STRATEGIES)})",
+                           (*path, "strategy"))  # fmt: skip
+                strategy = None
+            if kind == "route-options":
+                return DnsRouteOptions(disable_cache, rewrite_ttl, strategy)
+            server = rule.get("server")
+            if not server:
+                where = (*path, "server") if "action" in rule else path
+                self.error("this DNS rule has no server: add 'server: <tag>' "
+                           "(or an action such as 'action: reject')", where)  # fmt: skip
+                return None
+            return DnsRoute(str(server), disable_cache, rewrite_ttl, strategy)
+        if kind == "reject":
+            method = rule.get("method", "default")
+            if method not in ("default", "drop"):
+                self.error(f"'{method}' is not a DNS reject method (default answers REFUSED, "
+                           "drop answers nothing)", (*path, "method"))  # fmt: skip
+                method = "default"
+            return Reject(method, rule.get("no_drop") is True)
+        if kind == "predefined":
+            rcode = str(rule.get("rcode", "NOERROR")).upper()
+            if rcode not in RCODES:
+                self.error(f"'{rule.get('rcode')}' is not a response code ({', '.join(RCODES)})",
+                           (*path, "rcode"))  # fmt: skip
+            sections = []
+            for name in ("answer", "ns", "extra"):
+                value = rule.get(name)
+                texts = [str(v) for v in as_list(value)]
+                for i, text in enumerate(texts):
+                    try:
+                        parse_record(text)
+                    except ValueError as exc:
+                        where = (*path, name, i) if isinstance(value, list) else (*path, name)
+                        self.error(f"'{text}' is not a DNS record in zone-file form "
+                                   f"('example.com. IN A 192.0.2.1'): {exc}", where)  # fmt: skip
+                sections.append(tuple(texts))
+            return Predefined(rcode, *sections)
+        self.error(f"'{kind}' is not a DNS rule action (route, route-options, reject, "
+                   "predefined)", (*path, "action"))  # fmt: skip
         return None
 
     def route_options(self, rule: Mapping[str, Any], path: ConfigPath) -> tuple[
@@ -309,6 +379,27 @@ class HeadlessMatcher:
         return False
 
 
+def _compile_sets(
+    compiler: _Compiler, route: Mapping[str, Any], rule_sets: Mapping[str, Sequence[Any]] | None
+) -> dict[str, list[HeadlessRule]]:
+    """Each loaded rule set's headless rules, compiled; their mistakes carry the set's path."""
+    compiled_sets: dict[str, list[HeadlessRule]] = {}
+    set_index = {
+        str(entry.get("tag")): i
+        for i, entry in enumerate(as_list(route.get("rule_set")))
+        if isinstance(entry, Mapping)
+    }
+    for tag, rules in (rule_sets or {}).items():
+        base: ConfigPath = ("route", "rule_set", set_index.get(tag, 0), "rules")
+        compiled = []
+        for i, rule in enumerate(as_list(rules)):
+            c = compiler.rule(rule, (*base, i), headless=True, top=False)
+            if c is not None:
+                compiled.append(c)
+        compiled_sets[tag] = compiled
+    return compiled_sets
+
+
 def compile_router(
     data: Mapping[str, Any],
     *,
@@ -327,22 +418,7 @@ def compile_router(
     if not isinstance(route, Mapping):
         return None, [Diagnostic("'route' must be a mapping", ("route",))]
     compiler = _Compiler({}, geoip, report_references, geoip_failed)
-
-    compiled_sets: dict[str, list[HeadlessRule]] = {}
-    set_index = {
-        str(entry.get("tag")): i
-        for i, entry in enumerate(as_list(route.get("rule_set")))
-        if isinstance(entry, Mapping)
-    }
-    for tag, rules in (rule_sets or {}).items():
-        base: ConfigPath = ("route", "rule_set", set_index.get(tag, 0), "rules")
-        compiled = []
-        for i, rule in enumerate(as_list(rules)):
-            c = compiler.rule(rule, (*base, i), headless=True, top=False)
-            if c is not None:
-                compiled.append(c)
-        compiled_sets[tag] = compiled
-    compiler.rule_sets = compiled_sets
+    compiler.rule_sets = _compile_sets(compiler, route, rule_sets)
 
     outbounds = [o for o in as_list(data.get("outbounds")) if isinstance(o, Mapping)]
     outbound_types = {str(o.get("tag")): str(o.get("type")) for o in outbounds}
@@ -383,3 +459,80 @@ def compile_router(
     errors = [d for d in compiler.diagnostics if d.severity == "error"]
     router = None if errors else Router(rules, str(final), outbound_types)
     return router, compiler.diagnostics
+
+
+def compile_dns_router(
+    data: Mapping[str, Any],
+    *,
+    rule_sets: Mapping[str, Sequence[Any]] | None = None,
+    geoip: GeoIPDatabase | None = None,
+    report_references: bool = True,
+    geoip_failed: bool = False,
+) -> tuple[DnsRouter | None, list[Diagnostic]]:
+    """Compile `data['dns']` into a DnsRouter, as `compile_router` does `route`.
+
+    The router is None when there were errors, and also when the config has no DNS servers
+    (nothing to route to). `dns.final` defaults to the first server's tag. DNS rules use
+    `route.rule_set` sets, as in sing-box.
+    """
+    dns = data.get("dns")
+    if dns is None:
+        return None, []
+    if not isinstance(dns, Mapping):
+        return None, [Diagnostic("'dns' must be a mapping", ("dns",))]
+    route = data.get("route")
+    route = route if isinstance(route, Mapping) else {}
+    compiler = _Compiler({}, geoip, report_references, geoip_failed)
+    compiler.rule_sets = _compile_sets(compiler, route, rule_sets)
+    compiler.dns = True
+
+    servers = [s for s in as_list(dns.get("servers")) if isinstance(s, Mapping)]
+    server_types = {str(s.get("tag")): _server_type(s) for s in servers}
+    final = dns.get("final")
+    if final is None:
+        final = str(servers[0].get("tag")) if servers else None
+    elif report_references and str(final) not in server_types:
+        compiler.error(f"dns.final names unknown DNS server '{final}'", ("dns", "final"))
+
+    rules = []
+    catch_all: int | None = None
+    for i, raw in enumerate(as_list(dns.get("rules"))):
+        path: ConfigPath = ("dns", "rules", i)
+        errors_before = sum(d.severity == "error" for d in compiler.diagnostics)
+        rule = compiler.rule(raw, path, headless=False, top=True)
+        if rule is None:
+            continue
+        broken = sum(d.severity == "error" for d in compiler.diagnostics) > errors_before
+        if catch_all is not None:
+            compiler.warn(f"this rule can never match: rule {catch_all} before it matches "
+                          "every query", path)  # fmt: skip
+        action = rule.action
+        if (
+            isinstance(action, DnsRoute)
+            and report_references
+            and action.server not in server_types
+        ):
+            compiler.error(f"unknown DNS server '{action.server}'", (*path, "server"))
+        final_action = isinstance(action, DnsRoute | Reject | Predefined)
+        if rule.is_catch_all and final_action and catch_all is None and not broken:
+            catch_all = i
+        rules.append(rule)
+    if catch_all is not None and dns.get("final") is not None:
+        compiler.warn(f"dns.final is never used: rule {catch_all} matches every query",
+                      ("dns", "final"))  # fmt: skip
+
+    errors = [d for d in compiler.diagnostics if d.severity == "error"]
+    router = None
+    if not errors and final is not None:
+        router = DnsRouter(rules, str(final), server_types)
+    return router, compiler.diagnostics
+
+
+def _server_type(server: Mapping[str, Any]) -> str:
+    """A server's type, reading the legacy `address:` form as it converts."""
+    if is_legacy_server(server):
+        try:
+            return str(legacy_server(server).get("type"))
+        except ValueError:
+            return "unknown"
+    return str(server.get("type"))

@@ -461,6 +461,27 @@ class FieldInItem:
         return f"{self._name}={_preview(sorted(str(v) for v in self._values))}"
 
 
+class OutboundItem:
+    """`outbound` of a DNS rule: the outbound the flow behind the query was routed to; the
+    value `any` matches every query that has one (sing-box's meaning)."""
+
+    __slots__ = ("_any", "_values")
+
+    def __init__(self, values: Iterable[str]) -> None:
+        self._values = frozenset(values)
+        self._any = "any" in self._values
+
+    def match(self, meta: FlowMeta, state: MatchState) -> bool:
+        tag = meta.outbound
+        return tag is not None and (self._any or tag in self._values)
+
+    def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
+        return f"outbound {meta.outbound}" if self.match(meta, state) else None
+
+    def __str__(self) -> str:
+        return f"outbound={_preview(sorted(self._values))}"
+
+
 class RuleSetItem:
     """`rule_set`: the flow matches any of the named sets.
 

@@ -36,6 +36,9 @@ class FlowMeta:
     user: str | None = None
     #: DNS query type (1 = A, 28 = AAAA, ...) for DNS flows; matched by `query_type`
     query_type: int | None = None
+    #: for a DNS query: the outbound tag the flow that caused it was routed to, when known
+    #: (matched by the `outbound` item of DNS rules only)
+    outbound: str | None = None
 
     def __post_init__(self) -> None:
         # An IPv4-mapped IPv6 address is the IPv4 host: rules written for v4 must match it.

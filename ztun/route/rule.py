@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ztun.route.action import Action
+from ztun.route.action import Action, DnsAction
 from ztun.route.items import RuleItem, RuleSetItem
 from ztun.route.metadata import FlowMeta
 
@@ -80,8 +80,8 @@ class DefaultRule:
     )  # fmt: skip
 
     def __init__(
-        self, groups: ItemGroups, *, invert: bool = False, action: Action | None = None,
-        text: str = "",
+        self, groups: ItemGroups, *, invert: bool = False,
+        action: Action | DnsAction | None = None, text: str = "",
     ) -> None:  # fmt: skip
         self.groups = groups
         self._sa = tuple(groups.source_address)
@@ -181,7 +181,7 @@ class LogicalRule:
 
     def __init__(
         self, mode: str, rules: Sequence[DefaultRule | LogicalRule], *, invert: bool = False,
-        action: Action | None = None, text: str = "",
+        action: Action | DnsAction | None = None, text: str = "",
     ) -> None:  # fmt: skip
         self.mode = mode
         self.rules = list(rules)
