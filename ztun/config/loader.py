@@ -366,7 +366,8 @@ def _rebase(target: Path, base: Path) -> str:
 
 
 def _path_fields(root: _Map) -> Iterator[_Scalar]:
-    """Scalars holding file paths: route.geoip.path, local rule sets, hosts files, log.output."""
+    """Scalars holding file paths: route.geoip.path, local rule sets, hosts files, log.output,
+    the cache file."""
 
     def get(node: _Node | None, *keys: str) -> _Node | None:
         for key in keys:
@@ -383,6 +384,7 @@ def _path_fields(root: _Map) -> Iterator[_Scalar]:
 
     yield from scalars(get(root, "route", "geoip", "path"))
     yield from scalars(get(root, "log", "output"))
+    yield from scalars(get(root, "experimental", "cache_file", "path"))
     rule_sets = get(root, "route", "rule_set")
     if isinstance(rule_sets, _Seq):
         for item in rule_sets.items:

@@ -578,6 +578,23 @@ class DNSOptions:
     reverse_mapping: bool = False
 
 
+# -- experimental ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheFileOptions:
+    enabled: bool = False
+    path: str = "cache.json"
+    store_fakeip: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentalOptions:
+    cache_file: CacheFileOptions = field(
+        default_factory=CacheFileOptions, metadata={"convert": _one(CacheFileOptions)}
+    )
+
+
 # -- the whole config -----------------------------------------------------------------------
 
 
@@ -597,6 +614,9 @@ class Options:
     outbounds: tuple[OutboundOptions, ...] = _conv(_OUTBOUNDS, ())
     dns: DNSOptions = field(default_factory=DNSOptions, metadata={"convert": _DNS})
     route: RouteOptions = field(default_factory=RouteOptions, metadata={"convert": _ROUTE})
+    experimental: ExperimentalOptions = field(
+        default_factory=ExperimentalOptions, metadata={"convert": _one(ExperimentalOptions)}
+    )
 
 
 def build_options(data: Mapping[str, Any]) -> Options:
