@@ -75,7 +75,7 @@ def require_dns_environment() -> None:
 # -- the ztun config --------------------------------------------------------------------------
 
 ZTUN_CONFIG = """\
-log: {{level: info}}
+log: {{level: debug}}  # idle-ended UDP flows are logged at debug
 inbounds:
   - {{type: tun, tag: tun-in, interface_name: ztun0, address: {tun_addr},
      auto_route: true, strict_route: true, udp_timeout: 3s}}
