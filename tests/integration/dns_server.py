@@ -11,8 +11,9 @@ TCP, every address of the namespace:
   80    HTTP/1.1: answers 200 with the whoami line as the body (the Host header is logged)
   443   TLS (CERT/KEY; the SNI is logged), then whoami
   22    server speaks first: "SSH-2.0-test\\r\\n" at accept, then echoes until EOF
-UDP, on each UDP_ADDRESS (bound one by one, so replies leave from the asked address):
-  443, 7  every datagram logged (size, first byte) and echoed back with the prefix "echo:"
+UDP, on each UDP_ADDRESS (bound one by one, so replies leave from the asked address; port 7
+is left to tun_server.py, which bench_dns.py runs alongside):
+  443     every datagram logged (size, first byte) and echoed back with the prefix "echo:"
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ async def main(events_path: str, cert: str, key: str, udp_addresses: list[str]) 
             self.t.sendto(b"echo:" + data, addr)  # type: ignore[attr-defined]
 
     for host in udp_addresses:
-        for port in (443, 7):
+        for port in (443,):
             s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                               socket.SOCK_DGRAM)  # fmt: skip
             s.bind((host, port))
