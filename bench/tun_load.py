@@ -1,7 +1,10 @@
 """Load generators for bench_tun.py, run inside the client namespace; print one JSON line.
 
-rate HOST PORT PARALLEL SECONDS   connections/s and setup time (connect until the first
-                                  echoed byte) with PARALLEL workers
+rate HOST PORT PARALLEL SECONDS [PAYLOAD]
+                                  connections/s and setup time (connect until the first
+                                  echoed byte) with PARALLEL workers; each sends PAYLOAD
+                                  first (default "x"; bench_dns.py sends an HTTP request,
+                                  which a sniffer recognises at once)
 hold HOST PORT N                  open N echoing connections, print "ready", wait for a
                                   line on stdin, close them
 udp HOST PORT COUNT               sequential 64-byte UDP echoes: p50 and p99 round trip
@@ -24,7 +27,9 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(len(s) * p))]
 
 
-async def rate(host: str, port: int, parallel: int, seconds: float) -> dict[str, object]:
+async def rate(
+    host: str, port: int, parallel: int, seconds: float, payload: bytes = b"x"
+) -> dict[str, object]:
     setups: list[float] = []
     errors = 0
     end = time.monotonic() + seconds
@@ -35,7 +40,7 @@ async def rate(host: str, port: int, parallel: int, seconds: float) -> dict[str,
             t0 = time.monotonic()
             try:
                 r, w = await asyncio.open_connection(host, port)
-                w.write(b"x")
+                w.write(payload)
                 await r.readexactly(1)
                 setups.append(time.monotonic() - t0)
                 w.close()
@@ -89,7 +94,8 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     cmd, host, port, *rest = sys.argv[1:]
     if cmd == "rate":
-        out = asyncio.run(rate(host, int(port), int(rest[0]), float(rest[1])))
+        payload = rest[2].encode().decode("unicode_escape").encode() if len(rest) > 2 else b"x"
+        out = asyncio.run(rate(host, int(port), int(rest[0]), float(rest[1]), payload))
     elif cmd == "hold":
         out = asyncio.run(hold(host, int(port), int(rest[0])))
     elif cmd == "udp":
