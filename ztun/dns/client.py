@@ -145,7 +145,8 @@ class DnsClient:
         if not options.servers and transports is None:
             raise ZtunError("dns: no servers to ask")
         self.options = options
-        self.router = router
+        # Without DNS rules (or before the rule engine is wired), every query goes to final.
+        self.router = router if router is not None else _NoRules()
         self.timeout = timeout
         self.clock = clock
         self.reverse = reverse
@@ -384,6 +385,11 @@ class DnsClient:
         for transport in self.transports.values():
             with contextlib.suppress(Exception):
                 await transport.close()
+
+
+class _NoRules:
+    def decide(self, meta: FlowMeta) -> Any:
+        return None
 
 
 def _default_outbound(outbounds: Mapping[str, Outbound]) -> Outbound:

@@ -264,3 +264,29 @@ def test_direct_outbound_resolves_through_the_module() -> None:
     with dns_peer(RECORDS) as peer:
         asyncio.run(main(peer))
         assert [n for _p, n, _t in peer.log] == ["missing.test", "missing.test"]
+
+
+def test_box_builds_the_module_for_a_dns_section_and_hands_it_to_direct_outbounds() -> None:
+    from ztun.box import build_dns
+    from ztun.config.options import build_options
+    from ztun.outbound.registry import build_outbound
+
+    async def main(peer: DnsPeer) -> None:
+        options = build_options({
+            "outbounds": [{"type": "direct", "tag": "direct"}],
+            "dns": {"servers": [
+                {"type": "hosts", "tag": "hosts", "predefined": {"svc.internal": "127.0.0.1"}},
+            ]},
+        })  # fmt: skip
+        outbounds = {o.tag: build_outbound(o) for o in options.outbounds}
+        assert build_dns(build_options({}), outbounds, None) is None
+        client = build_dns(options, outbounds, None)
+        try:
+            direct = outbounds["direct"]
+            assert await direct.resolve("svc.internal") == ["127.0.0.1"]  # type: ignore[attr-defined]
+            assert client.counters["hosts"].queries == 2  # A and AAAA
+        finally:
+            await client.close()
+
+    with dns_peer(RECORDS) as peer:
+        asyncio.run(main(peer))
