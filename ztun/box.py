@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,16 +91,26 @@ def build_dns(
     if not options.dns.servers:
         return None
     from ztun.dns.client import DnsClient
+    from ztun.route.metadata import FlowMeta
 
     client = DnsClient(options.dns, dns_router, outbounds, base_dir=base_dir)
 
-    async def resolve(name: str, strategy: str | None) -> list[Any]:
-        return await client.lookup(name, strategy=strategy)
+    def resolver(tag: str) -> Callable[[str, str | None], Awaitable[list[Any]]]:
+        # DNS rules may match on the outbound the connection was routed to (`outbound`).
+        try:
+            meta = FlowMeta(network="udp", outbound=tag)  # type: ignore[call-arg]
+        except TypeError:  # a FlowMeta without the field: rules cannot match on it anyway
+            meta = FlowMeta(network="udp")
+
+        async def resolve(name: str, strategy: str | None) -> list[Any]:
+            return await client.lookup(name, strategy=strategy, meta=meta)
+
+        return resolve
 
     for outbound in outbounds.values():
         set_resolver = getattr(outbound, "set_resolver", None)
         if set_resolver is not None:
-            set_resolver(resolve)
+            set_resolver(resolver(outbound.tag))
     return client
 
 

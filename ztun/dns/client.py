@@ -52,6 +52,9 @@ _A = int(dns.rdatatype.A)
 _AAAA = int(dns.rdatatype.AAAA)
 _IN = int(dns.rdataclass.IN)
 
+#: (server, name, qtype, qclass, strategy): what makes two queries the same upstream one
+_FlightKey = tuple[str, str, int, int, "str | None"]
+
 
 @dataclass
 class ServerCounters:
@@ -106,6 +109,11 @@ def _predefined(decision: Any) -> Any:
 
 def _rule_disables_cache(decision: Any) -> bool:
     return bool(getattr(decision, "disable_cache", False))
+
+
+def _strategy(decision: Any, default: str | None) -> str | None:
+    """A rule's own strategy (route / route-options) wins over dns.strategy."""
+    return getattr(decision, "strategy", None) or default
 
 
 def _rewrite_ttl(decision: Any) -> int | None:
@@ -166,12 +174,16 @@ class DnsClient:
             )
         self.transports: dict[str, Transport] = dict(transports)
         self.final = options.final or next(iter(self.transports))
-        # Per server: rules choose the server, so one server's answers never serve another's.
+        # dns.independent_cache (sing-box's): per server, so one server's answers never serve
+        # a query a rule sends to another; shared otherwise, as sing-box does by default.
+        independent = bool(getattr(options, "independent_cache", False))
         self.cache = (
-            None if options.disable_cache else DnsCache(options.cache_capacity, independent=True)
+            None
+            if options.disable_cache
+            else DnsCache(options.cache_capacity, independent=independent)
         )
         self.counters: dict[str, ServerCounters] = {t: ServerCounters() for t in self.transports}
-        self._in_flight: dict[tuple[str, str, int, int], asyncio.Task[dns.message.Message]] = {}
+        self._in_flight: dict[_FlightKey, asyncio.Task[dns.message.Message]] = {}
         self.max_in_flight = max_in_flight
         self._slots = asyncio.Semaphore(max_concurrent)
         self.overloaded = 0
@@ -227,7 +239,8 @@ class DnsClient:
             )
         counters = self.counters[server]
         counters.queries += 1
-        if message.blocked_by_strategy(qtype, self.options.strategy):
+        strategy = _strategy(decision, self.options.strategy)
+        if message.blocked_by_strategy(qtype, strategy):
             wire = message.nodata(msg)
             return DnsResult(wire, decision, server, response=message.parse_response(wire))
         use_cache = (
@@ -244,7 +257,7 @@ class DnsClient:
         if response is None:
             try:
                 response = await self._upstream(server, transport, query, name, qtype, qclass,
-                                                use_cache)  # fmt: skip
+                                                use_cache, strategy)  # fmt: skip
             except DnsTransportError as e:
                 return DnsResult(message.servfail(msg), decision, server, error=e.reason)
         ttl = _rewrite_ttl(decision)
@@ -263,10 +276,11 @@ class DnsClient:
         qtype: int,
         qclass: int,
         use_cache: bool,
+        strategy: str | None,
     ) -> dns.message.Message:
         """The server's answer: one exchange for all identical queries in flight (each caller
         gets its own copy to change). Raises DnsTransportError."""
-        key = (server, name, qtype, qclass)
+        key = (server, name, qtype, qclass, strategy)
         task = self._in_flight.get(key)
         if task is None:
             if len(self._in_flight) >= self.max_in_flight:
@@ -274,7 +288,7 @@ class DnsClient:
                 self.counters[server].errors += 1
                 raise DnsTransportError(server, "too many queries in flight")
             task = asyncio.get_running_loop().create_task(
-                self._ask(server, transport, query, name, qtype, qclass, use_cache)
+                self._ask(server, transport, query, name, qtype, qclass, use_cache, strategy)
             )
             self._in_flight[key] = task
             task.add_done_callback(lambda t: self._forget(key, t))
@@ -282,7 +296,7 @@ class DnsClient:
         response = await asyncio.shield(task)
         return dns.message.from_wire(response.to_wire())
 
-    def _forget(self, key: tuple[str, str, int, int], task: asyncio.Task[Any]) -> None:
+    def _forget(self, key: _FlightKey, task: asyncio.Task[Any]) -> None:
         if self._in_flight.get(key) is task:
             del self._in_flight[key]
         if not task.cancelled():
@@ -297,6 +311,7 @@ class DnsClient:
         qtype: int,
         qclass: int,
         use_cache: bool,
+        strategy: str | None,
     ) -> dns.message.Message:
         counters = self.counters[server]
         deadline = asyncio.get_running_loop().time() + self.timeout
@@ -320,7 +335,7 @@ class DnsClient:
             counters.errors += 1
             raise DnsTransportError(server, f"bad answer: {e}") from None
         counters.answers += 1
-        response = message.apply_strategy(response, self.options.strategy)
+        response = message.apply_strategy(response, strategy)
         now = self.clock()
         if use_cache and self.cache is not None:
             self.cache.put(server, name, qtype, qclass, response, now)
