@@ -202,6 +202,10 @@ class DnsClient:
         except Exception as e:  # a bug must cost one answer, not the DNS module
             log.exception("DNS query failed")
             result = DnsResult(self._servfail_of(query), error=f"internal error: {e}")
+        if result.response is None and result.wire is not None:
+            # REFUSED, SERVFAIL and FORMERR too: whoever shows the result reads one message.
+            with contextlib.suppress(ZtunError):
+                result.response = message.parse_response(result.wire)
         result.elapsed = self.clock() - start
         return result
 

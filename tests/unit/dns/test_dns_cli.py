@@ -111,3 +111,12 @@ def test_rules_choose_the_server(tmp_path: Path, peer: DnsPeer) -> None:
     assert out["rule"]["index"] == 0 and out["server"] == "hosts"
     assert [r["data"] for r in out["answer"]["records"]] == ["192.0.2.254"]
     assert peer.count() == 0
+
+
+def test_a_reject_rule_answers_refused(tmp_path: Path, peer: DnsPeer) -> None:
+    pytest.importorskip("ztun.dns.router", reason="the DNS rule engine (branch dnspure)")
+    rules = "  rules:\n    - {domain_suffix: [ads.test], action: reject}\n"
+    proc = ztun("dns", str(write_config(tmp_path, peer.port, rules)), "x.ads.test")
+    assert proc.returncode == 0, proc.stderr
+    assert "action  reject" in proc.stdout and "answer  REFUSED in " in proc.stdout
+    assert peer.count() == 0

@@ -169,7 +169,9 @@ def test_rules_route_reject_and_predefine() -> None:
     async def body(c: DnsClient) -> None:
         lan = await c.resolve(query("router.lan"), META)
         assert lan.server == "hosts" and addrs(lan.wire) == ["192.0.2.254"]
-        assert parse(await c.exchange(query("x.ads.test"), META)).rcode() == dns.rcode.REFUSED
+        refused = await c.resolve(query("x.ads.test"), META)
+        assert refused.response is not None and refused.response.rcode() == dns.rcode.REFUSED
+        assert refused.server is None
         assert await c.exchange(query("quiet.test"), META) is None
         assert addrs(await c.exchange(query("fixed.test"), META)) == ["192.0.2.77"]
         [fake] = addrs(await c.exchange(query("fake.test"), META))
