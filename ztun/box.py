@@ -13,7 +13,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from ztun.config.options import LogOptions, Options
 from ztun.errors import Diagnostic, ZtunError
@@ -78,14 +80,56 @@ def load(path: str | Path) -> tuple[Options, RouterLike, list[Diagnostic]]:
     return compiled.options, compiled.router, compiled.warnings
 
 
+def build_dns(
+    options: Options,
+    outbounds: dict[str, Outbound],
+    dns_router: Any,
+    base_dir: str | Path | None = None,
+) -> Any:
+    """The DNS module when the config has DNS servers (else None), and every direct outbound
+    told to resolve through it, so DNS rules, hosts and the cache apply to their names."""
+    if not options.dns.servers:
+        return None
+    from ztun.dns.client import DnsClient
+    from ztun.route.metadata import FlowMeta
+
+    client = DnsClient(options.dns, dns_router, outbounds, base_dir=base_dir)
+
+    def resolver(tag: str) -> Callable[[str, str | None], Awaitable[list[Any]]]:
+        # DNS rules may match on the outbound the connection was routed to (`outbound`).
+        try:
+            meta = FlowMeta(network="udp", outbound=tag)  # type: ignore[call-arg]
+        except TypeError:  # a FlowMeta without the field: rules cannot match on it anyway
+            meta = FlowMeta(network="udp")
+
+        async def resolve(name: str, strategy: str | None) -> list[Any]:
+            return await client.lookup(name, strategy=strategy, meta=meta)
+
+        return resolve
+
+    for outbound in outbounds.values():
+        set_resolver = getattr(outbound, "set_resolver", None)
+        if set_resolver is not None:
+            set_resolver(resolver(outbound.tag))
+    return client
+
+
 class Box:
     def __init__(
-        self, options: Options, router: RouterLike, *, grace: float = GRACE_PERIOD
+        self,
+        options: Options,
+        router: RouterLike,
+        *,
+        grace: float = GRACE_PERIOD,
+        dns_router: Any = None,
+        base_dir: str | Path | None = None,
     ) -> None:
         self.options = options
         self.grace = grace
         # Both through their registries (type → options class, class): no if-chain on `type`.
         outbounds: dict[str, Outbound] = {o.tag: build_outbound(o) for o in options.outbounds}
+        #: the DNS module (ztun.dns.client.DnsClient), None without dns.servers
+        self.dns = build_dns(options, outbounds, dns_router, base_dir)
         self.dispatcher = Dispatcher(router, outbounds)
         self.inbounds: list[Inbound] = [
             build_inbound(o, self.dispatcher, options.route) for o in options.inbounds
@@ -115,6 +159,8 @@ class Box:
         except ZtunError:
             for inbound in started:
                 await inbound.stop()
+            if self.dns is not None:
+                await self.dns.close()
             raise
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -134,6 +180,8 @@ class Box:
         if not clean:
             log.info("grace period over: closed the remaining flows")
         await self.dispatcher.close()
+        if self.dns is not None:
+            await self.dns.close()
         log.info("ztun stopped")
         return 0
 
@@ -161,7 +209,10 @@ def _raise_fd_limit() -> None:
 
 def run(path: str | Path, log_level: str | None = None, *, grace: float = GRACE_PERIOD) -> int:
     """Run the config at `path` until a signal; the exit code."""
-    options, router, warnings = load(path)
+    from ztun.check import load_and_compile
+
+    compiled = load_and_compile(path)
+    options, router, warnings = compiled.options, compiled.router, compiled.warnings
     setup_logging(options.log, log_level)
     # What `ztun check` warns about (features accepted but not executed, stale rule sets, ...)
     # is said once here too: a config run without checking should not fail silently.
@@ -170,8 +221,18 @@ def run(path: str | Path, log_level: str | None = None, *, grace: float = GRACE_
     _raise_fd_limit()
     runner = asyncio.Runner() if os.environ.get("ZTUN_LOOP") == "asyncio" else _runner()
     with runner:
-        return runner.run(_serve(options, router, grace))
+        return runner.run(
+            _serve(options, router, grace, getattr(compiled, "dns_router", None),
+                   compiled.loaded.base_dir)
+        )  # fmt: skip
 
 
-async def _serve(options: Options, router: RouterLike, grace: float) -> int:
-    return await Box(options, router, grace=grace).serve()
+async def _serve(
+    options: Options,
+    router: RouterLike,
+    grace: float,
+    dns_router: Any = None,
+    base_dir: str | Path | None = None,
+) -> int:
+    return await Box(options, router, grace=grace, dns_router=dns_router,
+                     base_dir=base_dir).serve()  # fmt: skip

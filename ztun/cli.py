@@ -182,6 +182,44 @@ def _route_batch(router: Any, stream: TextIO, defaults: dict[str, Any], as_json:
         raise typer.Exit(1)
 
 
+@app.command("dns")
+def dns_(
+    config: ConfigArg,
+    name: Annotated[str, typer.Argument(help="The name to ask for.", show_default=False)],
+    qtype: Annotated[str, typer.Option("--type", help="Record type: A, AAAA, HTTPS, MX…")] = "A",
+    inbound: Annotated[str | None, typer.Option(help="Inbound tag the query came in on.")] = None,
+    no_query: Annotated[
+        bool, typer.Option("--no-query", help="Only show the rule and server; ask nobody.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.", min=0.1)] = 5.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show which DNS rule and server answer a query, then ask it and print the answer."""
+    from ztun.check import load_and_compile
+    from ztun.dns.explain import DnsQueryError, query_type, render, run_explain
+    from ztun.errors import ConfigError
+
+    try:
+        number = query_type(qtype)
+    except DnsQueryError as exc:
+        raise _fail(str(exc), 2) from None
+    try:
+        compiled = load_and_compile(config, offline=True)
+    except ConfigError as exc:
+        for d in exc.diagnostics:
+            typer.echo(str(d), err=True)
+        raise _fail(f"{config}: the config has errors; `ztun check` lists them") from None
+    try:
+        explained = run_explain(
+            compiled.options, getattr(compiled, "dns_router", None), name, number,
+            inbound=inbound, query=not no_query, base_dir=compiled.loaded.base_dir,
+            timeout=timeout,
+        )  # fmt: skip
+    except DnsQueryError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(render(explained, as_json=as_json))
+
+
 @app.command("format")
 def format_(config: ConfigArg) -> None:
     """Print the config (includes merged) normalised."""

@@ -490,12 +490,26 @@ class TCPDNSServerOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DNSServerTLSOptions:
+    """The `tls` block of a DoT or DoH server."""
+
+    server_name: str | None = None
+    insecure: bool = False
+
+
+_DNS_TLS = _one(DNSServerTLSOptions)
+
+
+@dataclass(frozen=True, kw_only=True)
 class TLSDNSServerOptions:
     type: Literal["tls"] = "tls"
     tag: str
     server: str
     server_port: int = 853
     detour: str | None = None
+    tls: DNSServerTLSOptions = field(
+        default_factory=DNSServerTLSOptions, metadata={"convert": _DNS_TLS}
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -506,6 +520,9 @@ class HTTPSDNSServerOptions:
     server_port: int = 443
     detour: str | None = None
     path: str = "/dns-query"
+    tls: DNSServerTLSOptions = field(
+        default_factory=DNSServerTLSOptions, metadata={"convert": _DNS_TLS}
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

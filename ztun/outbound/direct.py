@@ -1,8 +1,9 @@
 """The `direct` outbound: connect to the destination from this host.
 
 Owns: dial options (bind_interface → SO_BINDTODEVICE, routing_mark → SO_MARK, connect_timeout),
-resolving a domain destination by `domain_strategy` with Happy Eyeballs (RFC 8305) when both
-families are there, and direct UDP sessions.
+resolving a domain destination by `domain_strategy` (through the DNS module when one is set with
+`set_resolver`, else getaddrinfo) with Happy Eyeballs (RFC 8305) when both families are there,
+and direct UDP sessions.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
+from collections.abc import Awaitable, Callable
 from functools import lru_cache
 
-from ztun.address import Address
+from ztun.address import Address, IPAddress
 from ztun.config.options import DirectOutboundOptions
 from ztun.outbound.base import (
     CloseHandler,
@@ -36,6 +38,10 @@ ATTEMPT_DELAY = 0.25
 SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 _STRATEGIES = ("prefer_ipv4", "prefer_ipv6", "ipv4_only", "ipv6_only")
+
+#: (name, domain_strategy) → addresses, or OutboundError(ErrorKind.DNS): the DNS module's
+#: `DnsClient.lookup`, when the config has a `dns` section.
+Resolver = Callable[[str, "str | None"], Awaitable[list[IPAddress]]]
 
 
 @lru_cache(maxsize=4096)
@@ -87,6 +93,12 @@ class DirectOutbound:
         self.connect_timeout = options.connect_timeout
         self.domain_strategy = strategy
         self.counters = Counters()
+        self._resolver: Resolver | None = None
+
+    def set_resolver(self, resolver: Resolver | None) -> None:
+        """Resolve domain destinations with `resolver` (DNS rules, hosts, cache) instead of
+        the system's getaddrinfo; None goes back to getaddrinfo."""
+        self._resolver = resolver
 
     # -- capabilities ---------------------------------------------------------------------
 
@@ -131,6 +143,15 @@ class DirectOutbound:
             pass
         else:
             return [str(ip)]
+        if self._resolver is not None:
+            found = await self._resolver(host, self.domain_strategy)
+            addrs = order_addresses(list(dict.fromkeys(str(a) for a in found)),
+                                    self.domain_strategy)  # fmt: skip
+            if not addrs:
+                raise OutboundError(
+                    ErrorKind.DNS, f"{host} has no address allowed by {self.domain_strategy}"
+                )
+            return addrs
         loop = asyncio.get_running_loop()
         family = {
             "ipv4_only": socket.AF_INET,

@@ -1,0 +1,423 @@
+"""The DNS module at run time: a query in, an answer out, through DNS rules, cache and servers.
+
+Owns: `DnsClient` — parse the query (a malformed one gets FORMERR, or nothing), ask the DNS
+rules (reject, predefined answer, or a server), answer from the cache, send ONE upstream query
+for any number of identical ones in flight, apply the strategy, store in the cache, record the
+reverse map, and answer with the query's id; `lookup(name)` for outbounds that connect to a
+domain; per-server counters. It never raises from `exchange`: an upstream failure or timeout
+is a SERVFAIL after a bounded wait.
+
+Bounds: the in-flight table (queries beyond it are answered SERVFAIL rather than piled up)
+and the number of upstream queries running at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import dns.message
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+
+from ztun.address import IPAddress, ip_or_none
+from ztun.config.options import DirectOutboundOptions, DNSOptions, FakeIPDNSServerOptions
+from ztun.dns import message
+from ztun.dns.cache import DnsCache
+from ztun.dns.transport import (
+    DnsTimeoutError,
+    DnsTransportError,
+    Transport,
+    default_transports,
+)
+from ztun.errors import ZtunError
+from ztun.outbound.base import ErrorKind, Outbound, OutboundError
+from ztun.route.metadata import FlowMeta
+
+log = logging.getLogger("ztun.dns")
+
+#: Distinct queries waiting for an upstream answer at once.
+MAX_IN_FLIGHT = 4096
+#: Upstream exchanges running at once (the rest wait their turn within their time).
+MAX_CONCURRENT = 256
+
+_A = int(dns.rdatatype.A)
+_AAAA = int(dns.rdatatype.AAAA)
+_IN = int(dns.rdataclass.IN)
+
+#: (server, name, qtype, qclass, strategy): what makes two queries the same upstream one
+_FlightKey = tuple[str, str, int, int, "str | None"]
+
+
+@dataclass
+class ServerCounters:
+    """What one server did: `queries` routed to it (cache hits included), `cache_hits`,
+    `answers` received from it, `timeouts`, `errors` (failures other than timeouts and
+    answers that did not parse)."""
+
+    queries: int = 0
+    answers: int = 0
+    timeouts: int = 0
+    cache_hits: int = 0
+    errors: int = 0
+
+
+@dataclass
+class DnsResult:
+    """One query's way through the module, for `exchange` and for `ztun dns` to show."""
+
+    #: the answer's wire bytes, or None to send nothing (malformed query, reject-drop)
+    wire: bytes | None
+    decision: Any = None
+    #: the server asked (or that would have been), None for rejects and predefined answers
+    server: str | None = None
+    cached: bool = False
+    #: the response as parsed (id set), when there is one
+    response: dns.message.Message | None = None
+    #: why the answer is a SERVFAIL or FORMERR, for the log and `ztun dns`
+    error: str | None = None
+    elapsed: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- reading a DNS decision --------------------------------------------------------------------
+# The rule engine's DnsDecision names its parts; these readers are the one place that knows
+# them, so the client's logic reads as "reject / predefined / route".
+
+
+def _reject_method(decision: Any) -> str | None:
+    """The method ("default", "drop" or "reply") when the decision rejects, else None."""
+    reject = getattr(decision, "reject", None)
+    if reject is None or reject is False:
+        return None
+    if isinstance(reject, str):
+        return reject
+    method = getattr(reject, "method", None) or getattr(decision, "method", None)
+    return str(method or "default")
+
+
+def _predefined(decision: Any) -> Any:
+    return getattr(decision, "predefined", None)
+
+
+def _rule_disables_cache(decision: Any) -> bool:
+    return bool(getattr(decision, "disable_cache", False))
+
+
+def _strategy(decision: Any, default: str | None) -> str | None:
+    """A rule's own strategy (route / route-options) wins over dns.strategy."""
+    return getattr(decision, "strategy", None) or default
+
+
+def _rewrite_ttl(decision: Any) -> int | None:
+    value = getattr(decision, "rewrite_ttl", None)
+    return None if value is None else int(value)
+
+
+def _rewrite(response: dns.message.Message, ttl: int) -> None:
+    for section in (response.answer, response.authority, response.additional):
+        for rrset in section:
+            rrset.ttl = ttl
+
+
+def _with_id(wire: bytes, qid: int) -> bytes:
+    return qid.to_bytes(2, "big") + wire[2:]
+
+
+class DnsClient:
+    """The DNS module; build one per config (box.py, `ztun dns`), close it at the end."""
+
+    def __init__(
+        self,
+        options: DNSOptions,
+        router: Any,
+        outbounds: Mapping[str, Outbound],
+        *,
+        reverse: Any = None,
+        fakeip: Any = None,
+        timeout: float = 5.0,
+        default_outbound: Outbound | None = None,
+        transports: Mapping[str, Transport] | None = None,
+        base_dir: str | Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        max_concurrent: int = MAX_CONCURRENT,
+    ) -> None:
+        if not options.servers and transports is None:
+            raise ZtunError("dns: no servers to ask")
+        self.options = options
+        # Without DNS rules (or before the rule engine is wired), every query goes to final.
+        self.router = router if router is not None else _NoRules()
+        self.timeout = timeout
+        self.clock = clock
+        self.reverse = reverse
+        if fakeip is None:
+            fake = next((s for s in options.servers if isinstance(s, FakeIPDNSServerOptions)), None)
+            if fake is not None:
+                from ztun.dns.fakeip import FakeIPPool
+
+                fakeip = FakeIPPool(fake.inet4_range, fake.inet6_range)  # type: ignore[arg-type]
+        self.fakeip = fakeip
+        if default_outbound is None:
+            default_outbound = _default_outbound(outbounds)
+        self.default_outbound = default_outbound
+        if transports is None:
+            transports = default_transports(
+                options.servers, outbounds, default_outbound, fakeip=fakeip, base_dir=base_dir
+            )
+        self.transports: dict[str, Transport] = dict(transports)
+        self.final = options.final or next(iter(self.transports))
+        # dns.independent_cache (sing-box's): per server, so one server's answers never serve
+        # a query a rule sends to another; shared otherwise, as sing-box does by default.
+        independent = bool(getattr(options, "independent_cache", False))
+        self.cache = (
+            None
+            if options.disable_cache
+            else DnsCache(options.cache_capacity, independent=independent)
+        )
+        self.counters: dict[str, ServerCounters] = {t: ServerCounters() for t in self.transports}
+        self._in_flight: dict[_FlightKey, asyncio.Task[dns.message.Message]] = {}
+        self.max_in_flight = max_in_flight
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self.overloaded = 0
+
+    # -- the query path --------------------------------------------------------------------
+
+    async def exchange(self, query: bytes, meta: FlowMeta) -> bytes | None:
+        """The answer to `query` (with its id), or None when nothing is to be sent back."""
+        return (await self.resolve(query, meta)).wire
+
+    async def resolve(self, query: bytes, meta: FlowMeta | None = None) -> DnsResult:
+        """`exchange` with everything that happened on the way (never raises)."""
+        start = self.clock()
+        try:
+            result = await self._resolve(query, meta or FlowMeta(network="udp"))
+        except Exception as e:  # a bug must cost one answer, not the DNS module
+            log.exception("DNS query failed")
+            result = DnsResult(self._servfail_of(query), error=f"internal error: {e}")
+        if result.response is None and result.wire is not None:
+            # REFUSED, SERVFAIL and FORMERR too: whoever shows the result reads one message.
+            with contextlib.suppress(ZtunError):
+                result.response = message.parse_response(result.wire)
+        result.elapsed = self.clock() - start
+        return result
+
+    def _servfail_of(self, query: bytes) -> bytes | None:
+        try:
+            return message.servfail(message.parse_query(query))
+        except ZtunError:
+            return message.formerr_for(query)
+
+    async def _resolve(self, query: bytes, meta: FlowMeta) -> DnsResult:
+        try:
+            msg = message.parse_query(query)
+        except ZtunError as e:
+            return DnsResult(message.formerr_for(query), error=str(e))
+        name, qtype, qclass = message.question(msg)
+        meta = replace(meta, domain=name or None, query_type=qtype)
+        decision = self.router.decide(meta)
+        method = _reject_method(decision)
+        if method is not None:
+            if method == "drop":
+                return DnsResult(None, decision)
+            return DnsResult(message.refused(msg), decision)
+        pre = _predefined(decision)
+        if pre is not None:
+            wire = message.predefined(
+                msg, str(getattr(pre, "rcode", "NOERROR")), tuple(getattr(pre, "answer", ())),
+                tuple(getattr(pre, "ns", ())), tuple(getattr(pre, "extra", ())),
+            )  # fmt: skip
+            return DnsResult(wire, decision, response=message.parse_response(wire))
+        server = getattr(decision, "server", None) or self.final
+        transport = self.transports.get(server)
+        if transport is None:
+            return DnsResult(
+                message.servfail(msg), decision, server, error=f"no DNS server {server!r}"
+            )
+        counters = self.counters[server]
+        counters.queries += 1
+        strategy = _strategy(decision, self.options.strategy)
+        if message.blocked_by_strategy(qtype, strategy):
+            wire = message.nodata(msg)
+            return DnsResult(wire, decision, server, response=message.parse_response(wire))
+        use_cache = (
+            self.cache is not None and transport.cacheable and not _rule_disables_cache(decision)
+        )
+        response: dns.message.Message | None = None
+        cached = False
+        if use_cache:
+            assert self.cache is not None
+            response = self.cache.get(server, name, qtype, qclass, self.clock())
+            if response is not None:
+                counters.cache_hits += 1
+                cached = True
+        if response is None:
+            try:
+                response = await self._upstream(server, transport, query, name, qtype, qclass,
+                                                use_cache, strategy)  # fmt: skip
+            except DnsTransportError as e:
+                return DnsResult(message.servfail(msg), decision, server, error=e.reason)
+        ttl = _rewrite_ttl(decision)
+        if ttl is not None:
+            _rewrite(response, ttl)
+        response.id = msg.id
+        wire = response.to_wire()
+        return DnsResult(wire, decision, server, cached=cached, response=response)
+
+    async def _upstream(
+        self,
+        server: str,
+        transport: Transport,
+        query: bytes,
+        name: str,
+        qtype: int,
+        qclass: int,
+        use_cache: bool,
+        strategy: str | None,
+    ) -> dns.message.Message:
+        """The server's answer: one exchange for all identical queries in flight (each caller
+        gets its own copy to change). Raises DnsTransportError."""
+        key = (server, name, qtype, qclass, strategy)
+        task = self._in_flight.get(key)
+        if task is None:
+            if len(self._in_flight) >= self.max_in_flight:
+                self.overloaded += 1
+                self.counters[server].errors += 1
+                raise DnsTransportError(server, "too many queries in flight")
+            task = asyncio.get_running_loop().create_task(
+                self._ask(server, transport, query, name, qtype, qclass, use_cache, strategy)
+            )
+            self._in_flight[key] = task
+            task.add_done_callback(lambda t: self._forget(key, t))
+        # Shielded: a caller that gives up must not cancel the answer others wait for.
+        response = await asyncio.shield(task)
+        return dns.message.from_wire(response.to_wire())
+
+    def _forget(self, key: _FlightKey, task: asyncio.Task[Any]) -> None:
+        if self._in_flight.get(key) is task:
+            del self._in_flight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure with nobody left waiting is not an error
+
+    async def _ask(
+        self,
+        server: str,
+        transport: Transport,
+        query: bytes,
+        name: str,
+        qtype: int,
+        qclass: int,
+        use_cache: bool,
+        strategy: str | None,
+    ) -> dns.message.Message:
+        counters = self.counters[server]
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self._slots:
+                    left = deadline - asyncio.get_running_loop().time()
+                    wire = await transport.exchange(query, max(0.001, left))
+        except TimeoutError:
+            counters.timeouts += 1
+            raise DnsTimeoutError(server, f"no answer within {self.timeout:g}s") from None
+        except DnsTimeoutError:
+            counters.timeouts += 1
+            raise
+        except DnsTransportError:
+            counters.errors += 1
+            raise
+        try:
+            response = message.parse_response(wire)
+        except ZtunError as e:
+            counters.errors += 1
+            raise DnsTransportError(server, f"bad answer: {e}") from None
+        counters.answers += 1
+        response = message.apply_strategy(response, strategy)
+        now = self.clock()
+        if use_cache and self.cache is not None:
+            self.cache.put(server, name, qtype, qclass, response, now)
+        if self.options.reverse_mapping and self.reverse is not None:
+            self.reverse.record_response(response, now)
+        return response
+
+    # -- names for outbounds ---------------------------------------------------------------
+
+    async def lookup(
+        self, name: str, *, strategy: str | None = None, meta: FlowMeta | None = None
+    ) -> list[IPAddress]:
+        """The addresses of `name` (A and AAAA through the rules, cache and servers), ordered
+        by `strategy` (else dns.strategy): the preferred family first. OutboundError (DNS)
+        when there are none."""
+        ip = ip_or_none(name)
+        if ip is not None:
+            return [ip]
+        strategy = strategy or self.options.strategy
+        qtypes = {"ipv4_only": [_A], "ipv6_only": [_AAAA]}.get(strategy or "", [_A, _AAAA])
+        base = meta or FlowMeta(network="udp")
+        results = await asyncio.gather(*(self._lookup_one(name, q, base) for q in qtypes))
+        v4 = [a for r in results for a, _ttl in r[0] if a.version == 4]
+        v6 = [a for r in results for a, _ttl in r[0] if a.version == 6]
+        found = v6 + v4 if strategy == "prefer_ipv6" else v4 + v6
+        if strategy == "ipv4_only":
+            found = v4
+        elif strategy == "ipv6_only":
+            found = v6
+        if not found:
+            why = "; ".join(r[1] for r in results if r[1]) or "no address"
+            raise OutboundError(ErrorKind.DNS, f"cannot resolve {name}: {why}")
+        return list(dict.fromkeys(found))
+
+    async def _lookup_one(
+        self, name: str, qtype: int, meta: FlowMeta
+    ) -> tuple[list[tuple[IPAddress, int]], str]:
+        try:
+            query = dns.message.make_query(name, qtype, _IN).to_wire()
+        except Exception as e:  # a name dnspython cannot encode (label too long, ...)
+            return [], f"bad name: {e}"
+        result = await self.resolve(query, meta)
+        if result.wire is None:
+            return [], "rejected"
+        if result.error is not None:
+            return [], result.error
+        response = result.response
+        if response is None:
+            return [], "no answer"
+        rcode = response.rcode()
+        if rcode != dns.rcode.NOERROR:
+            return [], dns.rcode.to_text(rcode)
+        return message.addresses(response), ""
+
+    async def close(self) -> None:
+        tasks = list(self._in_flight.values())
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        for transport in self.transports.values():
+            with contextlib.suppress(Exception):
+                await transport.close()
+
+
+class _NoRules:
+    def decide(self, meta: FlowMeta) -> Any:
+        return None
+
+
+def _default_outbound(outbounds: Mapping[str, Outbound]) -> Outbound:
+    """The direct outbound servers without a detour use: the config's first one that resolves
+    through the DNS module (so it carries the routing mark auto_route gives it), else a
+    private one with default options."""
+    for outbound in outbounds.values():
+        if hasattr(outbound, "set_resolver"):
+            return outbound
+    from ztun.outbound.direct import DirectOutbound
+
+    return DirectOutbound(DirectOutboundOptions(tag="dns-direct"))
