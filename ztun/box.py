@@ -13,15 +13,16 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from ztun.config.options import LogOptions, Options
+from ztun.dns.module import build_dns
 from ztun.errors import Diagnostic, ZtunError
 from ztun.inbound.registry import Inbound, build_inbound
 from ztun.outbound.base import Outbound
 from ztun.outbound.registry import build_outbound
+from ztun.route.action import HijackDNS
 from ztun.runtime.dispatch import Dispatcher, RouterLike, wait_closed
 
 log = logging.getLogger("ztun")
@@ -80,40 +81,6 @@ def load(path: str | Path) -> tuple[Options, RouterLike, list[Diagnostic]]:
     return compiled.options, compiled.router, compiled.warnings
 
 
-def build_dns(
-    options: Options,
-    outbounds: dict[str, Outbound],
-    dns_router: Any,
-    base_dir: str | Path | None = None,
-) -> Any:
-    """The DNS module when the config has DNS servers (else None), and every direct outbound
-    told to resolve through it, so DNS rules, hosts and the cache apply to their names."""
-    if not options.dns.servers:
-        return None
-    from ztun.dns.client import DnsClient
-    from ztun.route.metadata import FlowMeta
-
-    client = DnsClient(options.dns, dns_router, outbounds, base_dir=base_dir)
-
-    def resolver(tag: str) -> Callable[[str, str | None], Awaitable[list[Any]]]:
-        # DNS rules may match on the outbound the connection was routed to (`outbound`).
-        try:
-            meta = FlowMeta(network="udp", outbound=tag)  # type: ignore[call-arg]
-        except TypeError:  # a FlowMeta without the field: rules cannot match on it anyway
-            meta = FlowMeta(network="udp")
-
-        async def resolve(name: str, strategy: str | None) -> list[Any]:
-            return await client.lookup(name, strategy=strategy, meta=meta)
-
-        return resolve
-
-    for outbound in outbounds.values():
-        set_resolver = getattr(outbound, "set_resolver", None)
-        if set_resolver is not None:
-            set_resolver(resolver(outbound.tag))
-    return client
-
-
 class Box:
     def __init__(
         self,
@@ -128,9 +95,15 @@ class Box:
         self.grace = grace
         # Both through their registries (type → options class, class): no if-chain on `type`.
         outbounds: dict[str, Outbound] = {o.tag: build_outbound(o) for o in options.outbounds}
-        #: the DNS module (ztun.dns.client.DnsClient), None without dns.servers
-        self.dns = build_dns(options, outbounds, dns_router, base_dir)
-        self.dispatcher = Dispatcher(router, outbounds)
+        #: the DNS module, None without dns.servers or a hijack-dns rule
+        self.dns = build_dns(options, outbounds, dns_router, base_dir,
+                             hijack=_hijacks_dns(router))  # fmt: skip
+        self.dispatcher = Dispatcher(
+            router,
+            outbounds,
+            dns_hijack=self.dns.hijack if self.dns is not None else None,
+            names=self.dns.names if self.dns is not None and self.dns.gives_names else None,
+        )
         self.inbounds: list[Inbound] = [
             build_inbound(o, self.dispatcher, options.route) for o in options.inbounds
         ]
@@ -184,6 +157,10 @@ class Box:
             await self.dns.close()
         log.info("ztun stopped")
         return 0
+
+
+def _hijacks_dns(router: Any) -> bool:
+    return any(isinstance(r.action, HijackDNS) for r in getattr(router, "rules", ()))
 
 
 def _runner() -> asyncio.Runner:

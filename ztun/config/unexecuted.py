@@ -65,31 +65,7 @@ def _any_tun_auto_route(config: Mapping[str, Any], route: Mapping[str, Any]) -> 
     )
 
 
-_NEVER_MATCHES = "nothing sets it yet, so the rule never matches"
-
 NOT_EXECUTED: tuple[NotExecuted, ...] = (
-    # DNS: no DNS client, no hijacking (a later issue)
-    NotExecuted(
-        "config",
-        "dns",
-        "domain names are resolved by the system resolver (or sent to "
-        "the SOCKS proxy unresolved); no DNS server, DNS rule or fakeip pool is used",
-    ),
-    NotExecuted(
-        "rule", "action", "a matching flow is refused, as by action: reject", value="hijack-dns"
-    ),
-    # sniffing (a later issue): the walk passes over sniff rules
-    NotExecuted(
-        "rule",
-        "action",
-        "the rule (with its sniffer and timeout) is passed over and nothing is sniffed",
-        value="sniff",
-    ),
-    NotExecuted("rule", "protocol", f"it is the sniffed protocol; {_NEVER_MATCHES}"),
-    NotExecuted("rule-set rule", "protocol", f"it is the sniffed protocol; {_NEVER_MATCHES}"),
-    NotExecuted(
-        "rule-set rule", "query_type", "route flows carry no DNS query, so the rule never matches"
-    ),
     # ICMP never reaches the router: the tun inbound answers or drops echo requests itself
     NotExecuted(
         "rule",

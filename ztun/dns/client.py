@@ -194,11 +194,14 @@ class DnsClient:
         """The answer to `query` (with its id), or None when nothing is to be sent back."""
         return (await self.resolve(query, meta)).wire
 
-    async def resolve(self, query: bytes, meta: FlowMeta | None = None) -> DnsResult:
-        """`exchange` with everything that happened on the way (never raises)."""
+    async def resolve(
+        self, query: bytes, meta: FlowMeta | None = None, *, allow_fakeip: bool = True
+    ) -> DnsResult:
+        """`exchange` with everything that happened on the way (never raises).
+        `allow_fakeip=False`: for ztun's own lookups (see `DnsRouter.decide`)."""
         start = self.clock()
         try:
-            result = await self._resolve(query, meta or FlowMeta(network="udp"))
+            result = await self._resolve(query, meta or FlowMeta(network="udp"), allow_fakeip)
         except Exception as e:  # a bug must cost one answer, not the DNS module
             log.exception("DNS query failed")
             result = DnsResult(self._servfail_of(query), error=f"internal error: {e}")
@@ -215,14 +218,14 @@ class DnsClient:
         except ZtunError:
             return message.formerr_for(query)
 
-    async def _resolve(self, query: bytes, meta: FlowMeta) -> DnsResult:
+    async def _resolve(self, query: bytes, meta: FlowMeta, allow_fakeip: bool) -> DnsResult:
         try:
             msg = message.parse_query(query)
         except ZtunError as e:
             return DnsResult(message.formerr_for(query), error=str(e))
         name, qtype, qclass = message.question(msg)
         meta = replace(meta, domain=name or None, query_type=qtype)
-        decision = self.router.decide(meta)
+        decision = self.router.decide(meta, allow_fakeip=allow_fakeip)
         method = _reject_method(decision)
         if method is not None:
             if method == "drop":
@@ -381,7 +384,7 @@ class DnsClient:
             query = dns.message.make_query(name, qtype, _IN).to_wire()
         except Exception as e:  # a name dnspython cannot encode (label too long, ...)
             return [], f"bad name: {e}"
-        result = await self.resolve(query, meta)
+        result = await self.resolve(query, meta, allow_fakeip=False)
         if result.wire is None:
             return [], "rejected"
         if result.error is not None:
@@ -407,7 +410,7 @@ class DnsClient:
 
 
 class _NoRules:
-    def decide(self, meta: FlowMeta) -> Any:
+    def decide(self, meta: FlowMeta, *, allow_fakeip: bool = True) -> Any:
         return None
 
 

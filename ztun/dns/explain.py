@@ -103,15 +103,17 @@ async def explain(
     if not query:
         return out
     outbounds = {o.tag: build_outbound(o) for o in options.outbounds}
-    from ztun.box import build_dns
+    from ztun.dns.module import build_dns
 
-    client = build_dns(options, outbounds, dns_router, base_dir)
+    module = build_dns(options, outbounds, dns_router, base_dir)
+    assert module is not None  # the caller checked that the config has DNS servers
+    client = module.client
     client.timeout = timeout
     try:
         meta_in = FlowMeta(network="udp", inbound=inbound)
         out.result = await client.resolve(make_query(name, qtype), meta_in)
     finally:
-        await client.close()
+        await module.close()
         for ob in outbounds.values():
             await ob.close()
     return out

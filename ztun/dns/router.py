@@ -87,9 +87,13 @@ class DnsRouter:
         self.server_types = dict(server_types or {})
         self._final_decision = DnsDecision(final, None, None, None, "final")
 
-    def decide(self, meta: FlowMeta) -> DnsDecision:
+    def decide(self, meta: FlowMeta, *, allow_fakeip: bool = True) -> DnsDecision:
         """The decision for the query `meta` describes: the first final action that matches,
-        with the route-options gathered before it; `dns.final` when none does."""
+        with the route-options gathered before it; `dns.final` when none does.
+
+        `allow_fakeip=False` (ztun's own lookups, for an outbound connecting to a name) passes
+        over rules that pick a fakeip server, as sing-box does: a FakeIP answer there would
+        send the connection back into the TUN."""
         options = _Options()
         trace: list[tuple[int, str]] = []
         state = MatchState()
@@ -107,6 +111,9 @@ class DnsRouter:
             if isinstance(action, Predefined):
                 return DnsDecision(None, None, action, index, rule.text, trace=tuple(trace))
             if isinstance(action, DnsRoute):
+                if not allow_fakeip and self.server_types.get(action.server) == "fakeip":
+                    trace.pop()
+                    continue
                 options.merge(action)
                 return DnsDecision(
                     action.server, None, None, index, rule.text, options.disable_cache,

@@ -134,7 +134,9 @@ class Dispatcher:
         was not sniffed yet (with `sniffing=False` the walk goes on as if nothing was found)."""
         meta = flow.meta
         if self.names is not None and meta.domain is None and meta.destination is not None:
-            self._name_of(flow, meta.destination)
+            refused = self._name_of(flow, meta.destination)
+            if refused is not None:
+                return refused
         while True:
             decision = self.router.decide(flow.meta, flow.resume_at, flow.gathered)
             action = decision.action
@@ -169,12 +171,17 @@ class Dispatcher:
             return self.dns_hijack
         return Refused(f"unsupported action {action}")
 
-    def _name_of(self, flow: Flow, ip: IPAddress) -> None:
+    def _name_of(self, flow: Flow, ip: IPAddress) -> Refused | None:
         assert self.names is not None
         found = self.names(ip)
         if found is None:
-            return
+            return None
         domain, fake = found
+        if not domain:
+            # A FakeIP address nobody was given (ztun restarted without a cache file, or
+            # the pool reused it): there is nowhere real to send the flow.
+            flow.outbound = "fakeip"
+            return Refused(f"{ip} is a FakeIP address with no name (any more)")
         flow.meta = replace(flow.meta, domain=domain)
         if fake:
             # A FakeIP address means nothing outside ztun: every outbound gets the name.
@@ -182,6 +189,7 @@ class Dispatcher:
             flow.dest = Address(domain, flow.dest.port)
         else:
             flow.domain_from = "reverse"
+        return None
 
     def decide(self, flow: Flow) -> Outbound:
         """`verdict` for a flow whose request already names its destination (the mixed

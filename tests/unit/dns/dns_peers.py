@@ -315,7 +315,7 @@ class FakeRouter:
         self.rules = rules or []
         self.seen: list[FlowMeta] = []
 
-    def decide(self, meta: FlowMeta) -> Any:
+    def decide(self, meta: FlowMeta, *, allow_fakeip: bool = True) -> Any:
         self.seen.append(meta)
         for i, (suffix, fields) in enumerate(self.rules):
             domain = meta.domain or ""

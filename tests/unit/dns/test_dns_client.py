@@ -269,8 +269,8 @@ def test_direct_outbound_resolves_through_the_module() -> None:
 
 
 def test_box_builds_the_module_for_a_dns_section_and_hands_it_to_direct_outbounds() -> None:
-    from ztun.box import build_dns
     from ztun.config.options import build_options
+    from ztun.dns.module import build_dns
     from ztun.outbound.registry import build_outbound
 
     async def main(peer: DnsPeer) -> None:
@@ -282,13 +282,14 @@ def test_box_builds_the_module_for_a_dns_section_and_hands_it_to_direct_outbound
         })  # fmt: skip
         outbounds = {o.tag: build_outbound(o) for o in options.outbounds}
         assert build_dns(build_options({}), outbounds, None) is None
-        client = build_dns(options, outbounds, None)
+        module = build_dns(options, outbounds, None)
+        assert module is not None
         try:
             direct = outbounds["direct"]
             assert await direct.resolve("svc.internal") == ["127.0.0.1"]  # type: ignore[attr-defined]
-            assert client.counters["hosts"].queries == 2  # A and AAAA
+            assert module.client.counters["hosts"].queries == 2  # A and AAAA
         finally:
-            await client.close()
+            await module.close()
 
     with dns_peer(RECORDS) as peer:
         asyncio.run(main(peer))

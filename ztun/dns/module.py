@@ -1,0 +1,141 @@
+"""The DNS module as `ztun run` assembles it: the client, the tables that give IP flows their
+names (reverse map, FakeIP pool), the hijack outbound, and the cache file.
+
+Owns: deciding whether there is a DNS module at all (a `dns` section with servers, or a route
+rule that hijacks DNS: then, as in sing-box, a `local` server answers), handing every direct
+outbound a resolver that goes through it, the `NameLookup` the dispatcher uses for IP
+destinations, and loading/saving the FakeIP table in `experimental.cache_file`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ztun.address import IPAddress
+from ztun.config.options import LocalDNSServerOptions, Options
+from ztun.dns.client import DnsClient
+from ztun.dns.hijack import DnsHijack
+from ztun.dns.reverse import ReverseMap
+from ztun.outbound.base import Outbound
+from ztun.route.metadata import FlowMeta
+
+log = logging.getLogger("ztun.dns")
+
+#: Entries of the reverse map (IP → the name it was last answered for).
+REVERSE_CAPACITY = 65536
+
+
+class DnsModule:
+    def __init__(self, client: DnsClient, reverse: ReverseMap | None, cache_file: Path | None):
+        self.client = client
+        self.reverse = reverse
+        self.fakeip = client.fakeip
+        self.hijack = DnsHijack(client)
+        #: where the FakeIP table is kept across restarts (None: it is not)
+        self.cache_file = cache_file if self.fakeip is not None else None
+        if self.cache_file is not None:
+            self._load()
+
+    @property
+    def gives_names(self) -> bool:
+        """Whether IP flows can get names from here (reverse mapping or a FakeIP pool)."""
+        return self.reverse is not None or self.fakeip is not None
+
+    def names(self, ip: IPAddress) -> tuple[str, bool] | None:
+        """The dispatcher's `NameLookup`: the name behind an IP destination, and whether the
+        address is a FakeIP one ("" for a FakeIP address the pool does not know: refused)."""
+        fakeip = self.fakeip
+        if fakeip is not None and fakeip.contains(ip):
+            return fakeip.lookup(ip) or "", True
+        if self.reverse is not None:
+            domain = self.reverse.lookup(ip, time.monotonic())
+            if domain:
+                return domain, False
+        return None
+
+    def _load(self) -> None:
+        assert self.cache_file is not None and self.fakeip is not None
+        try:
+            state = json.loads(self.cache_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warning("cache file %s cannot be read (%s): starting with an empty FakeIP table",
+                        self.cache_file, e)  # fmt: skip
+            return
+        fake = state.get("fakeip") if isinstance(state, dict) else None
+        if fake is not None and not self.fakeip.load(fake):
+            log.warning("cache file %s: its FakeIP table does not fit the configured ranges; "
+                        "starting with an empty one", self.cache_file)  # fmt: skip
+
+    def save(self) -> None:
+        """Write the FakeIP table, atomically (a temporary file renamed over the old one)."""
+        if self.cache_file is None or self.fakeip is None:
+            return
+        data = json.dumps({"fakeip": self.fakeip.dump()})
+        try:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.cache_file.parent, prefix=".ztun-cache-")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(data)
+            os.replace(tmp, self.cache_file)
+        except OSError as e:
+            log.warning("cache file %s cannot be written: %s", self.cache_file, e)
+
+    async def close(self) -> None:
+        self.save()
+        await self.hijack.close()
+        await self.client.close()
+
+
+def build_dns(
+    options: Options,
+    outbounds: dict[str, Outbound],
+    dns_router: Any,
+    base_dir: str | Path | None = None,
+    *,
+    hijack: bool = False,
+) -> DnsModule | None:
+    """The DNS module when the config has DNS servers, or when a route rule hijacks DNS (then
+    with one `local` server, as sing-box answers without a dns section); else None. With DNS
+    servers, every direct outbound resolves through it, so DNS rules, hosts and the cache apply
+    to the names it connects to."""
+    dns_options = options.dns
+    configured = bool(dns_options.servers)
+    if not configured:
+        if not hijack:
+            return None
+        dns_options = replace(dns_options, servers=(LocalDNSServerOptions(tag="local"),))
+        dns_router = None
+    reverse = ReverseMap(REVERSE_CAPACITY) if dns_options.reverse_mapping else None
+    client = DnsClient(dns_options, dns_router, outbounds, reverse=reverse, base_dir=base_dir)
+    if configured:
+        for outbound in outbounds.values():
+            set_resolver = getattr(outbound, "set_resolver", None)
+            if set_resolver is not None:
+                set_resolver(_resolver(client, outbound.tag))
+    cache = options.experimental.cache_file
+    cache_file = None
+    if cache.enabled and cache.store_fakeip:
+        cache_file = Path(cache.path)
+        if not cache_file.is_absolute() and base_dir is not None:
+            cache_file = Path(base_dir) / cache_file
+    return DnsModule(client, reverse, cache_file)
+
+
+def _resolver(client: DnsClient, tag: str) -> Callable[[str, str | None], Awaitable[list[Any]]]:
+    # DNS rules may match on the outbound the connection was routed to (`outbound`).
+    meta = FlowMeta(network="udp", outbound=tag)
+
+    async def resolve(name: str, strategy: str | None) -> list[Any]:
+        return await client.lookup(name, strategy=strategy, meta=meta)
+
+    return resolve
