@@ -139,14 +139,16 @@ class HijackSession:
     async def _answer(self, dest: Address, payload: bytes) -> None:
         answer = await self.owner.client.exchange(payload, self.meta)
         self.owner.queries += 1
-        if answer is not None and not self.closed:
-            # From the server the client asked, whatever answered it.
+        if answer is not None:
+            # From the server the client asked, whatever answered it. Also after the flow
+            # went idle: a slow upstream (SERVFAIL comes only after the module's timeout) can
+            # outlast a short UDP idle timeout, and the client is still waiting.
             self.on_datagram(dest, answer)
 
     def close(self) -> None:
+        # Queries in flight finish (each is bounded by the DNS module's timeout) so that
+        # their answers still reach the client; DnsHijack.close cancels them at shutdown.
         self.closed = True
-        for task in list(self.in_flight):
-            task.cancel()
 
 
 async def _recv_exactly(

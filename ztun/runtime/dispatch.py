@@ -50,11 +50,16 @@ def log_flow(flow: Flow, level: int = logging.INFO) -> None:
     if not log.isEnabledFor(level):
         return
     meta = flow.meta
+    # `destination` is what the application asked for; `target`, when it differs, where ztun
+    # sent the flow (a route-options override, or a name for a FakeIP or reverse-mapped IP).
+    asked = flow.dest
+    if meta.destination is not None:
+        asked = Address(str(meta.destination), meta.destination_port)
     parts = [
         f"inbound={meta.inbound or '-'}",
         f"network={meta.network}",
         f"source={_fmt_source(meta)}",
-        f"destination={flow.dest}",
+        f"destination={asked}",
         f"domain={meta.domain or '-'}",
         f"rule={flow.rule}",
         f"outbound={flow.outbound or '-'}",
@@ -65,6 +70,8 @@ def log_flow(flow: Flow, level: int = logging.INFO) -> None:
     ]
     if meta.user:
         parts.insert(1, f"user={meta.user}")
+    if asked != flow.dest:
+        parts.insert(5 if meta.user else 4, f"target={flow.dest}")
     if flow.error:
         parts.append(f'error="{flow.error}"')
     log.log(level, "flow " + " ".join(parts))

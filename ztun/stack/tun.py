@@ -83,6 +83,8 @@ class TunStack:
         self.drops: Counter[Drop] = Counter()
         self.accepting = True
         self.packets = 0
+        #: replies that came back after their UDP flow ended, written back all the same
+        self.late_replies = 0
 
     # -- packets in -----------------------------------------------------------------------
 
@@ -262,9 +264,10 @@ class TunStack:
     def udp_reply(self, key: Hashable, payload: bytes, now: float) -> None:
         """A datagram came back through the session of flow `key`: written back into the TUN
         as from the flow's original destination, whatever address the outbound saw."""
-        uf = self.udp.reply(key, payload, now)
-        if uf is None:
-            return
+        if self.udp.reply(key, payload, now) is None:
+            # The flow ended (idle) while an answer was on its way: a hijacked DNS query the
+            # DNS module answered late, say. The key is ztun's own, so it still goes back.
+            self.late_replies += 1
         src, sport, dst, dport = key  # type: ignore[misc]
         pkt = build_udp(dst, dport, src, sport, payload)
         if isinstance(pkt, Drop):
