@@ -124,10 +124,11 @@ def test_shipped_config_passes_check_file(path: Path) -> None:
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
 @pytest.mark.parametrize("network", ["udp", "tcp"])
-def test_dns_through_a_shipped_config_is_routed_not_refused(path: Path, network: str) -> None:
-    """Every shipped config lets DNS work today, whatever its dns block says."""
+def test_dns_through_a_shipped_config_is_answered_not_refused(path: Path, network: str) -> None:
+    """Every shipped config lets DNS work: a DNS flow is routed or handed to ztun's DNS
+    module (hijack-dns), never refused."""
     from ztun.check import check_file
-    from ztun.route.action import Route
+    from ztun.route.action import HijackDNS, Route
     from ztun.route.metadata import FlowMeta
 
     router = check_file(path).router
@@ -141,21 +142,20 @@ def test_dns_through_a_shipped_config_is_routed_not_refused(path: Path, network:
             source_port=40000,
         )
         decision = router.decide_all(meta)
-        assert isinstance(decision.action, Route), f"{resolver}: {decision.action}"
+        assert isinstance(decision.action, Route | HijackDNS), f"{resolver}: {decision.action}"
 
 
-def test_split_dns_sends_local_resolvers_direct_and_the_rest_through_the_proxy() -> None:
+def test_split_dns_answers_every_query_itself_local_names_locally() -> None:
     from ztun.check import check_file
+    from ztun.route.action import HijackDNS
     from ztun.route.metadata import FlowMeta
 
-    router = check_file(PROFILE_DIR / "split-dns.yaml").router
-    assert router is not None
-
-    def outbound(resolver: str) -> str | None:
+    result = check_file(PROFILE_DIR / "split-dns.yaml")
+    router, dns_router = result.router, result.dns_router
+    assert router is not None and dns_router is not None
+    for resolver in ("192.168.1.1", "127.0.0.53", "203.0.113.53"):
         meta = FlowMeta(network="udp", destination=ipaddress.ip_address(resolver),
                         destination_port=53)  # fmt: skip
-        return router.decide_all(meta).outbound
-
-    assert outbound("192.168.1.1") == "direct"
-    assert outbound("127.0.0.53") == "direct"
-    assert outbound("203.0.113.53") == "proxy"
+        assert isinstance(router.decide_all(meta).action, HijackDNS)
+    assert dns_router.decide(FlowMeta(domain="printer.lan")).server == "local"
+    assert dns_router.decide(FlowMeta(domain="example.org")).server == "remote"
