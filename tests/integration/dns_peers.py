@@ -329,8 +329,10 @@ class Capture:
         self.proc: Proc | None = None
 
     def __enter__(self) -> Capture:
+        # --immediate-mode: without it libpcap hands packets over a ring block at a time, and
+        # the block still open when tcpdump is stopped (the last ~second) is never written.
         self.proc = Proc(["ip", "netns", "exec", self.ns, "tcpdump", "-i", self.iface, "-n",
-                          "-U", "-s", "256", "-w", str(self.path)],
+                          "--immediate-mode", "-U", "-s", "256", "-w", str(self.path)],
                          self.path.with_suffix(".log"))  # fmt: skip
         ok = wait_until(lambda: "listening on" in self.proc.text()  # type: ignore[union-attr]
                         or self.proc.p.poll() is not None, 10)  # type: ignore[union-attr]  # fmt: skip
