@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ztun.address import IPAddress
-from ztun.config.options import LocalDNSServerOptions, Options
+from ztun.config.options import FakeIPDNSServerOptions, LocalDNSServerOptions, Options
 from ztun.dns.client import DnsClient
+from ztun.dns.fakeip import FakeIPPool
 from ztun.dns.hijack import DnsHijack
 from ztun.dns.reverse import ReverseMap
 from ztun.outbound.base import Outbound
@@ -41,8 +42,6 @@ class DnsModule:
         self.hijack = DnsHijack(client)
         #: where the FakeIP table is kept across restarts (None: it is not)
         self.cache_file = cache_file if self.fakeip is not None else None
-        if self.cache_file is not None:
-            self._load()
 
     @property
     def gives_names(self) -> bool:
@@ -60,21 +59,6 @@ class DnsModule:
             if domain:
                 return domain, False
         return None
-
-    def _load(self) -> None:
-        assert self.cache_file is not None and self.fakeip is not None
-        try:
-            state = json.loads(self.cache_file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as e:
-            log.warning("cache file %s cannot be read (%s): starting with an empty FakeIP table",
-                        self.cache_file, e)  # fmt: skip
-            return
-        fake = state.get("fakeip") if isinstance(state, dict) else None
-        if fake is not None and not self.fakeip.load(fake):
-            log.warning("cache file %s: its FakeIP table does not fit the configured ranges; "
-                        "starting with an empty one", self.cache_file)  # fmt: skip
 
     def save(self) -> None:
         """Write the FakeIP table, atomically (a temporary file renamed over the old one)."""
@@ -116,19 +100,41 @@ def build_dns(
         dns_options = replace(dns_options, servers=(LocalDNSServerOptions(tag="local"),))
         dns_router = None
     reverse = ReverseMap(REVERSE_CAPACITY) if dns_options.reverse_mapping else None
-    client = DnsClient(dns_options, dns_router, outbounds, reverse=reverse, base_dir=base_dir)
-    if configured:
-        for outbound in outbounds.values():
-            set_resolver = getattr(outbound, "set_resolver", None)
-            if set_resolver is not None:
-                set_resolver(_resolver(client, outbound.tag))
     cache = options.experimental.cache_file
     cache_file = None
     if cache.enabled and cache.store_fakeip:
         cache_file = Path(cache.path)
         if not cache_file.is_absolute() and base_dir is not None:
             cache_file = Path(base_dir) / cache_file
+    fake = next((s for s in dns_options.servers if isinstance(s, FakeIPDNSServerOptions)), None)
+    pool = None
+    if fake is not None:
+        state = _read_state(cache_file) if cache_file is not None else None
+        pool = FakeIPPool.load(
+            (state or {}).get("fakeip"), fake.inet4_range, fake.inet6_range  # type: ignore[arg-type]
+        )
+    client = DnsClient(dns_options, dns_router, outbounds, reverse=reverse, fakeip=pool,
+                       base_dir=base_dir)  # fmt: skip
+    if configured:
+        for outbound in outbounds.values():
+            set_resolver = getattr(outbound, "set_resolver", None)
+            if set_resolver is not None:
+                set_resolver(_resolver(client, outbound.tag))
     return DnsModule(client, reverse, cache_file)
+
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    """The cache file's content; None (with a warning when it exists) if it cannot be read:
+    the module then starts empty and rewrites it at exit."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("cache file %s cannot be read (%s): starting with an empty FakeIP table",
+                    path, e)  # fmt: skip
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def _resolver(client: DnsClient, tag: str) -> Callable[[str, str | None], Awaitable[list[Any]]]:
