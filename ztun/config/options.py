@@ -312,6 +312,7 @@ class _RouteActionFields:
     no_drop: bool = False
     sniffer: tuple[str, ...] = _conv(_strings, ())
     timeout: float | None = _conv(_duration)
+    override_destination: bool = False
     override_address: str | None = None
     override_port: int | None = None
     udp_timeout: float | None = _conv(_duration)

@@ -42,6 +42,9 @@ class Sniff:
 
     sniffers: tuple[str, ...] = ()
     timeout_ms: int = 300
+    #: send the flow to the sniffed domain instead of its IP (sing-box's
+    #: sniff_override_destination)
+    override_destination: bool = False
 
     def __str__(self) -> str:
         return f"sniff({','.join(self.sniffers)})" if self.sniffers else "sniff"

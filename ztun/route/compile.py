@@ -268,7 +268,8 @@ class _Compiler:
                     timeout_ms = round(parse_duration(rule["timeout"]) * 1000)
                 except ValueError as exc:
                     self.error(str(exc), (*path, "timeout"))
-            return Sniff(tuple(str(s) for s in as_list(rule.get("sniffer"))), timeout_ms)
+            return Sniff(tuple(str(s) for s in as_list(rule.get("sniffer"))), timeout_ms,
+                         rule.get("override_destination") is True)  # fmt: skip
         if kind == "route-options":
             return RouteOptionsAction(options)
         self.error(f"'{kind}' is not an action (route, reject, hijack-dns, sniff, "

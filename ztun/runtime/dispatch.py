@@ -152,7 +152,9 @@ class Dispatcher:
             flow.resume_at, flow.gathered = decision.resume_at, dict(decision.options)
             if sniffing and not flow.sniffed:
                 flow.decision = decision
-                return SniffFirst(action.sniffers, action.timeout_ms / 1000)
+                return SniffFirst(
+                    action.sniffers, action.timeout_ms / 1000, action.override_destination
+                )
         flow.decision = decision
         if isinstance(action, Route):
             opts = decision.options

@@ -107,7 +107,7 @@ async def sniff_and_route(
             reading.cancel()
         if banner is not None:
             banner.cancel()
-    apply_sniffed(flow, found if found is not NEED_MORE else None)
+    apply_sniffed(flow, found if found is not NEED_MORE else None, ask.override_destination)
     verdict = route(flow, "tcp")
     assert not isinstance(verdict, SniffFirst)  # the flow is sniffed now
     remote: socket.socket | None = None

@@ -74,11 +74,13 @@ class SniffFirst:
 
     sniffers: tuple[str, ...]
     timeout: float
+    override_destination: bool = False
 
 
-def apply_sniffed(flow: Flow, found: Sniffed | None) -> None:
+def apply_sniffed(flow: Flow, found: Sniffed | None, override_destination: bool = False) -> None:
     """Record what sniffing found (protocol, domain) for the next routing step; sniffing ran
-    even when it found nothing, so the walk goes on past the sniff rule."""
+    even when it found nothing, so the walk goes on past the sniff rule. With
+    `override_destination` the flow goes to the sniffed domain instead of its IP."""
     flow.sniffed = True
     if found is None:
         return
@@ -87,6 +89,8 @@ def apply_sniffed(flow: Flow, found: Sniffed | None) -> None:
         # A name the client itself sent (SNI, Host) is more precise than a reverse mapping.
         changes["domain"] = found.domain
         flow.domain_from = "sniff"
+        if override_destination:
+            flow.dest = Address(found.domain, flow.dest.port)
     flow.meta = replace(flow.meta, **changes)  # type: ignore[arg-type]
 
 
@@ -94,7 +98,8 @@ def decide_datagram(decide: Decide, flow: Flow, network: str, payload: bytes) ->
     """Route a UDP flow on its first datagram, sniffing that datagram when a rule asks."""
     verdict = decide(flow, network)
     if isinstance(verdict, SniffFirst):
-        apply_sniffed(flow, sniff_datagram(payload, verdict.sniffers or ALL_SNIFFERS))
+        found = sniff_datagram(payload, verdict.sniffers or ALL_SNIFFERS)
+        apply_sniffed(flow, found, verdict.override_destination)
         verdict = decide(flow, network)
     return verdict
 

@@ -610,7 +610,8 @@ def test_field_names_follow_sing_box() -> None:
     # from sing-box 1.14's schema (deprecated) but part of ztun's format, as is dns
     # independent_cache (deprecated in 1.14)
     own = {"description", "include", "geoip", "source_geoip", "icmp", "behavior", "rcode",
-           "answer", "download_detour", "domain_strategy", "independent_cache"}  # fmt: skip
+           "answer", "download_detour", "domain_strategy", "independent_cache",
+           "override_destination"}  # fmt: skip
     assert ours - props_of(theirs) - own == set()
 
 

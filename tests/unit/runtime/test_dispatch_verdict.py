@@ -163,3 +163,21 @@ def test_hijack_answers_udp_in_process_and_tcp_over_a_socket_pair() -> None:
         await hijack.close()
 
     asyncio.run(main())
+
+
+def test_override_destination_sends_the_flow_to_the_sniffed_name() -> None:
+    from ztun.sniff import Sniffed
+
+    rules = [{"action": "sniff", "override_destination": True}, *SNIFF_RULES[2:]]
+    d = dispatcher(rules)
+    f = flow("203.0.113.9")
+    ask = d.route(f, "tcp")
+    assert isinstance(ask, SniffFirst) and ask.override_destination
+    apply_sniffed(f, Sniffed("tls", "www.proxied.test"), ask.override_destination)
+    assert d.route(f, "tcp") is PROXY and f.dest == Address("www.proxied.test", 443)
+    # Without it the outbound keeps the IP the application chose.
+    g = flow("203.0.113.9")
+    d2 = dispatcher(SNIFF_RULES)
+    d2.route(g, "tcp")
+    apply_sniffed(g, Sniffed("tls", "www.proxied.test"))
+    assert d2.route(g, "tcp") is PROXY and g.dest == Address("203.0.113.9", 443)
