@@ -9,7 +9,7 @@ every mistake. Nothing here reads files: rule-set contents and the GeoIP databas
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -429,30 +429,19 @@ def compile_router(
     elif report_references and str(final) not in outbound_types:
         compiler.error(f"route.final names unknown outbound '{final}'", ("route", "final"))
 
-    rules = []
-    catch_all: int | None = None
-    for i, raw in enumerate(as_list(route.get("rules"))):
-        path: ConfigPath = ("route", "rules", i)
-        errors_before = sum(d.severity == "error" for d in compiler.diagnostics)
-        rule = compiler.rule(raw, path, headless=False, top=True)
-        if rule is None:
-            continue
-        # A rule whose fields failed to compile lost items; it must not pass for a catch-all.
-        broken = sum(d.severity == "error" for d in compiler.diagnostics) > errors_before
-        if catch_all is not None:
-            compiler.warn(f"this rule can never match: rule {catch_all} before it matches "
-                          "every flow", path)  # fmt: skip
-        action = rule.action
+    def unknown_outbound(action: object) -> tuple[str, str] | None:
         if (
             isinstance(action, Route)
             and report_references
             and action.outbound not in outbound_types
         ):
-            compiler.error(f"unknown outbound '{action.outbound}'", (*path, "outbound"))
-        final_action = isinstance(rule.action, Route | Reject | HijackDNS)
-        if rule.is_catch_all and final_action and catch_all is None and not broken:
-            catch_all = i
-        rules.append(rule)
+            return f"unknown outbound '{action.outbound}'", "outbound"
+        return None
+
+    rules, catch_all = _rule_list(
+        compiler, route.get("rules"), ("route", "rules"), noun="flow",
+        unknown=unknown_outbound, final=(Route, Reject, HijackDNS),
+    )  # fmt: skip
     if catch_all is not None and route.get("final") is not None:
         compiler.warn(f"route.final is never used: rule {catch_all} matches every flow",
                       ("route", "final"))  # fmt: skip
@@ -495,29 +484,15 @@ def compile_dns_router(
     elif report_references and str(final) not in server_types:
         compiler.error(f"dns.final names unknown DNS server '{final}'", ("dns", "final"))
 
-    rules = []
-    catch_all: int | None = None
-    for i, raw in enumerate(as_list(dns.get("rules"))):
-        path: ConfigPath = ("dns", "rules", i)
-        errors_before = sum(d.severity == "error" for d in compiler.diagnostics)
-        rule = compiler.rule(raw, path, headless=False, top=True)
-        if rule is None:
-            continue
-        broken = sum(d.severity == "error" for d in compiler.diagnostics) > errors_before
-        if catch_all is not None:
-            compiler.warn(f"this rule can never match: rule {catch_all} before it matches "
-                          "every query", path)  # fmt: skip
-        action = rule.action
-        if (
-            isinstance(action, DnsRoute)
-            and report_references
-            and action.server not in server_types
-        ):
-            compiler.error(f"unknown DNS server '{action.server}'", (*path, "server"))
-        final_action = isinstance(action, DnsRoute | Reject | Predefined)
-        if rule.is_catch_all and final_action and catch_all is None and not broken:
-            catch_all = i
-        rules.append(rule)
+    def unknown_server(action: object) -> tuple[str, str] | None:
+        if isinstance(action, DnsRoute) and report_references and action.server not in server_types:
+            return f"unknown DNS server '{action.server}'", "server"
+        return None
+
+    rules, catch_all = _rule_list(
+        compiler, dns.get("rules"), ("dns", "rules"), noun="query",
+        unknown=unknown_server, final=(DnsRoute, Reject, Predefined),
+    )  # fmt: skip
     if catch_all is not None and dns.get("final") is not None:
         compiler.warn(f"dns.final is never used: rule {catch_all} matches every query",
                       ("dns", "final"))  # fmt: skip
@@ -537,3 +512,37 @@ def _server_type(server: Mapping[str, Any]) -> str:
         except ValueError:
             return "unknown"
     return str(server.get("type"))
+
+
+def _rule_list(
+    compiler: _Compiler,
+    raw: object,
+    base: ConfigPath,
+    *,
+    noun: str,
+    unknown: Callable[[object], tuple[str, str] | None],
+    final: tuple[type, ...],
+) -> tuple[list[Any], int | None]:
+    """Compile a list of top-level rules (route or DNS): the rules, and the index of the first
+    catch-all with a final action (rules after it are warned about: they never match)."""
+    rules = []
+    catch_all: int | None = None
+    for i, raw_rule in enumerate(as_list(raw)):
+        path: ConfigPath = (*base, i)
+        errors_before = sum(d.severity == "error" for d in compiler.diagnostics)
+        rule = compiler.rule(raw_rule, path, headless=False, top=True)
+        if rule is None:
+            continue
+        # A rule whose fields failed to compile lost items; it must not pass for a catch-all.
+        broken = sum(d.severity == "error" for d in compiler.diagnostics) > errors_before
+        if catch_all is not None:
+            compiler.warn(f"this rule can never match: rule {catch_all} before it matches "
+                          f"every {noun}", path)  # fmt: skip
+        problem = unknown(rule.action)
+        if problem is not None:
+            compiler.error(problem[0], (*path, problem[1]))
+        decides = isinstance(rule.action, final)
+        if rule.is_catch_all and decides and catch_all is None and not broken:
+            catch_all = i
+        rules.append(rule)
+    return rules, catch_all
