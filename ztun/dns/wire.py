@@ -39,6 +39,8 @@ _RCODE_NOERROR, _RCODE_NXDOMAIN = 0, 3
 _QR, _TC = 0x8000, 0x0200
 #: Rdata types whose rdata is one domain name.
 _NAME_RDATA = frozenset({_NS, _CNAME, _PTR, _DNAME})
+#: Types of which an RRset holds one record (dnspython's singletons)
+_SINGLETONS = frozenset({_CNAME, _SOA, _DNAME})
 #: Record types whose rdata is checked here exactly as dnspython would; others → slow path.
 _KNOWN = frozenset({_A, _AAAA, _SOA, _MX, _TXT}) | _NAME_RDATA
 #: EDNS options dnspython parses with rules of its own (EDE, ECS, ...): slow path. NSID is
@@ -268,7 +270,9 @@ def _scan(wire: bytes, q: Question) -> Scan | None:
             groups[key] = [ttl, [rdata]]
         else:
             group[0] = min(group[0], ttl)
-            if rdata not in group[1]:
+            if rtype in _SINGLETONS:  # dnspython keeps the last one (and the smallest TTL)
+                group[1] = [rdata]
+            elif rdata not in group[1]:
                 group[1].append(rdata)
         if index < an:
             answer_ttl = ttl if answer_ttl < 0 else min(answer_ttl, ttl)
@@ -338,9 +342,8 @@ def _addresses(groups: _Groups, qname: bytes) -> tuple[tuple[bytes, int], ...]:
         if name in seen:
             break
         seen.add(name)
-        for rtype in (_A, _AAAA):
-            group = groups.get((0, name, rtype))
-            if group is not None:
+        for (section, owner, rtype), group in groups.items():  # in the answer's order
+            if section == 0 and owner == name and rtype in (_A, _AAAA):
                 ttl = min(group[0], cap)
                 out.extend((ip, ttl) for ip in group[1])
         alias = groups.get((0, name, _CNAME))
