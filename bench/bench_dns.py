@@ -42,7 +42,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from procstat import cpu_seconds  # noqa: E402
+from procstat import Profiler, cpu_seconds  # noqa: E402
 
 from tests.integration.dns_peers import (  # noqa: E402
     A_TEST,
@@ -179,7 +179,9 @@ def measure(name: str, w: World, tmp: Path, args: argparse.Namespace) -> dict[st
     try:
         print(f"{name}: dnsperf {args.seconds}s", file=sys.stderr, flush=True)
         c0 = cpu_seconds(proc.pid)
-        res.update(dnsperf(w, tmp, args.seconds, args.names, args.clients, args.outstanding))
+        out_file = (args.profile or tmp) / f"{name}-dnsperf.txt"
+        with Profiler(proc.pid, f"{name} dnsperf", bool(args.profile) and name == "ztun", out_file):
+            res.update(dnsperf(w, tmp, args.seconds, args.names, args.clients, args.outstanding))
         cpu = cpu_seconds(proc.pid) - c0
         res["cpu_us_per_query"] = cpu / max(1.0, res["dns_qps"] * args.seconds) * 1e6
         time.sleep(1)
@@ -220,6 +222,8 @@ def main() -> None:
     ap.add_argument("--banners", type=int, default=200, help="connections for time to banner")
     ap.add_argument("--no-cache", action="store_true", help="dns.disable_cache in both")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="py-spy ztun during dnsperf, raw samples in DIR")  # fmt: skip
     ap.add_argument("--only", choices=["ztun", "sing-box"], help="measure one tunnel")
     ap.add_argument("--print-configs", action="store_true")
     args = ap.parse_args()

@@ -35,6 +35,7 @@ PURE_MODULES = [
     "dns/reverse.py",
     "dns/fakeip.py",
     "dns/router.py",
+    "dns/wire.py",
 ]
 
 

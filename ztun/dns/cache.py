@@ -9,8 +9,11 @@ server flooded with unique names (a client walking random subdomains) evicts its
 and not everyone else's. Without an explicit `per_server` the share is `capacity` divided by
 the number of servers that have entries, recomputed as servers come and go.
 
-Entries are wire bytes: a hit parses a fresh Message, so callers may change what they get (its
-id, TTLs) without touching the cache. Pure: time comes in as `now` (seconds, any epoch).
+Entries are wire bytes. The fast path (`put_wire`/`get_wire`) keeps an upstream answer's own
+bytes and where its TTLs sit, so a hit is a copy with the id and TTLs patched (no dnspython);
+`get` parses a fresh Message, so callers may change what they get (its id, TTLs) without
+touching the cache. Either kind of entry serves either kind of lookup. Pure: time comes in as
+`now` (seconds, any epoch).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import dns.flags
 import dns.message
 import dns.rcode
 
+from ztun.dns import wire as dnswire
 from ztun.dns.message import min_ttl
 
 CacheKey = tuple[str, str, int, int]
@@ -35,6 +39,8 @@ class _Entry:
     server: str
     stored_at: float
     expires: float
+    #: where the TTLs are in `wire` (put_wire), None for a rendered Message (put)
+    ttl_offsets: tuple[int, ...] | None = None
 
 
 class DnsCache:
@@ -85,7 +91,35 @@ class DnsCache:
 
         The copy's id is 0: the caller sets the id of the query it answers.
         """
-        key = self._key(server, name, qtype, qclass)
+        entry = self._hit(self._key(server, name, qtype, qclass), now)
+        if entry is None:
+            return None
+        msg = dns.message.from_wire(entry.wire)
+        msg.id = 0
+        age = max(0, int(now - entry.stored_at))
+        for section in (msg.answer, msg.authority, msg.additional):
+            for rrset in section:
+                rrset.ttl = max(0, rrset.ttl - age)
+        return msg
+
+    def get_wire(
+        self, server: str, name: str, qtype: int, qclass: int, now: float, qid: int
+    ) -> bytes | None:
+        """`get` as wire bytes with id `qid`: the stored bytes with their TTLs aged in place."""
+        entry = self._hit(self._key(server, name, qtype, qclass), now)
+        if entry is None:
+            return None
+        age = max(0, int(now - entry.stored_at))
+        if entry.ttl_offsets is None:  # stored by `put`: age it the dnspython way
+            msg = dns.message.from_wire(entry.wire)
+            msg.id = qid
+            for section in (msg.answer, msg.authority, msg.additional):
+                for rrset in section:
+                    rrset.ttl = max(0, rrset.ttl - age)
+            return bytes(msg.to_wire())
+        return dnswire.aged(entry.wire, entry.ttl_offsets, age, qid)
+
+    def _hit(self, key: CacheKey, now: float) -> _Entry | None:
         entry = self._entries.get(key)
         if entry is None:
             self.misses += 1
@@ -97,12 +131,7 @@ class DnsCache:
         self._entries.move_to_end(key)
         self._by_server[entry.server].move_to_end(key)
         self.hits += 1
-        msg = dns.message.from_wire(entry.wire)
-        age = max(0, int(now - entry.stored_at))
-        for section in (msg.answer, msg.authority, msg.additional):
-            for rrset in section:
-                rrset.ttl = max(0, rrset.ttl - age)
-        return msg
+        return entry
 
     def put(
         self,
@@ -134,10 +163,35 @@ class DnsCache:
                 response.id = saved_id
         except Exception:  # a message that does not render is not worth keeping
             return False
-        key = self._key(server, name, qtype, qclass)
+        self._store(
+            server, self._key(server, name, qtype, qclass), _Entry(wire, server, now, now + ttl)
+        )
+        return True
+
+    def put_wire(
+        self,
+        server: str,
+        name: str,
+        qtype: int,
+        qclass: int,
+        wire: bytes,
+        scan: dnswire.Scan,
+        now: float,
+    ) -> bool:
+        """`put` for an answer as it came (`scan` is what `wire.scan_response` read of it):
+        the same rules, the bytes kept as they are."""
+        if self.capacity == 0 or scan.rcode not in _CACHEABLE_RCODES or scan.truncated:
+            return False
+        if scan.min_ttl <= 0:
+            return False
+        entry = _Entry(bytes(wire), server, now, now + scan.min_ttl, scan.ttl_offsets)
+        self._store(server, self._key(server, name, qtype, qclass), entry)
+        return True
+
+    def _store(self, server: str, key: CacheKey, entry: _Entry) -> None:
         if key in self._entries:
             self._remove(key)
-        self._entries[key] = _Entry(wire, server, now, now + ttl)
+        self._entries[key] = entry
         self._by_server.setdefault(server, OrderedDict())[key] = None
         owned = self._by_server[server]
         share = self._share(server)
@@ -147,7 +201,6 @@ class DnsCache:
         while len(self._entries) > self.capacity:
             self._remove(next(iter(self._entries)))
             self.evicted += 1
-        return True
 
     def purge(self, now: float) -> int:
         """Drop every expired entry; how many went (an LRU walk keeps memory honest between

@@ -7,6 +7,12 @@ reverse map, and answer with the query's id; `lookup(name)` for outbounds that c
 domain; per-server counters. It never raises from `exchange`: an upstream failure or timeout
 is a SERVFAIL after a bounded wait.
 
+The fast path: a plain query (`ztun.dns.wire.read_question`) that the rules send to a server
+as it is (no reject, predefined answer, rewrite_ttl or family filtering) is answered without
+dnspython: from the cache's stored wire (id and TTLs patched), or by forwarding the query and
+checking the answer with `wire.scan_response`. `answer_cached` gives a cache hit synchronously,
+so the hijack needs no task for it. Everything else takes the dnspython path.
+
 Bounds: the in-flight table (queries beyond it are answered SERVFAIL rather than piled up)
 and the number of upstream queries running at once.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +37,7 @@ import dns.rdatatype
 from ztun.address import IPAddress, ip_or_none
 from ztun.config.options import DirectOutboundOptions, DNSOptions, FakeIPDNSServerOptions
 from ztun.dns import message
+from ztun.dns import wire as dnswire
 from ztun.dns.cache import DnsCache
 from ztun.dns.transport import (
     DnsTimeoutError,
@@ -54,6 +62,22 @@ _IN = int(dns.rdataclass.IN)
 
 #: (server, name, qtype, qclass, strategy): what makes two queries the same upstream one
 _FlightKey = tuple[str, str, int, int, "str | None"]
+#: strategies that change answers (the slow path filters the other family out)
+_FILTERING = frozenset({"ipv4_only", "ipv6_only"})
+
+
+@dataclass(slots=True)
+class FastMiss:
+    """A plain query on its way upstream (`DnsClient.answer_cached` found no answer yet);
+    `DnsClient.fetch` completes it."""
+
+    query: bytes
+    question: dnswire.Question
+    decision: Any
+    server: str
+    transport: Transport
+    strategy: str | None
+    use_cache: bool
 
 
 @dataclass
@@ -192,7 +216,115 @@ class DnsClient:
 
     async def exchange(self, query: bytes, meta: FlowMeta) -> bytes | None:
         """The answer to `query` (with its id), or None when nothing is to be sent back."""
+        now = self.answer_cached(query, meta)
+        if isinstance(now, bytes):
+            return now
+        if now is not None:
+            return await self.fetch(now)
         return (await self.resolve(query, meta)).wire
+
+    def answer_cached(self, query: bytes, meta: FlowMeta) -> bytes | FastMiss | None:
+        """Without waiting: the answer to a plain query when the cache has it (bytes), the
+        query's way upstream when it does not (for `fetch`), or None when the query takes the
+        dnspython path (`exchange` or `resolve`). Never raises."""
+        try:
+            miss = self._plan(query, meta, True)
+            if miss is None:
+                return None
+            hit = self._cached(miss)
+        except Exception:  # a bug must cost the fast path, not the query
+            log.exception("DNS fast path failed")
+            return None
+        return miss if hit is None else hit
+
+    async def fetch(self, miss: FastMiss) -> bytes:
+        """The upstream answer to a query `answer_cached` could not answer, or a SERVFAIL."""
+        try:
+            return await self._fetch(miss)
+        except DnsTransportError:
+            pass
+        except Exception:
+            log.exception("DNS query failed")
+        servfail = self._servfail_of(miss.query)
+        assert servfail is not None  # the query parsed: it has a header to echo
+        return servfail
+
+    def _plan(self, query: bytes, meta: FlowMeta, allow_fakeip: bool) -> FastMiss | None:
+        q = dnswire.read_question(query)
+        if q is None:
+            return None
+        meta = replace(meta, domain=q.name or None, query_type=q.qtype)
+        decision = self.router.decide(meta, allow_fakeip=allow_fakeip)
+        if decision is not None and (
+            _reject_method(decision) is not None
+            or _predefined(decision) is not None
+            or _rewrite_ttl(decision) is not None
+        ):
+            return None
+        server = getattr(decision, "server", None) or self.final
+        transport = self.transports.get(server)
+        strategy = _strategy(decision, self.options.strategy)
+        if transport is None or strategy in _FILTERING:
+            return None  # a missing server's SERVFAIL and the filtering are the slow path's
+        self.counters[server].queries += 1
+        use_cache = (
+            self.cache is not None and transport.cacheable and not _rule_disables_cache(decision)
+        )
+        return FastMiss(query, q, decision, server, transport, strategy, use_cache)
+
+    def _cached(self, miss: FastMiss) -> bytes | None:
+        if not miss.use_cache:
+            return None
+        assert self.cache is not None
+        q = miss.question
+        hit = self.cache.get_wire(miss.server, q.name, q.qtype, q.qclass, self.clock(), q.id)
+        if hit is not None:
+            self.counters[miss.server].cache_hits += 1
+        return hit
+
+    async def _fetch(self, miss: FastMiss) -> bytes:
+        """As `_upstream`, for the fast path: waiters share the answer's bytes and each puts
+        its own id on them. Raises DnsTransportError."""
+        q = miss.question
+        key = ("wire", miss.server, q.name, q.qtype, q.qclass, miss.strategy)
+        task = self._in_flight.get(key)  # type: ignore[arg-type]
+        if task is None:
+            if len(self._in_flight) >= self.max_in_flight:
+                self.overloaded += 1
+                self.counters[miss.server].errors += 1
+                raise DnsTransportError(miss.server, "too many queries in flight")
+            task = asyncio.get_running_loop().create_task(self._ask_wire(miss))
+            self._in_flight[key] = task  # type: ignore[index]
+            task.add_done_callback(lambda t: self._forget(key, t))  # type: ignore[arg-type]
+        answer: bytes = await asyncio.shield(task)  # type: ignore[arg-type]
+        return dnswire.with_id(answer, q.id)
+
+    async def _ask_wire(self, miss: FastMiss) -> bytes:
+        server, q = miss.server, miss.question
+        counters = self.counters[server]
+        wire = await self._exchange_upstream(server, miss.transport, miss.query)
+        scan = dnswire.scan_response(wire, q)
+        now = self.clock()
+        if scan is None:
+            # Unusual (or malformed): read it as the slow path would, so it fares the same.
+            try:
+                response = message.parse_response(wire)
+            except ZtunError as e:
+                counters.errors += 1
+                raise DnsTransportError(server, f"bad answer: {e}") from None
+            counters.answers += 1
+            if miss.use_cache and self.cache is not None:
+                self.cache.put(server, q.name, q.qtype, q.qclass, response, now)
+            if self.options.reverse_mapping and self.reverse is not None:
+                self.reverse.record_response(response, now)
+            return bytes(response.to_wire())
+        counters.answers += 1
+        if miss.use_cache and self.cache is not None:
+            self.cache.put_wire(server, q.name, q.qtype, q.qclass, wire, scan, now)
+        if scan.addresses and q.name and self.options.reverse_mapping and self.reverse is not None:
+            for ip, ttl in scan.addresses:
+                self.reverse.record(ipaddress.ip_address(ip), q.name, ttl, now)
+        return wire
 
     async def resolve(
         self, query: bytes, meta: FlowMeta | None = None, *, allow_fakeip: bool = True
@@ -321,21 +453,7 @@ class DnsClient:
         strategy: str | None,
     ) -> dns.message.Message:
         counters = self.counters[server]
-        deadline = asyncio.get_running_loop().time() + self.timeout
-        try:
-            async with asyncio.timeout(self.timeout):
-                async with self._slots:
-                    left = deadline - asyncio.get_running_loop().time()
-                    wire = await transport.exchange(query, max(0.001, left))
-        except TimeoutError:
-            counters.timeouts += 1
-            raise DnsTimeoutError(server, f"no answer within {self.timeout:g}s") from None
-        except DnsTimeoutError:
-            counters.timeouts += 1
-            raise
-        except DnsTransportError:
-            counters.errors += 1
-            raise
+        wire = await self._exchange_upstream(server, transport, query)
         try:
             response = message.parse_response(wire)
         except ZtunError as e:
@@ -349,6 +467,26 @@ class DnsClient:
         if self.options.reverse_mapping and self.reverse is not None:
             self.reverse.record_response(response, now)
         return response
+
+    async def _exchange_upstream(self, server: str, transport: Transport, query: bytes) -> bytes:
+        """The server's raw answer within the client's timeout; counts timeouts and errors."""
+        counters = self.counters[server]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self._slots:
+                    left = deadline - loop.time()
+                    return await transport.exchange(query, max(0.001, left))
+        except TimeoutError:
+            counters.timeouts += 1
+            raise DnsTimeoutError(server, f"no answer within {self.timeout:g}s") from None
+        except DnsTimeoutError:
+            counters.timeouts += 1
+            raise
+        except DnsTransportError:
+            counters.errors += 1
+            raise
 
     # -- names for outbounds ---------------------------------------------------------------
 
