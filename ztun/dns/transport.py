@@ -113,6 +113,16 @@ def _matches(query: bytes, response: bytes) -> bool:
     return response[12:end].lower() == query[12:end].lower()
 
 
+def _resend(session: Any, dest: Address, wire: bytes, fut: asyncio.Future[bytes]) -> None:
+    if not fut.done() and not session.closed:
+        session.send(dest, wire)
+
+
+def _expire(fut: asyncio.Future[bytes]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
 def _with_id(wire: bytes, qid: int) -> bytes:
     return struct.pack("!H", qid) + wire[2:]
 
@@ -220,6 +230,8 @@ class UdpTransport:
         self._session: Any = None
         self._opening: asyncio.Future[Any] | None = None
         self._ids = _Ids()
+        #: the query sent under each id in flight, to check that an answer is for it
+        self._sent: dict[int, bytes] = {}
         self._dest: Address | None = None
 
     async def _get_session(self) -> Any:
@@ -254,7 +266,9 @@ class UdpTransport:
             return
         (qid,) = struct.unpack_from("!H", payload)
         fut = self._ids.waiting.get(qid)
-        if fut is not None and not fut.done():
+        sent = self._sent.get(qid)
+        # Right id, wrong question (or no answer at all): not ours; keep waiting for ours.
+        if fut is not None and not fut.done() and sent is not None and _matches(sent, payload):
             fut.set_result(payload)
 
     def _on_close(self, why: str) -> None:
@@ -264,11 +278,7 @@ class UdpTransport:
     async def exchange(self, query: bytes, timeout: float) -> bytes:
         loop = asyncio.get_running_loop()
         start = loop.time()
-        try:
-            async with asyncio.timeout(timeout):
-                response = await self._exchange_udp(query, timeout)
-        except TimeoutError:
-            raise _timeout_error(self.tag, timeout) from None
+        response = await self._exchange_udp(query, timeout)
         if response[2] & _TC:
             left = timeout - (loop.time() - start)
             if left <= 0:
@@ -277,28 +287,37 @@ class UdpTransport:
         return response
 
     async def _exchange_udp(self, query: bytes, timeout: float) -> bytes:
+        # Timers, not asyncio.timeout/wait_for/shield: this runs once per upstream query, and
+        # those cost about as much as the rest of the exchange together (py-spy, bench_dns).
         loop = asyncio.get_running_loop()
-        session = await self._get_session()
+        deadline = loop.time() + timeout
+        session = self._session
+        if session is None or session.closed:
+            try:
+                async with asyncio.timeout(timeout):
+                    session = await self._get_session()
+            except TimeoutError:
+                raise _timeout_error(self.tag, timeout) from None
         qid, fut = self._ids.take(loop)
         wire = _with_id(query, qid)
+        self._sent[qid] = wire
+        assert self._dest is not None
+        dest = self._dest
+        session.send(dest, wire)
+        left = max(0.0, deadline - loop.time())
+        # A lost datagram is the usual reason for silence: send once more halfway.
+        resend = loop.call_later(left / 2, _resend, session, dest, wire, fut)
+        expire = loop.call_later(left, _expire, fut)
         try:
-            assert self._dest is not None
-            for attempt in range(2):
-                session.send(self._dest, wire)
-                wait = timeout / 2 if attempt == 0 else None
-                while True:
-                    try:
-                        response = await asyncio.wait_for(asyncio.shield(fut), wait)
-                    except TimeoutError:
-                        break  # send once more
-                    if _matches(wire, response):
-                        return query[:2] + response[2:]
-                    # Right id, wrong question: not ours; keep waiting for the real one.
-                    fut = loop.create_future()
-                    self._ids.waiting[qid] = fut
-            return await fut
+            response = await fut
+        except TimeoutError:
+            raise _timeout_error(self.tag, timeout) from None
         finally:
+            resend.cancel()
+            expire.cancel()
             self._ids.waiting.pop(qid, None)
+            self._sent.pop(qid, None)
+        return query[:2] + response[2:]
 
     async def close(self) -> None:
         session, self._session = self._session, None

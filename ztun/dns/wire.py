@@ -242,6 +242,7 @@ def _scan(wire: bytes, q: Question) -> Scan | None:
     answer_ttl = -1
     soa_key: tuple[int, bytes, int] | None = None
     seen_opt = False
+    extended_rcode = 0
     total = an + ns + ar
     for index in range(total):
         owner, pos = _name(wire, pos, n)
@@ -258,6 +259,9 @@ def _scan(wire: bytes, q: Question) -> Scan | None:
             if not _options_ok(wire, start, end):
                 return None
             seen_opt = True
+            # EDNS (RFC 6891 §6.1.3): the OPT record's TTL carries the upper 8 bits of the
+            # rcode (BADVERS is 16), which a 4-bit header rcode alone would read as NOERROR.
+            extended_rcode = ttl >> 24
             pos = end
             continue
         if rtype not in _KNOWN or rclass != _IN:
@@ -283,7 +287,7 @@ def _scan(wire: bytes, q: Question) -> Scan | None:
         pos = end
     if pos != n:
         return None
-    rcode = flags & 0x000F
+    rcode = (extended_rcode << 4) | (flags & 0x000F)
     if answer_ttl >= 0:
         keep = answer_ttl
     elif soa_key is not None:
