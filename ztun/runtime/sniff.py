@@ -9,7 +9,7 @@ say if sniffing finds nothing") a few milliseconds after accepting it, while it 
   is routed again; if the route is still the likely one the early connection is used, else it
   is dropped and the flow connects where it now belongs;
 - the server's first bytes arrive first on the early connection (a banner): the flow keeps it
-  at once, so the banner waits for nothing;
+  at once, so the banner waits only for the short hold below;
 - neither before the sniff timeout: the flow keeps the early connection.
 
 Why the short hold before connecting early: a client that speaks first has sent its bytes
