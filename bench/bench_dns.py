@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from procstat import Profiler, cpu_seconds  # noqa: E402
+from ratios import report  # noqa: E402
 
 from tests.integration.dns_peers import (  # noqa: E402
     A_TEST,
@@ -249,22 +250,7 @@ def main() -> None:
                         results[name].append(measure(name, w, tmp, args))
                     finally:
                         echo.stop()
-    summary = {}
-    for name, rounds in results.items():
-        if rounds:
-            keys = rounds[0].keys()
-            summary[name] = {k: sorted(r[k] for r in rounds)[len(rounds) // 2] for k in keys}
-    if len(summary) < 2:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(f"{'metric':24} {'ztun':>12} {'sing-box':>12} {'ratio':>8}")
-        for k in summary["ztun"]:
-            z, s = summary["ztun"][k], summary["sing-box"][k]
-            ratio = z / s if s else float("nan")
-            print(f"{k:24} {z:12.3f} {s:12.3f} {ratio:8.2f}")
-    if args.json:
-        args.json.write_text(json.dumps({"rounds": results, "median": summary}, indent=2))
-
+    report(results, args.json)
 
 if __name__ == "__main__":
     main()

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from procstat import Profiler, cpu_seconds, rss_mib  # noqa: E402
+from ratios import report  # noqa: E402
 
 from tests.integration.netns import (  # noqa: E402
     DIRECT4,
@@ -210,23 +211,7 @@ def main() -> None:
                     results[name].append(measure(name, t, tmp, args.seconds, args.profile))
                 finally:
                     echo.stop()
-    summary = {}
-    for name, rounds in results.items():
-        if not rounds:
-            continue
-        keys = rounds[0].keys()
-        summary[name] = {k: sorted(r[k] for r in rounds)[len(rounds) // 2] for k in keys}
-    if len(summary) < 2:
-        print(json.dumps(summary, indent=2))
-        return
-    print(f"{'metric':24} {'ztun':>12} {'sing-box':>12} {'ratio':>8}")
-    for k in summary["ztun"]:
-        z, s = summary["ztun"][k], summary["sing-box"][k]
-        ratio = z / s if s else float("nan")
-        print(f"{k:24} {z:12.3f} {s:12.3f} {ratio:8.2f}")
-    if args.json:
-        args.json.write_text(json.dumps({"rounds": results, "median": summary}, indent=2))
-
+    report(results, args.json)
 
 if __name__ == "__main__":
     main()

@@ -327,6 +327,22 @@ class UdpTransport:
         await self.tcp.close()
 
 
+async def _open_stream(
+    dialer: _Dialer, tls: ssl.SSLContext | None, server_hostname: str | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A stream over a socket from the server's detour, with TLS when `tls` is given (DoT,
+    DoH); the socket is closed when the handshake fails."""
+    sock = await dialer.connect()
+    try:
+        return await asyncio.open_connection(sock=sock, ssl=tls, server_hostname=server_hostname)
+    except (OSError, ssl.SSLError) as e:
+        sock.close()
+        raise DnsTransportError(dialer.tag, f"TLS handshake failed: {e}") from None
+    except BaseException:
+        sock.close()
+        raise
+
+
 # -- TCP and TLS -----------------------------------------------------------------------------
 
 
@@ -426,17 +442,7 @@ class TcpTransport:
             conn = self._conn
             if conn is not None and not conn.closed and not conn.busy:
                 return conn
-            sock = await self.dialer.connect()
-            try:
-                reader, writer = await asyncio.open_connection(
-                    sock=sock, ssl=self.tls, server_hostname=self.server_hostname
-                )
-            except (OSError, ssl.SSLError) as e:
-                sock.close()
-                raise DnsTransportError(self.tag, f"TLS handshake failed: {e}") from None
-            except BaseException:
-                sock.close()
-                raise
+            reader, writer = await _open_stream(self.dialer, self.tls, self.server_hostname)
             new = _StreamConnection(self.tag, reader, writer)
             if conn is None or conn.closed:
                 self._conn = new
@@ -513,17 +519,7 @@ class HttpsTransport:
         self._slots = asyncio.Semaphore(MAX_DOH_CONNECTIONS)
 
     async def _open(self) -> _HttpConnection:
-        sock = await self.dialer.connect()
-        try:
-            reader, writer = await asyncio.open_connection(
-                sock=sock, ssl=self.tls, server_hostname=self.server_hostname
-            )
-        except (OSError, ssl.SSLError) as e:
-            sock.close()
-            raise DnsTransportError(self.tag, f"TLS handshake failed: {e}") from None
-        except BaseException:
-            sock.close()
-            raise
+        reader, writer = await _open_stream(self.dialer, self.tls, self.server_hostname)
         return _HttpConnection(reader, writer)
 
     async def exchange(self, query: bytes, timeout: float) -> bytes:
