@@ -24,10 +24,10 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dns.message
 import dns.rcode
@@ -60,8 +60,15 @@ _A = int(dns.rdatatype.A)
 _AAAA = int(dns.rdatatype.AAAA)
 _IN = int(dns.rdataclass.IN)
 
-#: (server, name, qtype, qclass, strategy): what makes two queries the same upstream one
-_FlightKey = tuple[str, str, int, int, "str | None"]
+#: (server, name, qtype, qclass, strategy), with a "wire" tag first for the fast path's
+#: bytes: what makes two queries the same upstream one
+_FlightKey = tuple[Any, ...]
+_T = TypeVar("_T")
+
+
+class _Abandoned(Exception):
+    """The caller asking upstream for several identical queries was cancelled: the others ask
+    again themselves."""
 #: strategies that change answers (the slow path filters the other family out)
 _FILTERING = frozenset({"ipv4_only", "ipv6_only"})
 
@@ -207,7 +214,7 @@ class DnsClient:
             else DnsCache(options.cache_capacity, independent=independent)
         )
         self.counters: dict[str, ServerCounters] = {t: ServerCounters() for t in self.transports}
-        self._in_flight: dict[_FlightKey, asyncio.Task[dns.message.Message]] = {}
+        self._in_flight: dict[_FlightKey, asyncio.Future[Any]] = {}
         self.max_in_flight = max_in_flight
         self._slots = asyncio.Semaphore(max_concurrent)
         self.overloaded = 0
@@ -284,38 +291,45 @@ class DnsClient:
 
     async def _fetch(self, miss: FastMiss) -> bytes:
         """As `_upstream`, for the fast path: waiters share the answer's bytes and each puts
-        its own id on them. Raises DnsTransportError.
-
-        The first caller asks upstream itself (no task of its own: one per query was a good
-        part of a miss's cost); identical queries meanwhile wait on its future, shielded so
-        that one waiter giving up cancels nothing for the others."""
+        its own id on them. Raises DnsTransportError."""
         q = miss.question
         key = ("wire", miss.server, q.name, q.qtype, q.qclass, miss.strategy)
-        shared = self._in_flight.get(key)  # type: ignore[arg-type]
-        if shared is not None:
-            answer: bytes = await asyncio.shield(shared)  # type: ignore[arg-type]
-            return dnswire.with_id(answer, q.id)
+        answer: bytes = await self._shared(key, miss.server, lambda: self._ask_wire(miss))
+        return dnswire.with_id(answer, q.id)
+
+    async def _shared(
+        self, key: _FlightKey, server: str, ask: Callable[[], Awaitable[_T]]
+    ) -> _T:
+        """`ask()` once for all identical queries in flight (same `key`): the first caller
+        asks upstream itself (no task of its own: one per query was a good part of a miss's
+        cost), the others wait on its future, shielded so that one waiter giving up cancels
+        nothing for the rest. If the asker itself is cancelled (its flow went away), those
+        waiting ask again rather than fail with it. Raises DnsTransportError."""
+        while (shared := self._in_flight.get(key)) is not None:
+            try:
+                return await asyncio.shield(shared)  # type: ignore[no-any-return]
+            except _Abandoned:
+                continue
         if len(self._in_flight) >= self.max_in_flight:
             self.overloaded += 1
-            self.counters[miss.server].errors += 1
-            raise DnsTransportError(miss.server, "too many queries in flight")
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._in_flight[key] = fut  # type: ignore[index,assignment]
+            self.counters[server].errors += 1
+            raise DnsTransportError(server, "too many queries in flight")
+        fut: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = fut
         try:
-            answer = await self._ask_wire(miss)
+            result = await ask()
         except BaseException as e:
-            if isinstance(e, asyncio.CancelledError):
-                fut.cancel()
-            else:
-                fut.set_exception(e)
+            if not fut.done():  # close() may have cancelled it
+                fut.set_exception(_Abandoned() if isinstance(e, asyncio.CancelledError) else e)
                 fut.exception()  # retrieved: a failure with nobody else waiting is no error
             raise
         else:
-            fut.set_result(answer)
+            if not fut.done():
+                fut.set_result(result)
         finally:
-            if self._in_flight.get(key) is fut:  # type: ignore[arg-type]
-                del self._in_flight[key]  # type: ignore[arg-type]
-        return dnswire.with_id(answer, q.id)
+            if self._in_flight.get(key) is fut:
+                del self._in_flight[key]
+        return result
 
     async def _ask_wire(self, miss: FastMiss) -> bytes:
         server, q = miss.server, miss.question
@@ -438,26 +452,12 @@ class DnsClient:
         """The server's answer: one exchange for all identical queries in flight (each caller
         gets its own copy to change). Raises DnsTransportError."""
         key = (server, name, qtype, qclass, strategy)
-        task = self._in_flight.get(key)
-        if task is None:
-            if len(self._in_flight) >= self.max_in_flight:
-                self.overloaded += 1
-                self.counters[server].errors += 1
-                raise DnsTransportError(server, "too many queries in flight")
-            task = asyncio.get_running_loop().create_task(
-                self._ask(server, transport, query, name, qtype, qclass, use_cache, strategy)
-            )
-            self._in_flight[key] = task
-            task.add_done_callback(lambda t: self._forget(key, t))
-        # Shielded: a caller that gives up must not cancel the answer others wait for.
-        response = await asyncio.shield(task)
+        response = await self._shared(
+            key,
+            server,
+            lambda: self._ask(server, transport, query, name, qtype, qclass, use_cache, strategy),
+        )
         return dns.message.from_wire(response.to_wire())
-
-    def _forget(self, key: _FlightKey, task: asyncio.Task[Any]) -> None:
-        if self._in_flight.get(key) is task:
-            del self._in_flight[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: a failure with nobody left waiting is not an error
 
     async def _ask(
         self,
@@ -555,12 +555,11 @@ class DnsClient:
         return message.addresses(response), ""
 
     async def close(self) -> None:
-        tasks = list(self._in_flight.values())
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        # The askers run in their callers' tasks, which their owners cancel; what is left
+        # here are the futures others wait on.
+        for fut in self._in_flight.values():
+            fut.cancel()
+        self._in_flight.clear()
         for transport in self.transports.values():
             with contextlib.suppress(Exception):
                 await transport.close()
