@@ -43,6 +43,7 @@ from ztun.config.options import (
     UDPDNSServerOptions,
 )
 from ztun.dns import message
+from ztun.dns import wire as dnswire
 from ztun.errors import ZtunError
 from ztun.outbound.base import Outbound, OutboundError
 from ztun.route.metadata import FlowMeta
@@ -61,7 +62,6 @@ MAX_BODY = message.MAX_MESSAGE
 DEFAULT_HOSTS = "/etc/hosts"
 
 _A, _AAAA = 1, 28
-_QR = 0x80
 _TC = 0x02
 
 
@@ -89,28 +89,6 @@ class Transport(Protocol):
 
 
 # -- wire helpers ------------------------------------------------------------------------------
-
-
-def _question_end(wire: bytes) -> int:
-    """Offset just past the first question of `wire` (names in a query are not compressed)."""
-    pos = 12
-    while pos < len(wire):
-        n = wire[pos]
-        if n == 0:
-            return pos + 5
-        if n & 0xC0:
-            return pos + 6
-        pos += n + 1
-    return len(wire)
-
-
-def _matches(query: bytes, response: bytes) -> bool:
-    """`response` answers `query` (same id, QR set, same question): a stray or spoofed
-    datagram for another query is ignored rather than taken as the answer."""
-    if len(response) < 12 or response[:2] != query[:2] or not response[2] & _QR:
-        return False
-    end = _question_end(query)
-    return response[12:end].lower() == query[12:end].lower()
 
 
 def _resend(session: Any, dest: Address, wire: bytes, fut: asyncio.Future[bytes]) -> None:
@@ -268,7 +246,9 @@ class UdpTransport:
         fut = self._ids.waiting.get(qid)
         sent = self._sent.get(qid)
         # Right id, wrong question (or no answer at all): not ours; keep waiting for ours.
-        if fut is not None and not fut.done() and sent is not None and _matches(sent, payload):
+        if fut is None or fut.done() or sent is None:
+            return
+        if dnswire.answers(sent, payload):
             fut.set_result(payload)
 
     def _on_close(self, why: str) -> None:
@@ -404,7 +384,7 @@ class _StreamConnection:
             raise DnsTransportError(self.tag, f"connection lost: {e}") from None
         finally:
             self.ids.waiting.pop(qid, None)
-        if not _matches(wire, response):
+        if not dnswire.answers(wire, response):
             raise DnsTransportError(self.tag, "the answer is for another question")
         return query[:2] + response[2:]
 
@@ -587,7 +567,7 @@ class HttpsTransport:
             conn.close()  # the body may be an error page; the connection has done its job
             raise _HttpStatusError(self.tag, f"HTTP status {status}")
         response = bytes(body)
-        if not _matches(wire, response):
+        if not dnswire.answers(wire, response):
             conn.close()
             raise _HttpStatusError(self.tag, "the answer is for another question")
         if h.our_state is h11.DONE and h.their_state is h11.DONE:

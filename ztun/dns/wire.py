@@ -25,7 +25,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Question", "Scan", "aged", "read_question", "scan_response", "with_id"]
+__all__ = [
+    "Question", "Scan", "aged", "answers", "read_question", "scan_response", "with_id",
+]  # fmt: skip
 
 MAX_MESSAGE = 65535
 #: Negative answers are kept no longer than this (as `ztun.dns.message.NEGATIVE_TTL_CAP`).
@@ -358,6 +360,22 @@ def _addresses(groups: _Groups, qname: bytes) -> tuple[tuple[bytes, int], ...]:
         name = alias[1][0]
         cap = min(cap, alias[0])
     return tuple(out)
+
+
+def answers(query: bytes, response: bytes) -> bool:
+    """`response` answers `query`: the same id, QR set, the same question (names compared
+    without case, and read through compression). A transport drops anything else, so a stray
+    or spoofed datagram for another query is never taken as the answer."""
+    if len(response) < 12 or response[:2] != query[:2] or not response[2] & (_QR >> 8):
+        return False
+    try:
+        qname, qend = _name(query, 12, len(query))
+        rname, rend = _name(response, 12, len(response))
+    except ValueError:
+        return False
+    if qend + 4 > len(query) or rend + 4 > len(response):
+        return False
+    return qname == rname and query[qend : qend + 4] == response[rend : rend + 4]
 
 
 def with_id(wire: bytes, qid: int) -> bytes:

@@ -161,3 +161,31 @@ def test_scan_checks_the_question_and_id() -> None:
     upper = dns.message.make_response(dns.message.make_query("A.TEST.", "A"))
     upper.id = query.id
     assert wire.scan_response(upper.to_wire(), q) is not None
+
+
+def test_answers_checks_id_qr_and_the_question() -> None:
+    import dns.message
+
+    from ztun.dns.wire import answers
+
+    query = dns.message.make_query("Example.test", "A")
+    query.id = 0x1234
+    wire = query.to_wire()
+    response = dns.message.make_response(query)
+    assert answers(wire, response.to_wire())
+    # names compare without case
+    upper = dns.message.make_query("EXAMPLE.TEST", "A")
+    upper.id = 0x1234
+    assert answers(wire, dns.message.make_response(upper).to_wire())
+    # another id, no QR bit, another name or type: not the answer
+    other = dns.message.make_response(query)
+    other.id = 0x4321
+    assert not answers(wire, other.to_wire())
+    assert not answers(wire, wire)
+    for name, qtype in (("other.test", "A"), ("example.test", "AAAA")):
+        q = dns.message.make_query(name, qtype)
+        q.id = 0x1234
+        assert not answers(wire, dns.message.make_response(q).to_wire())
+    # short or garbled: never raises
+    assert not answers(wire, b"\x12\x34\x80")
+    assert not answers(wire, b"\x12\x34\x80\x00" + b"\x00" * 8 + b"\xff")
