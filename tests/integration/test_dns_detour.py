@@ -26,7 +26,7 @@ from ztun.route.metadata import FlowMeta
 from .peers import free_port, start_singbox
 
 pytestmark = pytest.mark.singbox
-RECORDS = {"a.test": [("A", 300, ["192.0.2.1"]), ("AAAA", 300, ["2001:db8::1"])]}
+RECORDS = {"a.test": [("A", 300, ["203.0.113.1"]), ("AAAA", 300, ["2001:db8::1"])]}
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_tcp_dns_through_connect(socks_port: int) -> None:
             tag="t", server="127.0.0.1", server_port=peer.port, detour="proxy"
         )
         answers, proxy = ask(server, socks_port, [("a.test", "A"), ("a.test", "AAAA")])
-        assert answers == ["192.0.2.1", "2001:db8::1"]
+        assert answers == ["203.0.113.1", "2001:db8::1"]
         assert peer.count("tcp") == 2 and peer.tcp_connections == 1
         assert proxy.counters.tcp_flows == 1 and proxy.counters.errors == 0
 
@@ -81,7 +81,7 @@ def test_udp_dns_through_udp_associate(socks_port: int) -> None:
             tag="u", server="127.0.0.1", server_port=peer.port, detour="proxy"
         )
         answers, proxy = ask(server, socks_port, [("a.test", "A"), ("nx.test", "A")])
-        assert answers == ["192.0.2.1", "NXDOMAIN"]
+        assert answers == ["203.0.113.1", "NXDOMAIN"]
         assert peer.count("udp") == 2 and peer.count("tcp") == 0
         assert proxy.counters.udp_sessions == 1 and proxy.counters.tcp_flows == 0
 
@@ -94,5 +94,5 @@ def test_dot_through_connect(socks_port: int, tmp_path: Path) -> None:
             tls=DNSServerTLSOptions(insecure=True),
         )  # fmt: skip
         answers, proxy = ask(server, socks_port, [("a.test", "A")])
-        assert answers == ["192.0.2.1"] and peer.count("tls") == 1
+        assert answers == ["203.0.113.1"] and peer.count("tls") == 1
         assert proxy.counters.tcp_flows == 1

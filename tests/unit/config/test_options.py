@@ -20,7 +20,7 @@ FULL: dict[str, Any] = {
         {"type": "mixed", "tag": "in", "listen_port": 2080,
          "users": [{"username": "alice", "password": "pw"}]},
         {"type": "tun", "tag": "tun", "address": ["172.19.0.1/30", "fdfe::1/126"],
-         "route_address": "198.51.100.7/24", "route_exclude_address": ["192.0.2.0/24"],
+         "route_address": "198.51.100.7/24", "route_exclude_address": ["203.0.113.0/24"],
          "udp_timeout": "1m30s", "auto_route": True, "icmp": "drop"},
     ],
     "outbounds": [
@@ -31,13 +31,13 @@ FULL: dict[str, Any] = {
     ],
     "dns": {
         "servers": [
-            {"type": "udp", "tag": "u", "server": "192.0.2.53"},
-            {"type": "tcp", "tag": "t", "server": "192.0.2.53"},
-            {"type": "tls", "tag": "s", "server": "192.0.2.53"},
+            {"type": "udp", "tag": "u", "server": "203.0.113.53"},
+            {"type": "tcp", "tag": "t", "server": "203.0.113.53"},
+            {"type": "tls", "tag": "s", "server": "203.0.113.53"},
             {"type": "https", "tag": "h", "server": "dns.example"},
             {"type": "local", "tag": "l"},
             {"type": "hosts", "tag": "hosts", "path": "/etc/hosts",
-             "predefined": {"router.lan": "192.0.2.1"}},
+             "predefined": {"router.lan": "203.0.113.1"}},
             {"type": "fakeip", "tag": "f", "inet4_range": "198.18.0.0/16"},
         ],
         "rules": [{"domain_suffix": "lan", "server": "hosts"},
@@ -77,7 +77,7 @@ def test_every_section_is_typed_and_parsed() -> None:
     assert tun.address == (ipaddress.ip_interface("172.19.0.1/30"),
                            ipaddress.ip_interface("fdfe::1/126"))  # fmt: skip
     assert tun.route_address == (ipaddress.ip_network("198.51.100.0/24"),)
-    assert tun.route_exclude_address == (ipaddress.ip_network("192.0.2.0/24"),)
+    assert tun.route_exclude_address == (ipaddress.ip_network("203.0.113.0/24"),)
     assert (tun.udp_timeout, tun.mtu, tun.auto_route, tun.icmp) == (90.0, 9000, True, "drop")
     direct, socks, block = opts.outbounds
     assert isinstance(direct, o.DirectOutboundOptions)
@@ -91,7 +91,7 @@ def test_every_section_is_typed_and_parsed() -> None:
                      o.FakeIPDNSServerOptions]  # fmt: skip
     hosts, fake = opts.dns.servers[5], opts.dns.servers[6]
     assert isinstance(hosts, o.HostsDNSServerOptions)
-    assert hosts.path == ("/etc/hosts",) and hosts.predefined == {"router.lan": ("192.0.2.1",)}
+    assert hosts.path == ("/etc/hosts",) and hosts.predefined == {"router.lan": ("203.0.113.1",)}
     assert isinstance(fake, o.FakeIPDNSServerOptions)
     assert fake.inet4_range == ipaddress.ip_network("198.18.0.0/16")
     assert fake.inet6_range == ipaddress.ip_network("fc00::/18")

@@ -14,7 +14,7 @@ import pytest
 from tests.unit.dns.dns_peers import DnsPeer, dns_peer
 
 ROOT = Path(__file__).resolve().parents[3]
-RECORDS = {"a.test": [("A", 300, ["192.0.2.1"]), ("AAAA", 120, ["2001:db8::1"])]}
+RECORDS = {"a.test": [("A", 300, ["203.0.113.1"]), ("AAAA", 120, ["2001:db8::1"])]}
 
 
 def ztun(*args: str) -> subprocess.CompletedProcess[str]:
@@ -42,7 +42,7 @@ def write_config(tmp_path: Path, port: int, rules: str = "") -> Path:
         dns:
           servers:
             - {{type: udp, tag: up, server: 127.0.0.1, server_port: {port}}}
-            - {{type: hosts, tag: hosts, predefined: {{router.lan: 192.0.2.254}}}}
+            - {{type: hosts, tag: hosts, predefined: {{router.lan: 203.0.113.254}}}}
           final: up
         """)
         + rules
@@ -59,7 +59,7 @@ def test_json_names_the_server_and_the_answer(tmp_path: Path, peer: DnsPeer) -> 
     answer = out["answer"]
     assert (answer["rcode"], answer["cached"], answer["error"]) == ("NOERROR", False, None)
     assert [(r["type"], r["ttl"], r["data"]) for r in answer["records"]] == [
-        ("A", 300, "192.0.2.1")
+        ("A", 300, "203.0.113.1")
     ]
     assert 0 < answer["time_ms"] < 5000 and peer.count() == 1
 
@@ -109,7 +109,7 @@ def test_rules_choose_the_server(tmp_path: Path, peer: DnsPeer) -> None:
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["rule"]["index"] == 0 and out["server"] == "hosts"
-    assert [r["data"] for r in out["answer"]["records"]] == ["192.0.2.254"]
+    assert [r["data"] for r in out["answer"]["records"]] == ["203.0.113.254"]
     assert peer.count() == 0
 
 

@@ -29,8 +29,8 @@ from ztun.outbound.direct import DirectOutbound
 from ztun.route.metadata import FlowMeta
 
 RECORDS = {
-    "a.test": [("A", 300, ["192.0.2.1"]), ("AAAA", 300, ["2001:db8::1"])],
-    "short.test": [("A", 1, ["192.0.2.9"])],
+    "a.test": [("A", 300, ["203.0.113.1"]), ("AAAA", 300, ["2001:db8::1"])],
+    "short.test": [("A", 1, ["203.0.113.9"])],
     "v6.test": [("AAAA", 300, ["2001:db8::6"])],
 }
 META = FlowMeta(network="udp", inbound="tun-in")
@@ -56,7 +56,7 @@ def make_client(
 ) -> DnsClient:
     servers = (
         UDPDNSServerOptions(tag="up", server="127.0.0.1", server_port=peer.port),
-        HostsDNSServerOptions(tag="hosts", predefined={"router.lan": ("192.0.2.254",)}),
+        HostsDNSServerOptions(tag="hosts", predefined={"router.lan": ("203.0.113.254",)}),
         FakeIPDNSServerOptions(tag="fake"),
     )
     opts = DNSOptions(
@@ -83,7 +83,7 @@ def test_answers_with_the_query_id_and_caches() -> None:
     async def body(c: DnsClient) -> None:
         first = await c.exchange(query("a.test", qid=1), META)
         second = await c.resolve(query("a.test", qid=2), META)
-        assert parse(first).id == 1 and addrs(first) == ["192.0.2.1"]
+        assert parse(first).id == 1 and addrs(first) == ["203.0.113.1"]
         assert parse(second.wire).id == 2 and second.cached and second.server == "up"
         counters = c.counters["up"]
         assert (counters.queries, counters.answers, counters.cache_hits) == (2, 1, 1)
@@ -122,7 +122,7 @@ def test_identical_queries_in_flight_share_one_upstream_query() -> None:
     async def body(c: DnsClient) -> None:
         outs = await asyncio.gather(*(c.exchange(query("a.test", qid=i), META) for i in range(50)))
         assert [parse(o).id for o in outs] == list(range(50))
-        assert all(addrs(o) == ["192.0.2.1"] for o in outs)
+        assert all(addrs(o) == ["203.0.113.1"] for o in outs)
 
     with dns_peer(RECORDS) as peer:
         peer.delay = 0.2
@@ -162,18 +162,18 @@ def test_rules_route_reject_and_predefine() -> None:
         ("ads.test", {"reject": "default"}),
         ("quiet.test", {"reject": "drop"}),
         ("fixed.test", {"predefined": type("P", (), {"rcode": "NOERROR", "answer": (
-            "fixed.test. 60 IN A 192.0.2.77",), "ns": (), "extra": ()})()}),
+            "fixed.test. 60 IN A 203.0.113.77",), "ns": (), "extra": ()})()}),
         ("fake.test", {"server": "fake"}),
     ])  # fmt: skip
 
     async def body(c: DnsClient) -> None:
         lan = await c.resolve(query("router.lan"), META)
-        assert lan.server == "hosts" and addrs(lan.wire) == ["192.0.2.254"]
+        assert lan.server == "hosts" and addrs(lan.wire) == ["203.0.113.254"]
         refused = await c.resolve(query("x.ads.test"), META)
         assert refused.response is not None and refused.response.rcode() == dns.rcode.REFUSED
         assert refused.server is None
         assert await c.exchange(query("quiet.test"), META) is None
-        assert addrs(await c.exchange(query("fixed.test"), META)) == ["192.0.2.77"]
+        assert addrs(await c.exchange(query("fixed.test"), META)) == ["203.0.113.77"]
         [fake] = addrs(await c.exchange(query("fake.test"), META))
         assert ipaddress.ip_address(fake) in ipaddress.ip_network("198.18.0.0/15")
         assert c.fakeip.lookup(ipaddress.ip_address(fake)) == "fake.test"
@@ -189,7 +189,7 @@ def test_strategy_ipv4_only_answers_aaaa_empty_without_asking() -> None:
     async def body(c: DnsClient) -> None:
         out = await c.exchange(query("a.test", "AAAA"), META)
         assert parse(out).rcode() == dns.rcode.NOERROR and addrs(out) == []
-        assert await c.lookup("a.test") == [ipaddress.ip_address("192.0.2.1")]
+        assert await c.lookup("a.test") == [ipaddress.ip_address("203.0.113.1")]
 
     with dns_peer(RECORDS) as peer:
         run(peer, body, strategy="ipv4_only")
@@ -197,7 +197,7 @@ def test_strategy_ipv4_only_answers_aaaa_empty_without_asking() -> None:
 
 
 def test_lookup_orders_by_strategy_and_fails_with_a_dns_error() -> None:
-    v4, v6 = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("2001:db8::1")
+    v4, v6 = ipaddress.ip_address("203.0.113.1"), ipaddress.ip_address("2001:db8::1")
 
     async def body(c: DnsClient) -> None:
         assert await c.lookup("a.test") == [v4, v6]
@@ -206,7 +206,7 @@ def test_lookup_orders_by_strategy_and_fails_with_a_dns_error() -> None:
         assert await c.lookup("v6.test", strategy="prefer_ipv4") == [
             ipaddress.ip_address("2001:db8::6")
         ]
-        assert await c.lookup("192.0.2.5") == [ipaddress.ip_address("192.0.2.5")]
+        assert await c.lookup("203.0.113.5") == [ipaddress.ip_address("203.0.113.5")]
         with pytest.raises(OutboundError) as e:
             await c.lookup("missing.test")
         assert e.value.kind.name == "DNS" and "NXDOMAIN" in str(e.value)
@@ -220,7 +220,7 @@ def test_reverse_mapping_records_answers() -> None:
 
     async def body(c: DnsClient) -> None:
         await c.exchange(query("a.test"), META)
-        assert reverse.lookup(ipaddress.ip_address("192.0.2.1"), time.monotonic()) == "a.test"
+        assert reverse.lookup(ipaddress.ip_address("203.0.113.1"), time.monotonic()) == "a.test"
 
     with dns_peer(RECORDS) as peer:
         run(peer, body, reverse=reverse, reverse_mapping=True)

@@ -216,7 +216,7 @@ def test_addresses_follow_cnames_with_ttl_caps() -> None:
         "www.example.com. 30 IN CNAME cdn.example.net.",
         "cdn.example.net. 300 IN CNAME edge.example.org.",
         "edge.example.org. 600 IN A 198.51.100.9",
-        "other.example. 5 IN A 192.0.2.1",
+        "other.example. 5 IN A 203.0.113.1",
     )
     assert m.addresses(r) == [(ipaddress.ip_address("198.51.100.9"), 30)]
     assert m.min_ttl(r) == 5

@@ -66,7 +66,7 @@ def test_reject_and_predefined() -> None:
         {"domain": "quiet.example", "action": "reject", "method": "drop"},
         {"query_type": "HTTPS", "action": "predefined", "rcode": "NOERROR"},
         {"domain": "fixed.example", "action": "predefined",
-         "answer": ["fixed.example. IN A 192.0.2.1"], "ns": "example. IN NS ns.example."},
+         "answer": ["fixed.example. IN A 203.0.113.1"], "ns": "example. IN NS ns.example."},
     ])  # fmt: skip
     assert r.decide(q("ads.example")).reject == Reject("default")
     assert r.decide(q("quiet.example")).reject == Reject("drop")
@@ -74,7 +74,7 @@ def test_reject_and_predefined() -> None:
     assert https.predefined == Predefined("NOERROR") and https.server is None
     fixed = r.decide(q("fixed.example"))
     assert fixed.predefined == Predefined(
-        "NOERROR", ("fixed.example. IN A 192.0.2.1",), ("example. IN NS ns.example.",), ()
+        "NOERROR", ("fixed.example. IN A 203.0.113.1",), ("example. IN NS ns.example.",), ()
     )
     assert isinstance(fixed.action, Predefined)
 
@@ -142,7 +142,7 @@ def test_rule_sets_are_shared_with_route() -> None:
         ({"domain": "x", "action": "route"}, ("dns", "rules", 0, "server"), "no server"),
         ({"action": "reject", "method": "reply"}, ("dns", "rules", 0, "method"), "reject method"),
         ({"action": "predefined", "rcode": "BOGUS"}, ("dns", "rules", 0, "rcode"), "response code"),
-        ({"action": "predefined", "answer": ["ok. IN A 192.0.2.1", "bad. IN A 1"]},
+        ({"action": "predefined", "answer": ["ok. IN A 203.0.113.1", "bad. IN A 1"]},
          ("dns", "rules", 0, "answer", 1), "zone-file"),
         ({"action": "predefined", "extra": "bad. IN AAAA x"},
          ("dns", "rules", 0, "extra"), "zone-file"),
@@ -284,7 +284,7 @@ _KEYS = ["type", "tag", "rules", "server", "action", "method", "rcode", "answer"
 _SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(-5, 70000),
     st.sampled_from(["local", "logical", "and", "reject", "predefined", "route-options", "drop",
-                     "NXDOMAIN", "x. IN A 192.0.2.1", "tls://1.1.1.1", "quic://x", "A"]),
+                     "NXDOMAIN", "x. IN A 203.0.113.1", "tls://1.1.1.1", "quic://x", "A"]),
 )  # fmt: skip
 _VALUES = st.recursive(
     _SCALARS,

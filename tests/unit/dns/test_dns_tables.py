@@ -125,11 +125,11 @@ def test_reverse_map_ttl_and_floor() -> None:
 
 def test_reverse_map_bound_is_lru() -> None:
     rmap = ReverseMap(capacity=2)
-    rmap.record(IP("192.0.2.1"), "one.example", 60, now=0)
-    rmap.record(IP("192.0.2.2"), "two.example", 60, now=0)
-    assert rmap.lookup(IP("192.0.2.1"), now=1) == "one.example"
-    rmap.record(IP("192.0.2.3"), "three.example", 60, now=1)
-    assert len(rmap) == 2 and rmap.lookup(IP("192.0.2.2"), now=2) is None
+    rmap.record(IP("203.0.113.1"), "one.example", 60, now=0)
+    rmap.record(IP("203.0.113.2"), "two.example", 60, now=0)
+    assert rmap.lookup(IP("203.0.113.1"), now=1) == "one.example"
+    rmap.record(IP("203.0.113.3"), "three.example", 60, now=1)
+    assert len(rmap) == 2 and rmap.lookup(IP("203.0.113.2"), now=2) is None
 
 
 def test_reverse_map_records_responses_through_cnames() -> None:

@@ -32,8 +32,8 @@ from ztun.dns.fakeip import FakeIPPool
 from ztun.outbound.direct import DirectOutbound
 
 RECORDS = {
-    "a.test": [("A", 300, ["192.0.2.1"]), ("AAAA", 300, ["2001:db8::1"])],
-    "big.test": [("A", 60, [f"192.0.2.{i}" for i in range(1, 60)])],
+    "a.test": [("A", 300, ["203.0.113.1"]), ("AAAA", 300, ["2001:db8::1"])],
+    "big.test": [("A", 60, [f"203.0.113.{i}" for i in range(1, 60)])],
 }
 
 
@@ -73,7 +73,7 @@ def test_udp_exchange_keeps_the_query_id_and_reuses_its_session() -> None:
             two = await t.exchange(query("a.test", "AAAA", qid=8), 2)
         finally:
             await t.close()
-        assert parse(one).id == 7 and addrs(one) == ["192.0.2.1"]
+        assert parse(one).id == 7 and addrs(one) == ["203.0.113.1"]
         assert parse(two).id == 8 and addrs(two) == ["2001:db8::1"]
         assert t.dialer.outbound.counters.udp_sessions == 1
 
@@ -92,7 +92,7 @@ def test_udp_sends_once_more_when_the_first_datagram_is_lost() -> None:
             took = time.monotonic() - start
         finally:
             await t.close()
-        assert addrs(out) == ["192.0.2.1"]
+        assert addrs(out) == ["203.0.113.1"]
         assert peer.count("udp") == 2 and 0.4 < took < 0.9
 
     with dns_peer(RECORDS) as peer:
@@ -148,7 +148,7 @@ def test_tcp_pipelines_concurrent_queries_on_one_connection() -> None:
         finally:
             await t.close()
         assert [parse(o).id for o in outs] == list(range(20))
-        assert all(addrs(o) == ["192.0.2.1"] for o in outs)
+        assert all(addrs(o) == ["203.0.113.1"] for o in outs)
         assert addrs(later) == ["2001:db8::1"]
         assert peer.tcp_connections == 1 and peer.count("tcp") == 21
 
@@ -169,7 +169,7 @@ def test_tcp_reconnects_after_the_server_closed_the_connection() -> None:
             out = await t.exchange(query("a.test"), 2)
         finally:
             await t.close()
-        assert addrs(out) == ["192.0.2.1"] and peer.tcp_connections == 2
+        assert addrs(out) == ["203.0.113.1"] and peer.tcp_connections == 2
 
     with dns_peer(RECORDS) as peer:
         asyncio.run(main(peer))
@@ -211,7 +211,7 @@ def test_dot_with_insecure_answers(cert: tuple[Path, Path]) -> None:
         finally:
             await t.close()
         assert [parse(o).id for o in outs] == list(range(5))
-        assert all(addrs(o) == ["192.0.2.1"] for o in outs)
+        assert all(addrs(o) == ["203.0.113.1"] for o in outs)
 
     with dot_peer(*cert, RECORDS) as peer:
         asyncio.run(main(peer.port))
@@ -235,8 +235,8 @@ def test_dot_verifies_the_server_name(
             await t.close()
 
     with dot_peer(*cert, RECORDS) as peer:
-        assert addrs(asyncio.run(main(peer.port, "dns.test"))) == ["192.0.2.1"]
-        assert addrs(asyncio.run(main(peer.port, None))) == ["192.0.2.1"]  # IP SAN
+        assert addrs(asyncio.run(main(peer.port, "dns.test"))) == ["203.0.113.1"]
+        assert addrs(asyncio.run(main(peer.port, None))) == ["203.0.113.1"]  # IP SAN
         with pytest.raises(tr.DnsTransportError) as e:
             asyncio.run(main(peer.port, "other.test"))
         assert "TLS" in e.value.reason
@@ -275,7 +275,7 @@ def test_doh_posts_and_keeps_the_connection(
     with doh_peer(*cert, RECORDS) as doh:
         outs = asyncio.run(main(doh.port))
         assert [parse(o).id for o in outs] == [0, 1, 2]
-        assert [addrs(o) for o in outs] == [["192.0.2.1"], ["2001:db8::1"], ["192.0.2.1"]]
+        assert [addrs(o) for o in outs] == [["203.0.113.1"], ["2001:db8::1"], ["203.0.113.1"]]
         assert doh.paths == ["/q"] * 3 and doh.server.connections == 1
 
 
@@ -302,11 +302,11 @@ def test_doh_server_that_hangs_up_is_a_transport_error(cert: tuple[Path, Path]) 
 
 def test_hosts_answers_from_files_and_predefined(tmp_path: Path) -> None:
     (tmp_path / "hosts").write_text(
-        "# comment\n127.0.0.1 localhost\n192.0.2.7 Printer.LAN printer # inline\n"
+        "# comment\n127.0.0.1 localhost\n203.0.113.7 Printer.LAN printer # inline\n"
         "2001:db8::7 printer.lan\nbogus line\n"
     )
     opts = HostsDNSServerOptions(
-        tag="h", path=("hosts",), predefined={"router.lan": ("192.0.2.1", "2001:db8::1")}
+        tag="h", path=("hosts",), predefined={"router.lan": ("203.0.113.1", "2001:db8::1")}
     )
     t = tr.HostsTransport(opts, tmp_path)
 
@@ -318,7 +318,7 @@ def test_hosts_answers_from_files_and_predefined(tmp_path: Path) -> None:
         ]  # fmt: skip
 
     p4, p6, r6, rmx, none = asyncio.run(main())
-    assert addrs(p4) == ["192.0.2.7"] and addrs(p6) == ["2001:db8::7"]
+    assert addrs(p4) == ["203.0.113.7"] and addrs(p6) == ["2001:db8::7"]
     assert addrs(r6) == ["2001:db8::1"] and addrs(rmx) == []
     assert parse(rmx).rcode() == dns.rcode.NOERROR
     assert parse(none).rcode() == dns.rcode.NXDOMAIN

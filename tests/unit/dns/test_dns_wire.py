@@ -24,7 +24,7 @@ def records(draw: st.DrawFn, qname: str) -> dns.rrset.RRset:
     owner = draw(st.one_of(st.just(qname), NAMES))
     kind = draw(st.sampled_from(["A", "AAAA", "CNAME", "SOA", "MX", "TXT", "NS"]))
     data = {
-        "A": lambda: f"192.0.2.{draw(st.integers(0, 3))}",
+        "A": lambda: f"203.0.113.{draw(st.integers(0, 3))}",
         "AAAA": lambda: f"2001:db8::{draw(st.integers(0, 3))}",
         "CNAME": lambda: draw(st.one_of(NAMES, st.just(qname))),
         "NS": lambda: draw(NAMES),

@@ -26,7 +26,7 @@ PROXY, DIRECT = "proxy", "direct"
 A = Address("203.0.113.5", 53)
 B = Address("198.51.100.7", 443)
 C = Address("2001:db8::9", 123)
-D = Address("192.0.2.1", 9)
+D = Address("203.0.113.1", 9)
 
 
 class Outbound:
@@ -105,7 +105,7 @@ def test_destinations_share_one_session_per_outbound() -> None:
     # Replies come back per destination and are counted on that flow.
     assert s.core.reply(key(B), b"xyz", 1.1) is fb
     assert (fb.flow.up, fb.flow.down, fa.flow.up) == (4, 3, 4)
-    assert s.core.reply(("192.0.2.200", 1), b"?", 1.1) is None
+    assert s.core.reply(("203.0.113.200", 1), b"?", 1.1) is None
 
     # The shared session closes only with its last flow.
     s.core.end(key(A), "closed")

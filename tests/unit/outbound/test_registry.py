@@ -40,7 +40,7 @@ def test_registries_cover_every_type_of_the_config_layer() -> None:
 
 @pytest.mark.parametrize("data,cls", [
     ({"type": "direct", "tag": "d"}, DirectOutbound),
-    ({"type": "socks", "tag": "s", "server": "192.0.2.1", "server_port": 1080}, SocksOutbound),
+    ({"type": "socks", "tag": "s", "server": "203.0.113.1", "server_port": 1080}, SocksOutbound),
     ({"type": "block", "tag": "b"}, BlockOutbound),
 ])  # fmt: skip
 def test_build_outbound_by_type(data: dict[str, object], cls: type) -> None:
@@ -68,7 +68,7 @@ def test_capabilities() -> None:
     direct = DirectOutbound(build(DirectOutboundOptions, {"tag": "d"}))
     block = BlockOutbound(build(BlockOutboundOptions, {"tag": "b"}))
     socks = SocksOutbound(
-        build(SocksOutboundOptions, {"tag": "s", "server": "192.0.2.1", "server_port": 1080})
+        build(SocksOutboundOptions, {"tag": "s", "server": "203.0.113.1", "server_port": 1080})
     )
     assert (block.refuses_tcp, block.drops_udp) == (True, True)
     assert not any((direct.refuses_tcp, direct.drops_udp, socks.refuses_tcp, socks.drops_udp))
@@ -82,7 +82,7 @@ def test_capabilities() -> None:
     async def bypass() -> list[list[object]]:
         return [await ob.bypass_addresses() for ob in (direct, block, socks)]
 
-    assert asyncio.run(bypass()) == [[], [], [ipaddress.ip_network("192.0.2.1/32")]]
+    assert asyncio.run(bypass()) == [[], [], [ipaddress.ip_network("203.0.113.1/32")]]
 
 
 def test_no_behaviour_by_outbound_type() -> None:

@@ -141,7 +141,7 @@ def quic_datagrams(server_name: str, alpn: list[str], version: int) -> list[byte
     config = QuicConfiguration(is_client=True, server_name=server_name, alpn_protocols=alpn)
     config.supported_versions = [version]
     conn = QuicConnection(configuration=config)
-    conn.connect(("192.0.2.1", 443), now=0.0)
+    conn.connect(("203.0.113.1", 443), now=0.0)
     return [data for data, _addr in conn.datagrams_to_send(now=0.0)]
 
 

@@ -34,7 +34,7 @@ def test_every_method(method):
         (head("host:example.com"), "example.com"),
         (head("HOST: \texample.com. \t"), "example.com"),
         (head("Accept: */*", "Host: a.example", "X: y"), "a.example"),
-        (head("Host: 192.0.2.1:80"), None),
+        (head("Host: 203.0.113.1:80"), None),
         (head("Host: [2001:db8::1]:8080"), None),
         (head("Host: a.example:http"), None),
         (head("Host: a.example:123456"), None),

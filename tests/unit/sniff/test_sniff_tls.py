@@ -99,7 +99,7 @@ def test_other_record_between_fragments():
         (b".".join([b"a" * 49] * 5) + b".abc", ".".join(["a" * 49] * 5) + ".abc"),  # 253
         (b".".join([b"a" * 49] * 5) + b".abcd", None),  # 254
         (b"example.com.", None),  # RFC 6066: no trailing dot
-        (b"192.0.2.1", None),  # RFC 6066: no address literals
+        (b"203.0.113.1", None),  # RFC 6066: no address literals
         (b"under_score.example", None),
         (b"-lead.example", None),
         (b"trail-.example", None),
