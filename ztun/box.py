@@ -18,7 +18,7 @@ from typing import Any
 
 from ztun.config.options import LogOptions, Options
 from ztun.dns.module import build_dns
-from ztun.errors import Diagnostic, ZtunError
+from ztun.errors import ZtunError
 from ztun.inbound.registry import Inbound, build_inbound
 from ztun.outbound.base import Outbound
 from ztun.outbound.registry import build_outbound
@@ -70,15 +70,6 @@ def setup_logging(options: LogOptions | None = None, override: str | None = None
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
     root.setLevel(_LEVELS[name])
-
-
-def load(path: str | Path) -> tuple[Options, RouterLike, list[Diagnostic]]:
-    """The config's options, its router and the check's warnings; raises ConfigError listing
-    every mistake."""
-    from ztun.check import load_and_compile
-
-    compiled = load_and_compile(path)
-    return compiled.options, compiled.router, compiled.warnings
 
 
 class Box:
@@ -199,7 +190,7 @@ def run(path: str | Path, log_level: str | None = None, *, grace: float = GRACE_
     runner = asyncio.Runner() if os.environ.get("ZTUN_LOOP") == "asyncio" else _runner()
     with runner:
         return runner.run(
-            _serve(options, router, grace, getattr(compiled, "dns_router", None),
+            _serve(options, router, grace, compiled.dns_router,
                    compiled.loaded.base_dir)
         )  # fmt: skip
 

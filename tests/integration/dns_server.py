@@ -25,6 +25,8 @@ import ssl
 import sys
 import time
 
+from tun_server import tcp_echo  # the sibling script: run from this folder
+
 BANNER = b"SSH-2.0-test\r\n"
 
 
@@ -88,13 +90,10 @@ async def main(events_path: str, cert: str, key: str, udp_addresses: list[str]) 
         try:
             writer.write(BANNER)
             await writer.drain()
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
         except OSError:
-            pass
-        finally:
             writer.close()
+            return
+        await tcp_echo(reader, writer)  # then an echo, as the TUN tests' target
 
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(cert, key)

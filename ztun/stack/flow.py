@@ -10,18 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 from ztun.address import Address
 from ztun.route.action import Decision
 from ztun.route.metadata import FlowMeta
 from ztun.sniff import ALL as ALL_SNIFFERS
 from ztun.sniff import Sniffed, sniff_datagram
-
-#: How a flow ended, as its log line says it (`end=`).
-End = Literal[
-    "", "closed", "idle", "reset", "failed", "blocked", "evicted", "cancelled", "timeout"
-]
 
 
 @dataclass(slots=True)

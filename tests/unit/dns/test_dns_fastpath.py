@@ -11,24 +11,17 @@ import dns.name
 import pytest
 
 from tests.unit.dns.dns_peers import dns_peer
-from tests.unit.dns.test_dns_client import META, RECORDS, make_client, parse, query
+from tests.unit.dns.test_dns_client import META, RECORDS, parse, query
+from tests.unit.dns.test_dns_client import run as run_with
 from ztun.address import Address
 from ztun.dns.client import DnsClient, FastMiss
 from ztun.dns.hijack import DnsHijack
 
 
 def run(body: Any, **kw: Any) -> Any:
+    """test_dns_client's `run` against a fresh peer: the body's result and the peer's count."""
     with dns_peer(RECORDS) as peer:
-
-        async def main() -> Any:
-            client = make_client(peer, **kw)
-            try:
-                return await body(client)
-            finally:
-                await client.close()
-
-        result = asyncio.run(main())
-        return result, peer.count()
+        return run_with(peer, body, **kw), peer.count()
 
 
 def test_a_hit_is_synchronous_aged_and_needs_no_dnspython(monkeypatch: pytest.MonkeyPatch) -> None:
