@@ -25,7 +25,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -85,6 +85,17 @@ class FastMiss:
     transport: Transport
     strategy: str | None
     use_cache: bool
+
+
+@dataclass(slots=True)
+class _Flight:
+    """One fast-path upstream query and everyone waiting on its answer."""
+
+    miss: FastMiss
+    #: each waiter's own query (for its id, or its SERVFAIL) and where its answer goes
+    waiters: list[tuple[bytes, Callable[[bytes], object]]]
+    #: counted in `DnsClient._upstream_now` (a callback query, not a task's)
+    holds_slot: bool = False
 
 
 @dataclass
@@ -186,6 +197,10 @@ class DnsClient:
         self.options = options
         # Without DNS rules (or before the rule engine is wired), every query goes to final.
         self.router = router if router is not None else _NoRules()
+        self._has_rules = bool(getattr(self.router, "rules", True))
+        self._no_rules_decision = (
+            None if self._has_rules else self.router.decide(FlowMeta(network="udp"))
+        )
         self.timeout = timeout
         self.clock = clock
         self.reverse = reverse
@@ -217,6 +232,11 @@ class DnsClient:
         self._in_flight: dict[_FlightKey, asyncio.Future[Any]] = {}
         self.max_in_flight = max_in_flight
         self._slots = asyncio.Semaphore(max_concurrent)
+        #: the fast path's upstream queries in flight, and how many hold a callback slot
+        self._flights: dict[_FlightKey, _Flight] = {}
+        self._upstream_now = 0
+        self._max_concurrent = max_concurrent
+        self._tasks: set[asyncio.Task[None]] = set()
         self.overloaded = 0
 
     # -- the query path --------------------------------------------------------------------
@@ -246,22 +266,100 @@ class DnsClient:
 
     async def fetch(self, miss: FastMiss) -> bytes:
         """The upstream answer to a query `answer_cached` could not answer, or a SERVFAIL."""
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.fetch_soon(miss, lambda answer: fut.done() or fut.set_result(answer))
+        return await fut
+
+    def fetch_soon(self, miss: FastMiss, on_answer: Callable[[bytes], object]) -> None:
+        """`fetch` without a task: `on_answer` gets the answer (with the query's id) or a
+        SERVFAIL exactly once, later (at once when nothing can be asked). Identical queries
+        in flight share one upstream query; the flight belongs to no asker, so one that goes
+        away takes nothing from the others."""
+        q = miss.question
+        key = ("wire", miss.server, q.name, q.qtype, q.qclass, miss.strategy)
+        flight = self._flights.get(key)
+        if flight is not None:
+            flight.waiters.append((miss.query, on_answer))
+            return
+        if len(self._flights) + len(self._in_flight) >= self.max_in_flight:
+            self.overloaded += 1
+            self.counters[miss.server].errors += 1
+            on_answer(self._fast_servfail(miss.query))
+            return
+        flight = _Flight(miss, [(miss.query, on_answer)])
+        self._flights[key] = flight
+        send = getattr(miss.transport, "query_soon", None)
+        if send is not None and self._upstream_now < self._max_concurrent:
+            # The usual way: a UDP server answers through a callback, no task per query.
+            self._upstream_now += 1
+            flight.holds_slot = True
+            send(miss.query, self.timeout, lambda wire, error: self._land(key, flight, wire, error))
+            return
+        task = asyncio.get_running_loop().create_task(self._ask_in_task(key, flight))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _ask_in_task(self, key: _FlightKey, flight: _Flight) -> None:
+        """A flight over a transport without callbacks (TCP, DoT, DoH, in-process), or beyond
+        the callback slots: asked as the dnspython path asks, within the slots."""
+        miss = flight.miss
         try:
-            return await self._fetch(miss)
-        except DnsTransportError:
-            pass
-        except Exception:
-            log.exception("DNS query failed")
-        servfail = self._servfail_of(miss.query)
-        assert servfail is not None  # the query parsed: it has a header to echo
+            wire = await self._exchange_upstream(miss.server, miss.transport, miss.query)
+        except DnsTransportError as e:
+            self._land(key, flight, None, e, counted=True)
+        except asyncio.CancelledError:
+            self._land(key, flight, None, DnsTransportError(miss.server, "closed"), counted=True)
+            raise
+        else:
+            self._land(key, flight, wire, None)
+
+    def _land(
+        self, key: _FlightKey, flight: _Flight, wire: bytes | None,
+        error: DnsTransportError | None, *, counted: bool = False,
+    ) -> None:  # fmt: skip
+        """A flight's upstream answer (or failure) reaches everyone waiting on it."""
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        if flight.holds_slot:
+            flight.holds_slot = False
+            self._upstream_now -= 1
+        miss = flight.miss
+        answer: bytes | None = None
+        if wire is not None:
+            try:
+                answer = self._take_answer(miss, wire)
+            except DnsTransportError:
+                pass
+            except Exception:  # a bug costs these answers, not the module
+                log.exception("DNS answer handling failed")
+        elif error is not None and not counted:
+            counters = self.counters[miss.server]
+            if isinstance(error, DnsTimeoutError):
+                counters.timeouts += 1
+            else:
+                counters.errors += 1
+        for query, on_answer in flight.waiters:
+            reply = query[:2] + answer[2:] if answer is not None else self._fast_servfail(query)
+            try:
+                on_answer(reply)
+            except Exception:
+                log.exception("DNS answer delivery failed")
+
+    def _fast_servfail(self, query: bytes) -> bytes:
+        servfail = self._servfail_of(query)
+        assert servfail is not None  # the query parsed on the fast path: it has a header
         return servfail
 
     def _plan(self, query: bytes, meta: FlowMeta, allow_fakeip: bool) -> FastMiss | None:
         q = dnswire.read_question(query)
         if q is None:
             return None
-        meta = replace(meta, domain=q.name or None, query_type=q.qtype)
-        decision = self.router.decide(meta, allow_fakeip=allow_fakeip)
+        # Without DNS rules every query gets final's decision: no flow description to build.
+        decision = (
+            self.router.decide(meta.for_query(q.name or None, q.qtype), allow_fakeip=allow_fakeip)
+            if self._has_rules
+            else self._no_rules_decision
+        )
         if decision is not None and (
             _reject_method(decision) is not None
             or _predefined(decision) is not None
@@ -289,20 +387,12 @@ class DnsClient:
             self.counters[miss.server].cache_hits += 1
         return hit
 
-    async def _fetch(self, miss: FastMiss) -> bytes:
-        """As `_upstream`, for the fast path: waiters share the answer's bytes and each puts
-        its own id on them. Raises DnsTransportError."""
-        q = miss.question
-        key = ("wire", miss.server, q.name, q.qtype, q.qclass, miss.strategy)
-        answer: bytes = await self._shared(key, miss.server, lambda: self._ask_wire(miss))
-        return dnswire.with_id(answer, q.id)
-
     async def _shared(
         self, key: _FlightKey, server: str, ask: Callable[[], Awaitable[_T]]
     ) -> _T:
-        """`ask()` once for all identical queries in flight (same `key`): the first caller
-        asks upstream itself (no task of its own: one per query was a good part of a miss's
-        cost), the others wait on its future, shielded so that one waiter giving up cancels
+        """The dnspython path's sharing (the fast path's is `fetch_soon`): `ask()` once for
+        all identical queries in flight (same `key`): the first caller asks upstream itself,
+        the others wait on its future, shielded so that one waiter giving up cancels
         nothing for the rest. If the asker itself is cancelled (its flow went away), those
         waiting ask again rather than fail with it. Raises DnsTransportError."""
         while (shared := self._in_flight.get(key)) is not None:
@@ -331,10 +421,12 @@ class DnsClient:
                 del self._in_flight[key]
         return result
 
-    async def _ask_wire(self, miss: FastMiss) -> bytes:
+    def _take_answer(self, miss: FastMiss, wire: bytes) -> bytes:
+        """A fast-path query's upstream answer, checked, cached and recorded in the reverse
+        map; what every waiter gets (each with its own id). Raises DnsTransportError for an
+        answer that does not parse."""
         server, q = miss.server, miss.question
         counters = self.counters[server]
-        wire = await self._exchange_upstream(server, miss.transport, miss.query)
         scan = dnswire.scan_response(wire, q)
         now = self.clock()
         if scan is None:
@@ -388,7 +480,7 @@ class DnsClient:
         except ZtunError as e:
             return DnsResult(message.formerr_for(query), error=str(e))
         name, qtype, qclass = message.question(msg)
-        meta = replace(meta, domain=name or None, query_type=qtype)
+        meta = meta.for_query(name or None, qtype)
         decision = self.router.decide(meta, allow_fakeip=allow_fakeip)
         method = _reject_method(decision)
         if method is not None:
@@ -560,6 +652,12 @@ class DnsClient:
         for fut in self._in_flight.values():
             fut.cancel()
         self._in_flight.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1.0)
+        for key, flight in list(self._flights.items()):
+            self._land(key, flight, None, DnsTransportError(flight.miss.server, "closed"))
         for transport in self.transports.values():
             with contextlib.suppress(Exception):
                 await transport.close()

@@ -232,8 +232,14 @@ def _scan(wire: bytes, q: Question) -> Scan | None:
     qid, flags, qd, an, ns, ar = _HEADER.unpack_from(wire)
     if qid != q.id or not flags & _QR or flags & 0x7800 or qd != 1:
         return None
-    qname, pos = _name(wire, 12, n)
-    if pos + 4 > n or qname != q.qname:
+    qname = q.qname
+    pos = 12 + len(qname)
+    # Servers echo the question as it was asked: compare bytes, walk the name only if not.
+    if wire[12:pos].translate(_LOWER) != qname:
+        qname, pos = _name(wire, 12, n)
+        if qname != q.qname:
+            return None
+    if pos + 4 > n:
         return None
     if _HH.unpack_from(wire, pos) != (q.qtype, q.qclass):
         return None
@@ -247,7 +253,10 @@ def _scan(wire: bytes, q: Question) -> Scan | None:
     extended_rcode = 0
     total = an + ns + ar
     for index in range(total):
-        owner, pos = _name(wire, pos, n)
+        if wire[pos] == 0xC0 and wire[pos + 1] == 12:
+            owner, pos = qname, pos + 2  # the usual owner: a pointer to the question's name
+        else:
+            owner, pos = _name(wire, pos, n)
         if pos + 10 > n:
             return None
         rtype, rclass, ttl, rdlen = _RR.unpack_from(wire, pos)
@@ -368,6 +377,9 @@ def answers(query: bytes, response: bytes) -> bool:
     or spoofed datagram for another query is never taken as the answer."""
     if len(response) < 12 or response[:2] != query[:2] or not response[2] & (_QR >> 8):
         return False
+    end = _plain_name_end(query)
+    if end > 0 and response[12:end] == query[12:end]:
+        return True  # the question echoed byte for byte, as servers do
     try:
         qname, qend = _name(query, 12, len(query))
         rname, rend = _name(response, 12, len(response))
@@ -376,6 +388,20 @@ def answers(query: bytes, response: bytes) -> bool:
     if qend + 4 > len(query) or rend + 4 > len(response):
         return False
     return qname == rname and query[qend : qend + 4] == response[rend : rend + 4]
+
+
+def _plain_name_end(query: bytes) -> int:
+    """The offset past the question (name, type, class) of a query whose name has no
+    pointers, or -1."""
+    pos, n = 12, len(query)
+    while pos < n:
+        length = query[pos]
+        if length == 0:
+            return pos + 5 if pos + 5 <= n else -1
+        if length > 63:
+            return -1
+        pos += 1 + length
+    return -1
 
 
 def with_id(wire: bytes, qid: int) -> bytes:

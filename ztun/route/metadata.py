@@ -52,6 +52,16 @@ class FlowMeta:
             if norm != self.domain:
                 object.__setattr__(self, "domain", norm)
 
+    def for_query(self, domain: str | None, query_type: int) -> FlowMeta:
+        """This flow asking DNS for `domain` (already lower case, no root dot): what DNS rules
+        match on. `dataclasses.replace` does the same at about twice the cost, once per
+        hijacked query."""
+        return FlowMeta(
+            self.network, self.destination, self.destination_port, domain, self.source,
+            self.source_port, self.inbound, self.protocol, self.resolved, self.user,
+            query_type, self.outbound,
+        )  # fmt: skip
+
     @property
     def ip_version(self) -> int | None:
         if self.destination is not None:
