@@ -35,6 +35,7 @@ from ztun.config.options import RouteOptions, TunInboundOptions
 from ztun.errors import ZtunError
 from ztun.nat.tcp import FORWARD, TcpNat, unfinished
 from ztun.outbound.base import Outbound, OutboundError
+from ztun.packet.ip import Drop
 from ztun.packet.virtio import HEADER_LEN, PLAIN
 from ztun.runtime.dispatch import Dispatcher, log_flow
 from ztun.runtime.netio import Handover
@@ -55,6 +56,9 @@ SWEEP_INTERVAL = 2.0
 OFFLOAD_ENV = "ZTUN_TUN_OFFLOAD"
 #: How long shutdown keeps the TUN running so that the FINs reach the applications.
 DRAIN_TIME = 1.0
+#: Packets whose handling raised (a bug: parsers return Drop reasons) are logged at most once
+#: per this many seconds, with how many there were since the last line.
+ERROR_LOG_INTERVAL = 1.0
 
 
 class TunOptionError(ZtunError):
@@ -128,6 +132,8 @@ class TunInbound:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        self._error_logged_at = float("-inf")
+        self._errors_unlogged = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -265,9 +271,10 @@ class TunInbound:
     def _sweep(self) -> None:
         loop = self._loop
         assert loop is not None
+        # Rescheduled first, so that an error below cannot end the sweeps for good.
+        self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
         self.stack.expire(loop.time())
         self._run_commands()
-        self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     # -- the TUN read loop ----------------------------------------------------------------
     # The stack decides; this loop only reads, writes back what the stack forwarded in place,
@@ -288,13 +295,16 @@ class TunInbound:
                 return
             except OSError:
                 return  # the device went away (shutdown)
-            if receive(buf, n, now) == FORWARD:
-                try:
-                    write(fd, view[:n])
-                except OSError:
-                    self.write_errors += 1
-            if out:
-                self._run_commands()
+            try:  # free until it catches (3.11's zero-cost try)
+                if receive(buf, n, now) == FORWARD:
+                    try:
+                        write(fd, view[:n])
+                    except OSError:
+                        self.write_errors += 1
+                if out:
+                    self._run_commands()
+            except Exception as e:
+                self._packet_failed(e)
 
     def _on_tun_vnet(self) -> None:
         """`_on_tun` for a device with virtio-net headers: a forwarded packet goes back with
@@ -312,13 +322,34 @@ class TunInbound:
                 return
             except OSError:
                 return  # the device went away (shutdown)
-            if receive(buf, n, hdr, now) == FORWARD:
-                try:
-                    writev(fd, [hdr, view[:n]])
-                except OSError:
-                    self.write_errors += 1
-            if out:
-                self._run_commands()
+            try:  # as in _on_tun
+                if receive(buf, n, hdr, now) == FORWARD:
+                    try:
+                        writev(fd, [hdr, view[:n]])
+                    except OSError:
+                        self.write_errors += 1
+                if out:
+                    self._run_commands()
+            except Exception as e:
+                self._packet_failed(e)
+
+    def _packet_failed(self, e: Exception) -> None:
+        """The guard of the read loop: a packet whose handling raised is a counted drop
+        (`Drop.ERROR`), and one line a second at most says so, never a traceback per packet
+        (the first one's traceback goes to the debug log)."""
+        self.stack.drops[Drop.ERROR] += 1
+        self._errors_unlogged += 1
+        now = self._loop.time()  # type: ignore[union-attr]
+        if now - self._error_logged_at < ERROR_LOG_INTERVAL:
+            return
+        first = self._error_logged_at == float("-inf")
+        self._error_logged_at = now
+        log.error("inbound %s: %d packet(s) dropped on an unexpected error (a ztun bug; "
+                  "please report it), the last: %s: %s", self.tag, self._errors_unlogged,
+                  type(e).__name__, e)  # fmt: skip
+        self._errors_unlogged = 0
+        if first:
+            log.debug("inbound %s: the first packet error", self.tag, exc_info=e)
 
     def _run_commands(self) -> None:
         """Carry out what the stack asked for, in order."""

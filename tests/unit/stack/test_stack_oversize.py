@@ -45,8 +45,10 @@ CASES = {
     # Fits a 20-byte header (ends at 65512), not the first fragment's 60-byte one; the gap
     # between them stays open, so without an early check the set would wait for its timeout.
     "first header longer, gap": [frag(65504, bytes(8), False), frag(0, bytes(8), True, ihl=60)],
-    "first header longer, then far": [frag(0, bytes(8), True, ihl=60),
-                                      frag(65496, bytes(24), False)],  # fmt: skip
+    "first header longer, then far": [
+        frag(0, bytes(8), True, ihl=60),
+        frag(65496, bytes(24), False),
+    ],
 }
 
 
