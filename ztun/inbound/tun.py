@@ -145,7 +145,7 @@ class TunInbound:
                                      self._run_commands)  # fmt: skip
         offload = os.environ.get(OFFLOAD_ENV, "1").strip().lower() not in ("0", "false", "off")
         self.device = TunDevice.open(self.interface_name, self.address, self.mtu, offload)
-        atexit.register(self._emergency_cleanup)
+        atexit.register(self.abort)
         try:
             for fam, pair in ((socket.AF_INET, self.v4), (socket.AF_INET6, self.v6)):
                 if pair is None:
@@ -205,9 +205,20 @@ class TunInbound:
         self.routes.apply()
 
     async def stop(self) -> None:
-        """No new flows; FIN every TCP flow and drain; end UDP sessions; remove routes, TUN."""
+        """No new flows; FIN every TCP flow and drain; end UDP sessions; remove routes, TUN.
+        The routes go whatever happens on the way (an error, a cancellation)."""
         if self._closed:
             return
+        try:
+            await self._drain()
+        finally:
+            self._teardown()
+        drops = self.stack.drops
+        counts = ", ".join(f"{d.name.lower()}={c}" for d, c in sorted(drops.items()) if c)
+        log.info("inbound %s: %d packets read, dropped: %s, failed writes: %d", self.tag,
+                 self.stack.packets, counts or "none", self.write_errors)  # fmt: skip
+
+    async def _drain(self) -> None:
         self.stack.accepting = False
         loop = asyncio.get_running_loop()
         for ls, _ in self._listeners:
@@ -228,11 +239,6 @@ class TunInbound:
         nats = [n for n in (self.stack.nat4, self.stack.nat6) if n is not None]
         while loop.time() < deadline and any(unfinished(n) for n in nats):
             await asyncio.sleep(0.05)
-        self._teardown()
-        drops = self.stack.drops
-        counts = ", ".join(f"{d.name.lower()}={c}" for d, c in sorted(drops.items()) if c)
-        log.info("inbound %s: %d packets read, dropped: %s, failed writes: %d", self.tag,
-                 self.stack.packets, counts or "none", self.write_errors)  # fmt: skip
 
     def _teardown(self) -> None:
         if self._closed:
@@ -258,11 +264,13 @@ class TunInbound:
         if self.device is not None:
             self.device.close()
         with contextlib.suppress(Exception):
-            atexit.unregister(self._emergency_cleanup)
+            atexit.unregister(self.abort)
         log.info("inbound %s (tun): routes restored, device closed", self.tag)
 
-    def _emergency_cleanup(self) -> None:
-        # The loop died without stop(): still put the routes back before the process ends.
+    def abort(self) -> None:
+        """Put the routes back and close the TUN now, without draining: for an exit that
+        skips stop() (a second signal; the interpreter's exit, through atexit, if the loop
+        died without stop()). Synchronous; safe at any point and more than once."""
         if self.routes is not None:
             self.routes.remove()
         if self.device is not None:
