@@ -141,6 +141,8 @@ class Box:
                 await inbound.start()  # a start that fails undoes what it did itself
                 started.append(inbound)
             return await self._run()
+        except GeneratorExit:
+            raise  # the coroutine is being closed: nothing may be awaited any more
         except BaseException:
             # Start-up failed, or something escaped while running or stopping: every inbound
             # that started puts back what it changed before the error goes on.
