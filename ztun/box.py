@@ -1,13 +1,21 @@
 """`ztun run`: build inbounds, outbounds and the router from a config, run them, stop cleanly.
 
-Owns: the lifecycle (start inbounds; on the first SIGINT/SIGTERM stop accepting, let open flows
-finish with FIN for a bounded grace period, then close the rest and exit 0; on a second signal
-exit at once), the event loop choice (uvloop when installed), and logging setup.
+Owns: the lifecycle (start inbounds; on the first SIGINT/SIGTERM/SIGHUP stop accepting, let
+open flows finish with FIN for a bounded grace period, then close the rest and exit 0; on a
+second signal put back what the inbounds changed on the host (`Inbound.abort`: auto_route's
+routes) and exit at once), the event loop choice (uvloop when installed), and logging setup.
+
+Every way out restores the host: the signals are handled from before the first inbound starts
+(a signal during start-up stops ztun as soon as start-up ends), an exception in start-up or
+while running stops every inbound that started before it goes on, and what still escapes is
+caught by the TUN inbound's atexit hook. Only SIGKILL leaves routes behind; the next start
+removes them (ztun.platform.linux.routes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -29,6 +37,11 @@ log = logging.getLogger("ztun")
 
 #: Seconds open flows get to finish after the first signal.
 GRACE_PERIOD = 5.0
+#: SIGHUP stops ztun like SIGTERM (there is no reload): its default action would kill the
+#: process without putting the routes back.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: How long an inbound's stop may take when an exception is already on its way out.
+ABORT_STOP_TIMEOUT = 5.0
 
 _LEVELS = {
     "trace": logging.DEBUG,
@@ -110,24 +123,41 @@ class Box:
             self._stop.set()
             return
         log.warning("%s again: exiting now", signal.Signals(signum).name)
+        for inbound in self.inbounds:
+            try:
+                inbound.abort()
+            except Exception as e:  # the others' routes still go, and the exit still happens
+                log.error("inbound %s: %s", inbound.tag, e)
         logging.shutdown()
         os._exit(1)
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
         started: list[Inbound] = []
         try:
             for inbound in self.inbounds:
-                await inbound.start()
+                await inbound.start()  # a start that fails undoes what it did itself
                 started.append(inbound)
-        except ZtunError:
-            for inbound in started:
-                await inbound.stop()
+            return await self._run()
+        except GeneratorExit:
+            raise  # the coroutine is being closed: nothing may be awaited any more
+        except BaseException:
+            # Start-up failed, or something escaped while running or stopping: every inbound
+            # that started puts back what it changed before the error goes on.
+            for inbound in reversed(started):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(inbound.stop(), ABORT_STOP_TIMEOUT)
             if self.dns is not None:
-                await self.dns.close()
+                with contextlib.suppress(Exception):
+                    await self.dns.close()
             raise
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._on_signal, sig)
+        finally:
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    async def _run(self) -> int:
         # Everything built so far (modules, config, compiled rules, GeoIP readers) lives until
         # exit: frozen, the collector stops walking it in every full collection, which
         # otherwise showed as multi-millisecond pauses in the p99 connection setup time.

@@ -120,6 +120,9 @@ class MixedInbound:
             self.sock.close()
             self.sock = None
 
+    def abort(self) -> None:
+        """Nothing on the host to put back (see Inbound.abort)."""
+
     def _on_accept(self) -> None:
         loop = asyncio.get_running_loop()
         assert self.sock is not None

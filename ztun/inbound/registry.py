@@ -35,6 +35,11 @@ class Inbound(Protocol):
 
     async def stop(self) -> None: ...
 
+    def abort(self) -> None:
+        """Put back at once, synchronously, whatever the inbound changed on the host (routes):
+        the last thing before an immediate exit (a second signal)."""
+        ...
+
 
 def _mixed(options: Any, dispatcher: Dispatcher, route: RouteOptions) -> Inbound:
     return MixedInbound(options, dispatcher)

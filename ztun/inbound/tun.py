@@ -35,6 +35,7 @@ from ztun.config.options import RouteOptions, TunInboundOptions
 from ztun.errors import ZtunError
 from ztun.nat.tcp import FORWARD, TcpNat, unfinished
 from ztun.outbound.base import Outbound, OutboundError
+from ztun.packet.ip import Drop
 from ztun.packet.virtio import HEADER_LEN, PLAIN
 from ztun.runtime.dispatch import Dispatcher, log_flow
 from ztun.runtime.netio import Handover
@@ -55,6 +56,9 @@ SWEEP_INTERVAL = 2.0
 OFFLOAD_ENV = "ZTUN_TUN_OFFLOAD"
 #: How long shutdown keeps the TUN running so that the FINs reach the applications.
 DRAIN_TIME = 1.0
+#: Packets whose handling raised (a bug: parsers return Drop reasons) are logged at most once
+#: per this many seconds, with how many there were since the last line.
+ERROR_LOG_INTERVAL = 1.0
 
 
 class TunOptionError(ZtunError):
@@ -128,6 +132,8 @@ class TunInbound:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        self._error_logged_at = float("-inf")
+        self._errors_unlogged = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -139,7 +145,7 @@ class TunInbound:
                                      self._run_commands)  # fmt: skip
         offload = os.environ.get(OFFLOAD_ENV, "1").strip().lower() not in ("0", "false", "off")
         self.device = TunDevice.open(self.interface_name, self.address, self.mtu, offload)
-        atexit.register(self._emergency_cleanup)
+        atexit.register(self.abort)
         try:
             for fam, pair in ((socket.AF_INET, self.v4), (socket.AF_INET6, self.v6)):
                 if pair is None:
@@ -199,9 +205,20 @@ class TunInbound:
         self.routes.apply()
 
     async def stop(self) -> None:
-        """No new flows; FIN every TCP flow and drain; end UDP sessions; remove routes, TUN."""
+        """No new flows; FIN every TCP flow and drain; end UDP sessions; remove routes, TUN.
+        The routes go whatever happens on the way (an error, a cancellation)."""
         if self._closed:
             return
+        try:
+            await self._drain()
+        finally:
+            self._teardown()
+        drops = self.stack.drops
+        counts = ", ".join(f"{d.name.lower()}={c}" for d, c in sorted(drops.items()) if c)
+        log.info("inbound %s: %d packets read, dropped: %s, failed writes: %d", self.tag,
+                 self.stack.packets, counts or "none", self.write_errors)  # fmt: skip
+
+    async def _drain(self) -> None:
         self.stack.accepting = False
         loop = asyncio.get_running_loop()
         for ls, _ in self._listeners:
@@ -222,11 +239,6 @@ class TunInbound:
         nats = [n for n in (self.stack.nat4, self.stack.nat6) if n is not None]
         while loop.time() < deadline and any(unfinished(n) for n in nats):
             await asyncio.sleep(0.05)
-        self._teardown()
-        drops = self.stack.drops
-        counts = ", ".join(f"{d.name.lower()}={c}" for d, c in sorted(drops.items()) if c)
-        log.info("inbound %s: %d packets read, dropped: %s, failed writes: %d", self.tag,
-                 self.stack.packets, counts or "none", self.write_errors)  # fmt: skip
 
     def _teardown(self) -> None:
         if self._closed:
@@ -252,11 +264,13 @@ class TunInbound:
         if self.device is not None:
             self.device.close()
         with contextlib.suppress(Exception):
-            atexit.unregister(self._emergency_cleanup)
+            atexit.unregister(self.abort)
         log.info("inbound %s (tun): routes restored, device closed", self.tag)
 
-    def _emergency_cleanup(self) -> None:
-        # The loop died without stop(): still put the routes back before the process ends.
+    def abort(self) -> None:
+        """Put the routes back and close the TUN now, without draining: for an exit that
+        skips stop() (a second signal; the interpreter's exit, through atexit, if the loop
+        died without stop()). Synchronous; safe at any point and more than once."""
         if self.routes is not None:
             self.routes.remove()
         if self.device is not None:
@@ -265,9 +279,10 @@ class TunInbound:
     def _sweep(self) -> None:
         loop = self._loop
         assert loop is not None
+        # Rescheduled first, so that an error below cannot end the sweeps for good.
+        self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
         self.stack.expire(loop.time())
         self._run_commands()
-        self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     # -- the TUN read loop ----------------------------------------------------------------
     # The stack decides; this loop only reads, writes back what the stack forwarded in place,
@@ -288,13 +303,16 @@ class TunInbound:
                 return
             except OSError:
                 return  # the device went away (shutdown)
-            if receive(buf, n, now) == FORWARD:
-                try:
-                    write(fd, view[:n])
-                except OSError:
-                    self.write_errors += 1
-            if out:
-                self._run_commands()
+            try:  # free until it catches (3.11's zero-cost try)
+                if receive(buf, n, now) == FORWARD:
+                    try:
+                        write(fd, view[:n])
+                    except OSError:
+                        self.write_errors += 1
+                if out:
+                    self._run_commands()
+            except Exception as e:
+                self._packet_failed(e)
 
     def _on_tun_vnet(self) -> None:
         """`_on_tun` for a device with virtio-net headers: a forwarded packet goes back with
@@ -312,13 +330,34 @@ class TunInbound:
                 return
             except OSError:
                 return  # the device went away (shutdown)
-            if receive(buf, n, hdr, now) == FORWARD:
-                try:
-                    writev(fd, [hdr, view[:n]])
-                except OSError:
-                    self.write_errors += 1
-            if out:
-                self._run_commands()
+            try:  # as in _on_tun
+                if receive(buf, n, hdr, now) == FORWARD:
+                    try:
+                        writev(fd, [hdr, view[:n]])
+                    except OSError:
+                        self.write_errors += 1
+                if out:
+                    self._run_commands()
+            except Exception as e:
+                self._packet_failed(e)
+
+    def _packet_failed(self, e: Exception) -> None:
+        """The guard of the read loop: a packet whose handling raised is a counted drop
+        (`Drop.ERROR`), and one line a second at most says so, never a traceback per packet
+        (the first one's traceback goes to the debug log)."""
+        self.stack.drops[Drop.ERROR] += 1
+        self._errors_unlogged += 1
+        now = self._loop.time()  # type: ignore[union-attr]
+        if now - self._error_logged_at < ERROR_LOG_INTERVAL:
+            return
+        first = self._error_logged_at == float("-inf")
+        self._error_logged_at = now
+        log.error("inbound %s: %d packet(s) dropped on an unexpected error (a ztun bug; "
+                  "please report it), the last: %s: %s", self.tag, self._errors_unlogged,
+                  type(e).__name__, e)  # fmt: skip
+        self._errors_unlogged = 0
+        if first:
+            log.debug("inbound %s: the first packet error", self.tag, exc_info=e)
 
     def _run_commands(self) -> None:
         """Carry out what the stack asked for, in order."""

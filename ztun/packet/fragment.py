@@ -1,5 +1,9 @@
 """IPv4 fragment reassembly, bounded in datagrams, fragments per datagram, bytes and time.
 
+A set that would reassemble to more than 65535 bytes (the IPv4 total length field's limit,
+with the first fragment's header counted) is dropped as soon as a fragment shows it, and its
+bytes are forgotten at once (`Drop.FRAGMENT_OVERSIZE`).
+
 Overlapping fragments drop the whole datagram (as RFC 5722 asks for IPv6; the classic overlap
 attacks make the same the safe choice for IPv4). Time comes in as `now` (seconds).
 """
@@ -21,6 +25,7 @@ class _Partial:
     parts: dict[int, bytes] = field(default_factory=dict)  # offset -> data
     total: int | None = None  # payload length, known once the last fragment came
     size: int = 0
+    high: int = 0  # where the furthest fragment so far ends
 
 
 class Reassembler:
@@ -63,10 +68,21 @@ class Reassembler:
         offset = (h.frag & 0x1FFF) * 8
         more = bool(h.frag & MF)
         data = bytes(buf[h.l4 : h.end])
-        if (more and len(data) % 8) or offset + len(data) > 65535 - h.l4 or not data:
+        if (more and len(data) % 8) or not data:
             self._forget(key)
             return Drop.FRAGMENT
+        end = offset + len(data)
         p = self._pending.get(key)
+        # The datagram gets the first fragment's header: until that came, at least 20 bytes.
+        if offset == 0:
+            header_len = h.l4
+        else:
+            header_len = len(p.header) if p is not None and p.header is not None else 20
+        if end > 65535 - header_len or (offset == 0 and p is not None and p.high > 65535 - h.l4):
+            # Could never be a valid IP packet: drop the whole set now rather than hold its
+            # bytes until the timeout.
+            self._forget(key)
+            return Drop.FRAGMENT_OVERSIZE
         if p is None:
             if len(self._pending) >= self.max_datagrams:
                 self.expire(now)
@@ -84,6 +100,8 @@ class Reassembler:
             return Drop.FRAGMENT
         p.parts[offset] = data
         p.size += len(data)
+        if end > p.high:
+            p.high = end
         self.bytes += len(data)
         if offset == 0:
             p.header = bytes(buf[: h.l4])
@@ -114,8 +132,8 @@ class Reassembler:
         self._forget(key)
         hdr = bytearray(p.header)
         total = len(hdr) + pos
-        if total > 0xFFFF:
-            return Drop.FRAGMENT  # the first fragment's longer header pushed it past 64 KiB
+        if total > 0xFFFF:  # push() refuses such sets early; kept as the last word
+            return Drop.FRAGMENT_OVERSIZE
         hdr[2], hdr[3] = total >> 8, total & 0xFF
         hdr[6] &= 0x40  # keep DF, clear MF and the offset
         hdr[7] = 0

@@ -41,6 +41,8 @@ class Drop(IntEnum):
     ICMP_TYPE = 15
     STOPPING = 16
     GSO = 17  # a super-packet of a kind that was never negotiated with the TUN (UDP GSO)
+    FRAGMENT_OVERSIZE = 18  # IPv4 fragments that would reassemble to more than 65535 bytes
+    ERROR = 19  # handling the packet raised an unexpected error (the TUN loop's guard)
 
 
 #: IPv6 extension headers (RFC 8200 §4) that ztun does not walk: such packets are dropped.

@@ -201,7 +201,7 @@ def test_reassembled_datagram_longer_than_64k_is_dropped() -> None:
     assert feed(stack, first)[0] == HANDLED
     assert feed(stack, last)[0] == HANDLED
     assert take(stack) == []
-    assert stack.drops == {Drop.FRAGMENT: 1}
+    assert stack.drops == {Drop.FRAGMENT_OVERSIZE: 1}
     assert len(stack.frags) == 0
 
 

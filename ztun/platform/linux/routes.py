@@ -16,15 +16,18 @@ it writes into the TUN is addressed to a local address, which the `local` table 
 and leaving it out keeps reverse-path filtering happy.
 
 Everything added is first written to a state file (`$ZTUN_STATE_DIR`, default /run/ztun,
-one file per network namespace), so that the next start after a SIGKILL removes exactly the
-leftovers of the crashed run before it adds anything.
+one file per network namespace; see ztun.platform.linux.state for how it is kept safe), so
+that the next start after a SIGKILL removes exactly the leftovers of the crashed run before it
+adds anything. Before anything in such a file is deleted, every entry must have exactly the
+shape `plan` gives it, with ztun's own priorities (9000-9004) and tables (main for the bypass
+rules, 2022 for the rest): a file that names anything else is ignored as a whole. Its writer
+still running (the same pid *and* start time) means another ztun owns these routes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import logging
 import os
 import socket
@@ -34,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from ztun.errors import ZtunError
+from ztun.platform.linux import state
+from ztun.platform.linux.state import state_dir
 from ztun.platform.linux.tun_device import in_netlink_thread
 
 log = logging.getLogger("ztun.route")
@@ -48,10 +53,6 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 class RouteError(ZtunError):
     """auto_route could not be set up (or a previous run's leftovers not removed)."""
-
-
-def state_dir() -> Path:
-    return Path(os.environ.get("ZTUN_STATE_DIR") or "/run/ztun")
 
 
 def netns_id() -> int:
@@ -134,8 +135,11 @@ class AutoRoute:
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
-        cleanup_leftovers(self.path)
-        self._write_state()
+        try:
+            cleanup_leftovers(self.path)
+            self._write_state()
+        except state.StateError as e:
+            raise RouteError(f"auto_route: {e}") from None
         self.active = True
         with IPRoute() as ipr:
             try:
@@ -153,28 +157,22 @@ class AutoRoute:
                  self.plan.routes[0]["table"] if self.plan.routes else "-")  # fmt: skip
 
     def _write_state(self) -> None:
-        data = {
-            "pid": os.getpid(),
+        pid = os.getpid()
+        state.write_state(self.path, {
+            "pid": pid,
+            "start_time": state.start_time(pid) or 0,
             "netns": netns_id(),
             "interface": self.plan.interface,
             "rules": self.plan.rules,
             "routes": self.plan.routes,
-        }
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data))
-            tmp.replace(self.path)
-        except OSError as e:
-            raise RouteError(f"auto_route: cannot write {self.path}: {e.strerror}") from None
+        })  # fmt: skip
 
     def remove(self) -> None:
         """Delete everything added; safe to call twice and after a partial apply."""
         if not self.active:
             return
         _delete(self.plan.rules, self.plan.routes)
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        state.remove_state(self.path)
         self.active = False
 
 
@@ -200,36 +198,101 @@ def _delete_sync(rules: list[dict[str, Any]], routes: list[dict[str, Any]]) -> N
                 ipr.route("del", **r)
 
 
-def _ztun_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"ztun" in cmd
-
-
 def cleanup_leftovers(path: Path) -> bool:
     """Remove what a crashed run recorded in `path`; True if there was something."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
+    data = state.read_state(path)
+    if data is None:
         return False
-    except (OSError, ValueError):
-        log.warning("auto_route: ignoring unreadable state file %s", path)
-        with contextlib.suppress(OSError):
-            path.unlink()
+    record = _leftovers(data)
+    if isinstance(record, str):
+        log.warning("auto_route: ignoring state file %s: %s; nothing in it deleted", path, record)
+        state.remove_state(path)
         return False
-    if data.get("netns") != netns_id():
-        return False
-    pid = int(data.get("pid") or 0)
-    if _ztun_alive(pid):
+    pid, started, rules, routes = record
+    # Written by this very process (an earlier start that failed) is ours to undo.
+    ours = pid == os.getpid() and started == state.start_time(pid)
+    if not ours and state.is_running(pid, started):
         raise RouteError(
             f"another ztun (pid {pid}) already manages auto_route in this network namespace"
         )
     log.warning("auto_route: removing leftovers of a previous run (pid %d)", pid)
-    _delete(list(data.get("rules") or []), list(data.get("routes") or []))
-    with contextlib.suppress(OSError):
-        path.unlink()
+    _delete(rules, routes)
+    state.remove_state(path)
     return True
+
+
+# -- what a state file may name ---------------------------------------------------------------
+
+_FAMILIES = {socket.AF_INET: 4, socket.AF_INET6: 6}
+#: Lists longer than this are not a plan ztun made (each route_exclude_address is one rule).
+MAX_ENTRIES = 16384
+Leftovers = tuple[int, int, list[dict[str, Any]], list[dict[str, Any]]]
+
+
+def _is_int(v: Any, lo: int, hi: int = -1) -> bool:
+    """An int (not a bool, not a float) in [lo, hi]; [lo, lo] when `hi` is left out."""
+    return type(v) is int and lo <= v <= (lo if hi == -1 else hi)
+
+
+def _is_prefix(entry: dict[str, Any], version: int) -> bool:
+    if not isinstance(entry["dst"], str):
+        return False
+    try:
+        ip = ipaddress.ip_address(entry["dst"])
+    except ValueError:
+        return False
+    return ip.version == version and _is_int(entry["dst_len"], 0, 32 if version == 4 else 128)
+
+
+def _rule_ok(r: Any) -> bool:
+    """Exactly one of the shapes `plan` makes, with ztun's priority and table."""
+    if not isinstance(r, dict) or type(r.get("family")) is not int or \
+            r["family"] not in _FAMILIES or type(r.get("priority")) is not int:  # fmt: skip
+        return False
+    version, keys, prio = _FAMILIES[r["family"]], set(r), r["priority"]
+    if prio == RULE_INDEX:
+        return keys == {"family", "priority", "fwmark", "table"} and \
+            _is_int(r["fwmark"], 1, 0xFFFFFFFF) and _is_int(r["table"], MAIN_TABLE)  # fmt: skip
+    if prio == RULE_INDEX + 1:
+        return keys == {"family", "priority", "dst", "dst_len", "table"} and \
+            _is_int(r["table"], MAIN_TABLE) and _is_prefix(r, version)  # fmt: skip
+    if prio == RULE_INDEX + 2:
+        return keys == {"family", "priority", "table", "suppress_prefixlen"} and \
+            _is_int(r["table"], MAIN_TABLE) and _is_int(r["suppress_prefixlen"], 0)  # fmt: skip
+    if prio == RULE_INDEX + 3:
+        return keys == {"family", "priority", "table"} and _is_int(r["table"], TABLE_INDEX)
+    if prio == RULE_INDEX + 4:
+        return keys == {"family", "priority", "action"} and r["action"] == "FR_ACT_UNREACHABLE"
+    return False
+
+
+def _route_ok(r: Any) -> bool:
+    if not isinstance(r, dict) or type(r.get("family")) is not int or r["family"] not in _FAMILIES:
+        return False
+    return set(r) == {"family", "dst", "dst_len", "oif", "table"} and \
+        _is_int(r["table"], TABLE_INDEX) and _is_int(r["oif"], 1, 0x7FFFFFFF) and \
+        _is_prefix(r, _FAMILIES[r["family"]])  # fmt: skip
+
+
+def _leftovers(data: Any) -> Leftovers | str:
+    """(pid, start time, rules, routes) of a state file, or what is wrong with it."""
+    keys = {"pid", "start_time", "netns", "interface", "rules", "routes"}
+    if not isinstance(data, dict) or set(data) != keys:
+        return "not the layout ztun writes"
+    if not _is_int(data["pid"], 1, 1 << 22) or not _is_int(data["start_time"], 0, 1 << 63):
+        return "no valid pid and start time"
+    if not _is_int(data["netns"], netns_id()):
+        return "written in another network namespace"
+    name = data["interface"]
+    if not isinstance(name, str) or not 0 < len(name.encode()) < 16 or \
+            any(c in name for c in "/ \t\n\0"):  # fmt: skip
+        return "no valid interface name"
+    rules, routes = data["rules"], data["routes"]
+    if not isinstance(rules, list) or not isinstance(routes, list) or \
+            len(rules) > MAX_ENTRIES or len(routes) > MAX_ENTRIES:  # fmt: skip
+        return "rule and route lists missing or too long"
+    bad = next((r for r in rules if not _rule_ok(r)), None) or \
+        next((r for r in routes if not _route_ok(r)), None)  # fmt: skip
+    if bad is not None:
+        return f"{str(bad)[:120]} is not a rule or route of ztun's"
+    return data["pid"], data["start_time"], rules, routes

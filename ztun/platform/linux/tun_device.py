@@ -13,6 +13,7 @@ wireguard-go do): every read and write then starts with a virtio-net header
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -160,8 +161,14 @@ def in_netlink_thread(fn: Callable[[], T]) -> T:
 
     pyroute2's synchronous API drives an asyncio loop internally and refuses to run inside a
     running one (ztun's), so netlink work happens on a short-lived thread; the caller waits
-    for it, which is fine for the few calls at start and stop.
+    for it, which is fine for the few calls at start and stop. Without a running loop in this
+    thread `fn` runs right here: at interpreter exit (atexit) Python 3.12+ refuses to start a
+    thread, and routes must still be removed then.
     """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn()
     result: list[T] = []
     error: list[BaseException] = []
 
