@@ -116,7 +116,9 @@ class TunInbound:
         # Every per-packet decision; its NATs are set in start(), once the listeners are bound.
         self.stack = TunStack(tag, dispatcher.route, nat4=None, nat6=None,
                               udp_timeout=udp_timeout, icmp=options.icmp,
-                              max_udp_sessions=MAX_UDP_SESSIONS)  # fmt: skip
+                              max_udp_sessions=MAX_UDP_SESSIONS,
+                              udp_mapping=options.udp_mapping,
+                              udp_filtering=options.udp_filtering)  # fmt: skip
         self._listeners: list[tuple[socket.socket, TcpNat]] = []
         self._conns: set[socket.socket] = set()
         #: writes into the TUN that failed (the device going away, a full queue)
@@ -225,8 +227,9 @@ class TunInbound:
         self._teardown()
         drops = self.stack.drops
         counts = ", ".join(f"{d.name.lower()}={c}" for d, c in sorted(drops.items()) if c)
-        log.info("inbound %s: %d packets read, dropped: %s, failed writes: %d", self.tag,
-                 self.stack.packets, counts or "none", self.write_errors)  # fmt: skip
+        log.info("inbound %s: %d packets read, dropped: %s, failed writes: %d, UDP datagrams "
+                 "filtered: %d", self.tag, self.stack.packets, counts or "none",
+                 self.write_errors, self.stack.udp_filtered)  # fmt: skip
 
     def _teardown(self) -> None:
         if self._closed:
@@ -406,7 +409,7 @@ class TunInbound:
     def _udp_reply(self, key: Hashable, src: Address, payload: bytes) -> None:
         if self.device is None or self.device.fd < 0:
             return
-        self.stack.udp_reply(key, payload, self._loop.time())  # type: ignore[union-attr]
+        self.stack.udp_reply(key, src, payload, self._loop.time())  # type: ignore[union-attr]
         self._run_commands()
 
 
