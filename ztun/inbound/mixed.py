@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from ztun.address import Address
 from ztun.config.options import MixedInboundOptions
 from ztun.errors import ProtocolError
+from ztun.log import limited
 from ztun.nat.udp import UdpSessions
 from ztun.outbound.base import ErrorKind, OutboundError
 from ztun.proto import http_proxy, socks5
@@ -137,7 +138,8 @@ class MixedInbound:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE and friends: say so, try again on the next wake-up
-                log.warning("inbound %s: accept failed: %s", self.tag, e.strerror or e)
+                limited(log, logging.WARNING, ("accept", self.tag),
+                        "inbound %s: accept failed: %s", self.tag, e.strerror or e)  # fmt: skip
                 return
             if len(self.tasks) >= self.max_flows:
                 self.refused += 1

@@ -33,6 +33,7 @@ from typing import Any
 from ztun.address import Address
 from ztun.config.options import RouteOptions, TunInboundOptions
 from ztun.errors import ZtunError
+from ztun.log import limited
 from ztun.nat.tcp import FORWARD, TcpNat, unfinished
 from ztun.outbound.base import Outbound, OutboundError
 from ztun.packet.virtio import HEADER_LEN, PLAIN
@@ -130,6 +131,7 @@ class TunInbound:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        self._evicted_logged = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -270,6 +272,13 @@ class TunInbound:
         assert loop is not None
         self.stack.expire(loop.time())
         self._run_commands()
+        evicted = sum(n.evicted for n in (self.stack.nat4, self.stack.nat6) if n is not None)
+        if evicted > self._evicted_logged:
+            # A full table (a SYN flood, say): one line now and then, with the count.
+            self._evicted_logged = evicted
+            limited(log, logging.WARNING, ("nat-evicted", self.tag),
+                    "inbound %s: TCP NAT table full: %d half-open flow(s) evicted so far",
+                    self.tag, evicted)  # fmt: skip
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     # -- the TUN read loop ----------------------------------------------------------------
@@ -355,7 +364,8 @@ class TunInbound:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.warning("inbound %s: accept failed: %s", self.tag, e.strerror or e)
+                limited(log, logging.WARNING, ("accept", self.tag),
+                        "inbound %s: accept failed: %s", self.tag, e.strerror or e)  # fmt: skip
                 return
             found = self.stack.tcp_flow(nat, int(addr[1]))
             if found is None:
