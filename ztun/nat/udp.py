@@ -147,6 +147,15 @@ class UdpFlow:
         self.session_key = session_key
 
 
+def _host_key(uf: UdpFlow) -> str | None:
+    """What `sent_to` remembers of a flow's destination: its host, or None for a name that
+    the outbound resolves far away (a proxy), whose replies may come from any address."""
+    host = uf.flow.dest.host
+    if ip_or_none(host) is None and getattr(uf.outbound, "resolves_remotely", True):
+        return None
+    return host
+
+
 #: Datagrams a flow's session holds while it is being opened; more are dropped and counted.
 MAX_PENDING = 64
 #: After a session failed to open, its datagrams are dropped this long before the next try.
@@ -198,7 +207,7 @@ class UdpSessions:
         #: the flows of a failed session end, and are logged, in the order they began)
         self._members: dict[Hashable, dict[Hashable, None]] = {}
         #: session key -> destination host of its live flows -> how many flows (None: a
-        #: name, whose address only the outbound knows): what `sent_to` asks
+        #: name resolved far away, whose address only the proxy knows): what `sent_to` asks
         self._hosts: dict[Hashable, dict[str | None, int]] = {}
         self._next_ident = 0
         #: datagrams dropped: queue full while a session opened, or inside a retry delay
@@ -225,7 +234,7 @@ class UdpSessions:
             self._end(gone, "evicted")
         if refused is None:
             self._members.setdefault(session_key, {})[key] = None
-            host = uf.flow.dest.host if ip_or_none(uf.flow.dest.host) is not None else None
+            host = _host_key(uf)
             hosts = self._hosts.setdefault(session_key, {})
             hosts[host] = hosts.get(host, 0) + 1
         return uf
@@ -241,8 +250,8 @@ class UdpSessions:
         return [uf for uf in found if uf is not None]
 
     def sent_to(self, session_key: Hashable, host: str) -> bool:
-        """Whether a live flow of the session sends to address `host`, or to a name (whose
-        address ztun cannot know: its outbound resolves it)."""
+        """Whether a live flow of the session sends to address `host`, or to a name that a
+        proxy resolves (whose address ztun cannot know)."""
         hosts = self._hosts.get(session_key)
         return hosts is not None and (host in hosts or None in hosts)
 
@@ -342,7 +351,7 @@ class UdpSessions:
         self.out.append(FlowEnded(uf.flow, quiet=end in ("idle", "closed")))
         hosts = self._hosts.get(uf.session_key)
         if hosts is not None:
-            host = uf.flow.dest.host if ip_or_none(uf.flow.dest.host) is not None else None
+            host = _host_key(uf)
             left = hosts.get(host, 0) - 1
             if left > 0:
                 hosts[host] = left

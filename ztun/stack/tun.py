@@ -36,6 +36,7 @@ from ztun.nat.udp import (
     ADDRESS_AND_PORT_DEPENDENT,
     ADDRESS_DEPENDENT,
     ENDPOINT_INDEPENDENT,
+    UdpFlow,
     UdpSessions,
     mapped_session,
 )
@@ -290,7 +291,7 @@ class TunStack:
             uf = self.udp.flow_of(key)
             if uf is not None:
                 d = uf.flow.dest
-                if d.port == src.port and (d.host == src.host or _name_matches(d, src)):
+                if d.port == src.port and (d.host == src.host or _name_matches(uf, src)):
                     self.udp.reply(key, payload, now)
                     self._write_reply(key, payload)
                     return
@@ -313,7 +314,7 @@ class TunStack:
                 return
         for uf in self.udp.members(key):
             d = uf.flow.dest
-            if d.port == src.port and (d.host == src.host or _name_matches(d, src)):
+            if d.port == src.port and (d.host == src.host or _name_matches(uf, src)):
                 self.udp.reply(uf.key, payload, now)
                 self._write_reply(uf.key, payload)
                 return
@@ -391,11 +392,13 @@ class TunStack:
         self.udp.clear("closed")
 
 
-def _name_matches(dest: Address, src: Address) -> bool:
-    """A flow to a name (FakeIP, a sniffed domain) through an outbound that reports the
-    resolved address (a SOCKS5 proxy does): ztun cannot tell that address from another, so
-    a reply to such a flow is matched by its port alone (docs/security.md says so)."""
-    return dest.is_domain and not src.is_domain
+def _name_matches(uf: UdpFlow, src: Address) -> bool:
+    """A flow to a name (FakeIP, a sniffed domain) through an outbound that resolves it far
+    away and reports the address it got (a SOCKS5 proxy): ztun cannot tell that address from
+    another, so such a reply is matched by its port alone (docs/security.md says so). An
+    outbound that resolves here (direct) reports its replies as from the name itself."""
+    return (uf.flow.dest.is_domain and not src.is_domain
+            and getattr(uf.outbound, "resolves_remotely", True))  # fmt: skip
 
 
 def _same_host(packed: bytes, src: Address) -> bool:

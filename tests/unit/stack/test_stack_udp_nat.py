@@ -167,3 +167,29 @@ def test_flow_to_a_name_is_matched_by_port(mapping: str, filtering: str) -> None
     assert delivered(stack) == [(text(f["ok"]), 53, text(f["app"]), SPORT, b"via proxy")]
     stack.udp_reply(sk, Address("example.com", 53), b"via direct", 1.0)
     assert delivered(stack) == [(text(f["ok"]), 53, text(f["app"]), SPORT, b"via direct")]
+
+
+def test_flow_to_a_name_through_a_local_resolver_checks_the_address() -> None:
+    """The direct outbound resolves names itself and reports replies from the resolved address
+    as from the name: so an address reply to a name flow comes from someone else."""
+    f = FAMILIES[4]
+
+    class LocalResolving:
+        tag = "direct"
+        resolves_remotely = False
+
+    local = LocalResolving()
+
+    class Named(Router):
+        def __call__(self, flow: Flow, network: str) -> object:
+            flow.dest = Address("example.com", flow.dest.port)
+            flow.outbound = "direct"
+            return local
+
+    stack = make_stack(Named())
+    send(stack, 4, f["ok"], 53)
+    sk = session_of(stack, 4, f["ok"], 53)
+    stack.udp_reply(sk, Address("198.51.100.20", 53), b"forged", 1.0)
+    assert take(stack) == [] and stack.udp_filtered == 1
+    stack.udp_reply(sk, Address("example.com", 53), b"answer", 1.0)
+    assert delivered(stack) == [(text(f["ok"]), 53, text(f["app"]), SPORT, b"answer")]
