@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import logging.handlers
 import os
 import signal
 import sys
@@ -72,7 +73,9 @@ def setup_logging(options: LogOptions | None = None, override: str | None = None
     handler: logging.Handler
     if output:
         try:
-            handler = logging.FileHandler(output, encoding="utf-8")
+            # Reopened when the file is moved or deleted, so logrotate needs no copytruncate
+            # and no signal to ztun (docs/security.md).
+            handler = logging.handlers.WatchedFileHandler(output, encoding="utf-8")
         except OSError as e:
             raise ZtunError(f"log.output: cannot open {output}: {e.strerror}") from None
     else:

@@ -197,6 +197,10 @@ class MixedInboundOptions:
     users: tuple[UserOptions, ...] = _conv(_many(UserOptions), ())
 
 
+#: RFC 4787 behaviour of the TUN's UDP NAT (sing-box's `udp_mapping` / `udp_filtering`).
+UdpNatBehaviour = Literal["endpoint_independent", "address_dependent", "address_and_port_dependent"]
+
+
 @dataclass(frozen=True, kw_only=True)
 class TunInboundOptions:
     type: Literal["tun"] = "tun"
@@ -210,6 +214,8 @@ class TunInboundOptions:
     route_exclude_address: tuple[Network, ...] = _conv(_networks, ())
     stack: str = "system"
     udp_timeout: float = _conv(_duration, DEFAULT_UDP_TIMEOUT)
+    udp_mapping: UdpNatBehaviour = "address_and_port_dependent"
+    udp_filtering: UdpNatBehaviour = "address_dependent"
     icmp: Literal["reply", "drop"] = "reply"
 
 

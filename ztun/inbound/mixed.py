@@ -6,7 +6,10 @@ the replies for each outcome, and SOCKS5 UDP ASSOCIATE: one UDP relay socket per
 bound to the life of its TCP control connection, with a routing decision per destination.
 
 Limits: at most `max_flows` connections at once (more are closed at accept), a handshake
-timeout, and a bounded table of UDP destinations per association.
+timeout, and a bounded table of UDP destinations per association. An association ends with its
+control connection: when the client closes it, when TCP keepalive finds the client gone (about
+`KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT` seconds), or when no datagram has
+passed either way for the UDP idle timeout (the control connection is then closed).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, TypeVar
 from ztun.address import Address
 from ztun.config.options import MixedInboundOptions
 from ztun.errors import ProtocolError
+from ztun.log import limited
 from ztun.nat.udp import UdpSessions
 from ztun.outbound.base import ErrorKind, OutboundError
 from ztun.proto import http_proxy, socks5
@@ -38,6 +42,11 @@ log = logging.getLogger("ztun.inbound")
 MAX_FLOWS = 4096
 HANDSHAKE_TIMEOUT = 10.0
 MAX_UDP_FLOWS = 1024
+#: TCP keepalive on a UDP ASSOCIATE's control connection: a client that vanished without a
+#: FIN (suspended laptop, lost network) is noticed after about 30 + 10 * 3 = 60 seconds.
+KEEPALIVE_IDLE = 30
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 3
 
 T = TypeVar("T")
 
@@ -132,7 +141,8 @@ class MixedInbound:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE and friends: say so, try again on the next wake-up
-                log.warning("inbound %s: accept failed: %s", self.tag, e.strerror or e)
+                limited(log, logging.WARNING, ("accept", self.tag),
+                        "inbound %s: accept failed: %s", self.tag, e.strerror or e)  # fmt: skip
                 return
             if len(self.tasks) >= self.max_flows:
                 self.refused += 1
@@ -383,6 +393,8 @@ class UdpAssociation:
         self.runner = UdpSessionRunner(self.core, self.loop, self.tasks, self._on_reply,
                                        self._drain)  # fmt: skip
         self.closed = False
+        #: when a datagram last passed either way (the association's idle clock)
+        self.last_active = self.loop.time()
 
     async def run(self) -> None:
         local_ip = str(self.conn.getsockname()[0])
@@ -390,6 +402,7 @@ class UdpAssociation:
         self.udp = socket.socket(family, socket.SOCK_DGRAM)
         sweep: asyncio.TimerHandle | None = None
         try:
+            _keepalive(self.conn)
             self.udp.bind((local_ip, 0))
             self.udp.setblocking(False)
             bound = Address(local_ip, self.udp.getsockname()[1])
@@ -432,8 +445,15 @@ class UdpAssociation:
             self.runner.execute(c)
 
     def _sweep(self) -> None:
-        self.core.expire(self.loop.time())
+        now = self.loop.time()
+        self.core.expire(now)
         self._drain()
+        if (not self.closed and not len(self.core)
+                and now - self.last_active > self.dispatcher.udp_idle_timeout):  # fmt: skip
+            # Idle: end it as if the client had closed (run() sees the EOF and cleans up).
+            with contextlib.suppress(OSError):
+                self.conn.shutdown(socket.SHUT_RDWR)
+            return
         if not self.closed:
             self.loop.call_later(self._sweep_interval, self._sweep)
 
@@ -462,6 +482,7 @@ class UdpAssociation:
             if dgram.frag != 0:
                 self.inbound.dropped_fragments += 1
                 continue
+            self.last_active = self.loop.time()
             self._forward(dgram.address, dgram.payload)
 
     def _forward(self, dest: Address, payload: bytes) -> None:
@@ -484,9 +505,21 @@ class UdpAssociation:
     def _on_reply(self, session_key: Hashable, src: Address, payload: bytes) -> None:
         if self.closed or self.udp is None or self.client is None:
             return
+        self.last_active = self.loop.time()
         self.core.reply((src.host, src.port), payload, self.loop.time())
         with contextlib.suppress(OSError):
             self.udp.sendto(socks5.build_udp_datagram(src, payload), self.client)
+
+
+def _keepalive(conn: socket.socket) -> None:
+    """TCP keepalive with short timers, where the platform has them."""
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                            ("TCP_KEEPCNT", KEEPALIVE_COUNT)):  # fmt: skip
+            opt = getattr(socket, name, None)
+            if opt is not None:
+                conn.setsockopt(socket.IPPROTO_TCP, opt, value)
 
 
 def _same_ip(a: str, b: str) -> bool:

@@ -33,6 +33,7 @@ from typing import Any
 from ztun.address import Address
 from ztun.config.options import RouteOptions, TunInboundOptions
 from ztun.errors import ZtunError
+from ztun.log import limited
 from ztun.nat.tcp import FORWARD, TcpNat, unfinished
 from ztun.outbound.base import Outbound, OutboundError
 from ztun.packet.ip import Drop
@@ -120,7 +121,9 @@ class TunInbound:
         # Every per-packet decision; its NATs are set in start(), once the listeners are bound.
         self.stack = TunStack(tag, dispatcher.route, nat4=None, nat6=None,
                               udp_timeout=udp_timeout, icmp=options.icmp,
-                              max_udp_sessions=MAX_UDP_SESSIONS)  # fmt: skip
+                              max_udp_sessions=MAX_UDP_SESSIONS,
+                              udp_mapping=options.udp_mapping,
+                              udp_filtering=options.udp_filtering)  # fmt: skip
         self._listeners: list[tuple[socket.socket, TcpNat]] = []
         self._conns: set[socket.socket] = set()
         #: writes into the TUN that failed (the device going away, a full queue)
@@ -134,6 +137,7 @@ class TunInbound:
         self._closed = False
         self._error_logged_at = float("-inf")
         self._errors_unlogged = 0
+        self._evicted_logged = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -215,8 +219,9 @@ class TunInbound:
             self._teardown()
         drops = self.stack.drops
         counts = ", ".join(f"{d.name.lower()}={c}" for d, c in sorted(drops.items()) if c)
-        log.info("inbound %s: %d packets read, dropped: %s, failed writes: %d", self.tag,
-                 self.stack.packets, counts or "none", self.write_errors)  # fmt: skip
+        log.info("inbound %s: %d packets read, dropped: %s, failed writes: %d, UDP datagrams "
+                 "filtered: %d", self.tag, self.stack.packets, counts or "none",
+                 self.write_errors, self.stack.udp_filtered)  # fmt: skip
 
     async def _drain(self) -> None:
         self.stack.accepting = False
@@ -283,6 +288,13 @@ class TunInbound:
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
         self.stack.expire(loop.time())
         self._run_commands()
+        evicted = sum(n.evicted for n in (self.stack.nat4, self.stack.nat6) if n is not None)
+        if evicted > self._evicted_logged:
+            # A full table (a SYN flood, say): one line now and then, with the count.
+            self._evicted_logged = evicted
+            limited(log, logging.WARNING, ("nat-evicted", self.tag),
+                    "inbound %s: TCP NAT table full: %d half-open flow(s) evicted so far",
+                    self.tag, evicted)  # fmt: skip
 
     # -- the TUN read loop ----------------------------------------------------------------
     # The stack decides; this loop only reads, writes back what the stack forwarded in place,
@@ -391,7 +403,8 @@ class TunInbound:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.warning("inbound %s: accept failed: %s", self.tag, e.strerror or e)
+                limited(log, logging.WARNING, ("accept", self.tag),
+                        "inbound %s: accept failed: %s", self.tag, e.strerror or e)  # fmt: skip
                 return
             found = self.stack.tcp_flow(nat, int(addr[1]))
             if found is None:
@@ -445,7 +458,7 @@ class TunInbound:
     def _udp_reply(self, key: Hashable, src: Address, payload: bytes) -> None:
         if self.device is None or self.device.fd < 0:
             return
-        self.stack.udp_reply(key, payload, self._loop.time())  # type: ignore[union-attr]
+        self.stack.udp_reply(key, src, payload, self._loop.time())  # type: ignore[union-attr]
         self._run_commands()
 
 

@@ -10,6 +10,11 @@ Only addresses, ports and checksums change. The checksum adjustments (RFC 1624) 
 for every segment of a flow, so they are computed once per flow; the per-segment work is two
 slice assignments and two 16-bit adds. Time comes in as `now`.
 
+Bounds: a flow whose handshake never completes (the kernel never accepted it: `lookup` was
+never asked for its port) is forgotten after `handshake_timeout` seconds, an idle open one after
+`timeout`. Half-open entries are also kept in creation order, so that a full table (a SYN flood)
+costs O(1) per new SYN: the oldest half-open entry is evicted, never a scan of the table.
+
 With TUN offload a segment may carry an unfinished checksum (`partial`, virtio-net
 NEEDS_CSUM): its TCP checksum field then holds the non-complemented pseudo-header sum, which
 moves by the address adjustment alone (see ztun.packet.virtio); the ports are summed later.
@@ -17,6 +22,7 @@ moves by the address adjustment alone (see ztun.packet.virtio); the ports are su
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 from ztun.packet.checksum import delta, words
@@ -56,6 +62,7 @@ class TcpNat:
         last_port: int = 65535,
         timeout: float = 330.0,
         closing_timeout: float = 10.0,
+        handshake_timeout: float = 10.0,
         max_flows: int | None = None,
     ) -> None:
         if len(local) not in (4, 16) or len(peer) != len(local):
@@ -65,12 +72,19 @@ class TcpNat:
         self.first_port, self.last_port = first_port, last_port
         self.timeout = timeout
         self.closing_timeout = closing_timeout
+        self.handshake_timeout = handshake_timeout
         capacity = last_port - first_port + 1
         self.max_flows = min(max_flows or capacity, capacity)
         self._next = first_port
         self._flows: dict[bytes, list[Any]] = {}  # src+dst+sport+dport bytes -> entry
         self._ports: dict[int, list[Any]] = {}  # n -> entry
         self._port_bytes = port.to_bytes(2, "big")
+        #: half-open flows (not yet accepted by the kernel listener), oldest first: port ->
+        #: creation time. Same timeout for all, so the front is always the next to expire.
+        self._half_open: OrderedDict[int, float] = OrderedDict()
+        #: flows evicted from a full table, and half-open ones whose handshake timed out
+        self.evicted = 0
+        self.handshake_expired = 0
 
     def __len__(self) -> int:
         return len(self._flows)
@@ -161,10 +175,8 @@ class TcpNat:
         old = self._flows.get(key)
         if old is not None:
             return int(old[_PORT])
-        if len(self._flows) >= self.max_flows:
-            self.expire(now)
-            if len(self._flows) >= self.max_flows:
-                return Drop.NAT_FULL
+        if len(self._flows) >= self.max_flows and not self._make_room(now):
+            return Drop.NAT_FULL
         n = self._free_port()
         if n is None:
             return Drop.NAT_FULL
@@ -195,7 +207,44 @@ class TcpNat:
         ]
         self._flows[key] = e
         self._ports[n] = e
+        self._half_open[n] = now
         return n
+
+    def _make_room(self, now: float) -> bool:
+        """Free one slot without scanning the table: half-open flows past their handshake
+        timeout go first, else the oldest half-open one is evicted. False: every flow is an
+        accepted connection (those are only ever dropped by `expire`)."""
+        self._expire_half_open(now)
+        if len(self._flows) < self.max_flows:
+            return True
+        if not self._half_open:
+            return False
+        n, _ = self._half_open.popitem(last=False)
+        self._drop(n)
+        self.evicted += 1
+        self._next = n  # so that `_free_port` finds the freed port without a walk
+        return True
+
+    def _expire_half_open(self, now: float) -> list[Any]:
+        gone = []
+        limit = now - self.handshake_timeout
+        half = self._half_open
+        while half:
+            n, created = next(iter(half.items()))
+            if created > limit:
+                break
+            del half[n]
+            e = self._drop(n)
+            if e is not None:
+                self.handshake_expired += 1
+                gone.append(e[_CTX])
+        return gone
+
+    def _drop(self, port: int) -> list[Any] | None:
+        e = self._ports.pop(port, None)
+        if e is not None:
+            self._flows.pop(e[_KEY], None)
+        return e
 
     def _free_port(self) -> int | None:
         span = self.last_port - self.first_port + 1
@@ -207,10 +256,12 @@ class TcpNat:
         return None
 
     def lookup(self, port: int) -> NatEntry | None:
-        """The original flow behind the listener's peer port `port`."""
+        """The original flow behind the listener's peer port `port`. Asked when the listener
+        accepted it, so the flow's handshake is complete: from now on only `timeout` applies."""
         e = self._ports.get(port)
         if e is None:
             return None
+        self._half_open.pop(port, None)
         key: bytes = e[_KEY]
         k = len(self.local)
         return NatEntry(
@@ -222,18 +273,20 @@ class TcpNat:
         )
 
     def remove(self, port: int) -> None:
-        e = self._ports.pop(port, None)
-        if e is not None:
-            self._flows.pop(e[_KEY], None)
+        self._half_open.pop(port, None)
+        self._drop(port)
 
     def expire(self, now: float) -> list[Any]:
-        """Forget idle flows (closed ones sooner); the contexts of those forgotten."""
-        gone = []
+        """Forget idle flows (closed ones sooner, half-open ones after `handshake_timeout`);
+        the contexts of those forgotten. A scan of the table: the I/O layer's sweep timer
+        calls it every few seconds, never the per-packet path."""
+        gone = self._expire_half_open(now)
         for n, e in list(self._ports.items()):
             idle = now - e[_LAST]
             if idle > self.timeout or (e[_FINS] == 3 and idle > self.closing_timeout):
                 del self._ports[n]
                 self._flows.pop(e[_KEY], None)
+                self._half_open.pop(n, None)
                 gone.append(e[_CTX])
         return gone
 

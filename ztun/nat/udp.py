@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 from typing import Any, Generic, TypeVar
 
-from ztun.address import Address
+from ztun.address import Address, ip_or_none
 from ztun.stack.commands import (
     CloseUdpSession,
     Command,
@@ -68,6 +68,11 @@ class UdpTable(Generic[V]):
         self._items[key] = (value, now)
         return gone
 
+    def peek(self, key: Hashable) -> V | None:
+        """The session for `key`, live or not, without marking it used."""
+        item = self._items.get(key)
+        return None if item is None else item[0]
+
     def pop(self, key: Hashable) -> V | None:
         item = self._items.pop(key, None)
         return None if item is None else item[0]
@@ -100,6 +105,28 @@ class UdpTable(Generic[V]):
 
 
 # ---------------------------------------------------------------------------------------------
+# RFC 4787 behaviours: sing-box's `udp_mapping` / `udp_filtering` values
+
+ENDPOINT_INDEPENDENT = "endpoint_independent"
+ADDRESS_DEPENDENT = "address_dependent"
+ADDRESS_AND_PORT_DEPENDENT = "address_and_port_dependent"
+BEHAVIOURS = (ENDPOINT_INDEPENDENT, ADDRESS_DEPENDENT, ADDRESS_AND_PORT_DEPENDENT)
+
+
+def mapped_session(
+    mapping: str, key: tuple[bytes, int, bytes, int], outbound: Hashable
+) -> Hashable:
+    """The session key of the TUN flow `key` (src, sport, dst, dport) by `mapping`: which
+    flows of one client port share an outbound socket. Every key but the per-flow one names
+    the outbound too, since destinations of one client port may be routed apart."""
+    if mapping == ADDRESS_AND_PORT_DEPENDENT:
+        return key
+    if mapping == ADDRESS_DEPENDENT:
+        return (key[0], key[1], key[2], outbound)
+    return (key[0], key[1], outbound)
+
+
+# ---------------------------------------------------------------------------------------------
 # Flows and their outbound sessions, for both inbounds
 
 
@@ -118,6 +145,15 @@ class UdpFlow:
         self.outbound = outbound
         self.refused = refused
         self.session_key = session_key
+
+
+def _host_key(uf: UdpFlow) -> str | None:
+    """What `sent_to` remembers of a flow's destination: its host, or None for a name that
+    the outbound resolves far away (a proxy), whose replies may come from any address."""
+    host = uf.flow.dest.host
+    if ip_or_none(host) is None and getattr(uf.outbound, "resolves_remotely", True):
+        return None
+    return host
 
 
 #: Datagrams a flow's session holds while it is being opened; more are dropped and counted.
@@ -170,6 +206,9 @@ class UdpSessions:
         #: session key -> keys of the live flows that send through it (a dict: ordered, so
         #: the flows of a failed session end, and are logged, in the order they began)
         self._members: dict[Hashable, dict[Hashable, None]] = {}
+        #: session key -> destination host of its live flows -> how many flows (None: a
+        #: name resolved far away, whose address only the proxy knows): what `sent_to` asks
+        self._hosts: dict[Hashable, dict[str | None, int]] = {}
         self._next_ident = 0
         #: datagrams dropped: queue full while a session opened, or inside a retry delay
         self.dropped = 0
@@ -195,7 +234,26 @@ class UdpSessions:
             self._end(gone, "evicted")
         if refused is None:
             self._members.setdefault(session_key, {})[key] = None
+            host = _host_key(uf)
+            hosts = self._hosts.setdefault(session_key, {})
+            hosts[host] = hosts.get(host, 0) + 1
         return uf
+
+    def flow_of(self, key: Hashable) -> UdpFlow | None:
+        """Flow `key`, live or idle, without marking it used."""
+        return self.flows.peek(key)
+
+    def members(self, session_key: Hashable) -> list[UdpFlow]:
+        """The live flows that send through session `session_key`."""
+        peek = self.flows.peek
+        found = (peek(k) for k in self._members.get(session_key, ()))
+        return [uf for uf in found if uf is not None]
+
+    def sent_to(self, session_key: Hashable, host: str) -> bool:
+        """Whether a live flow of the session sends to address `host`, or to a name that a
+        proxy resolves (whose address ztun cannot know)."""
+        hosts = self._hosts.get(session_key)
+        return hosts is not None and (host in hosts or None in hosts)
 
     def send(self, uf: UdpFlow, payload: bytes, now: float) -> None:
         """Send a datagram of a flow that is not refused (the caller answers refused ones).
@@ -291,6 +349,16 @@ class UdpSessions:
         uf.flow.end, uf.flow.error = end, error
         # Idle and closed are how nearly every UDP flow ends: those lines are at debug level.
         self.out.append(FlowEnded(uf.flow, quiet=end in ("idle", "closed")))
+        hosts = self._hosts.get(uf.session_key)
+        if hosts is not None:
+            host = _host_key(uf)
+            left = hosts.get(host, 0) - 1
+            if left > 0:
+                hosts[host] = left
+            else:
+                hosts.pop(host, None)
+                if not hosts:
+                    del self._hosts[uf.session_key]
         members = self._members.get(uf.session_key)
         if members is not None:
             members.pop(uf.key, None)

@@ -4,6 +4,12 @@ Owns: dial options (bind_interface → SO_BINDTODEVICE, routing_mark → SO_MARK
 resolving a domain destination by `domain_strategy` (through the DNS module when one is set with
 `set_resolver`, else getaddrinfo) with Happy Eyeballs (RFC 8305) when both families are there,
 and direct UDP sessions.
+
+Bounds on name lookups: one lookup in flight per name (every flow to it waits on that one);
+at most `MAX_LOOKUPS` run at once and `MAX_QUEUED_LOOKUPS` more wait for a turn (each for at
+most `connect_timeout`); beyond that a flow to a new name fails at once with a DNS error, so a
+flood of unique names costs a refusal each and never delays flows to IP addresses. A UDP
+session keeps at most `MAX_UDP_NAMES` resolved names and `MAX_UDP_REVERSE` reply addresses.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 from functools import lru_cache
+from typing import TypeVar
 
 from ztun.address import Address, IPAddress
 from ztun.config.options import DirectOutboundOptions
@@ -30,6 +37,9 @@ from ztun.outbound.base import (
 from ztun.route.metadata import FlowMeta
 from ztun.runtime import netio
 
+K = TypeVar("K")
+V = TypeVar("V")
+
 #: Linux: a TCP socket non-blocking from birth (elsewhere, setblocking(False) right after).
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
@@ -38,6 +48,16 @@ ATTEMPT_DELAY = 0.25
 SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 _STRATEGIES = ("prefer_ipv4", "prefer_ipv6", "ipv4_only", "ipv6_only")
+
+#: Name lookups running at once per outbound, and waiting for a turn beyond those.
+MAX_LOOKUPS = 64
+MAX_QUEUED_LOOKUPS = 1024
+#: A direct UDP session's caches: names resolved, and reply addresses mapped back to names.
+MAX_UDP_NAMES = 1024
+MAX_UDP_REVERSE = 4096
+#: Datagrams held per name while it is being resolved, and names resolving at once.
+MAX_UDP_PENDING = 16
+MAX_UDP_RESOLVING = 256
 
 #: (name, domain_strategy) → addresses, or OutboundError(ErrorKind.DNS): the DNS module's
 #: `DnsClient.lookup`, when the config has a `dns` section.
@@ -94,6 +114,13 @@ class DirectOutbound:
         self.domain_strategy = strategy
         self.counters = Counters()
         self._resolver: Resolver | None = None
+        #: name -> the one lookup in flight for it
+        self._lookups: dict[str, asyncio.Task[list[str]]] = {}
+        self._lookup_slots: asyncio.Semaphore | None = None  # made in the running loop
+        self.max_lookups = MAX_LOOKUPS
+        self.max_queued_lookups = MAX_QUEUED_LOOKUPS
+        #: lookups refused because too many were running or waiting
+        self.lookups_refused = 0
 
     def set_resolver(self, resolver: Resolver | None) -> None:
         """Resolve domain destinations with `resolver` (DNS rules, hosts, cache) instead of
@@ -136,13 +163,51 @@ class DirectOutbound:
     # -- resolution -----------------------------------------------------------------------
 
     async def resolve(self, host: str) -> list[str]:
-        """The addresses to try for `host` (an IP literal is itself), by domain_strategy."""
+        """The addresses to try for `host` (an IP literal is itself), by domain_strategy.
+        One lookup per name runs for every flow that asks (see the module's bounds)."""
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
             pass
         else:
             return [str(ip)]
+        task = self._lookups.get(host)
+        if task is None:
+            if len(self._lookups) >= self.max_lookups + self.max_queued_lookups:
+                self.lookups_refused += 1
+                raise OutboundError(
+                    ErrorKind.DNS, f"cannot resolve {host}: too many name lookups in progress"
+                )
+            task = asyncio.get_running_loop().create_task(self._lookup(host))
+            self._lookups[host] = task
+            task.add_done_callback(lambda t: self._lookup_done(host, t))
+        # Shielded: one flow giving up (its connect timeout) does not cancel the others'.
+        return await asyncio.shield(task)
+
+    def _lookup_done(self, host: str, task: asyncio.Task[list[str]]) -> None:
+        if self._lookups.get(host) is task:
+            del self._lookups[host]
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure nobody waits for any more is no error
+
+    async def _lookup(self, host: str) -> list[str]:
+        slots = self._lookup_slots
+        if slots is None:
+            slots = self._lookup_slots = asyncio.Semaphore(self.max_lookups)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await slots.acquire()
+        except TimeoutError:
+            raise OutboundError(
+                ErrorKind.TIMEOUT,
+                f"cannot resolve {host}: no lookup slot within {self.connect_timeout:g}s",
+            ) from None
+        try:
+            return await self._resolve_now(host)
+        finally:
+            slots.release()
+
+    async def _resolve_now(self, host: str) -> list[str]:
         if self._resolver is not None:
             found = await self._resolver(host, self.domain_strategy)
             addrs = order_addresses(list(dict.fromkeys(str(a) for a in found)),
@@ -305,10 +370,14 @@ class DirectUdpSession:
         self.on_close = on_close
         self.closed = False
         self._socks: dict[int, socket.socket] = {}
-        self._resolved: dict[str, str] = {}  # domain -> ip
+        self._resolved: dict[str, str] = {}  # domain -> ip, oldest first
         self._reverse: dict[tuple[str, int], Address] = {}  # (ip, port) -> domain address
+        #: name -> datagrams waiting for its one lookup
+        self._resolving: dict[str, list[tuple[Address, bytes]]] = {}
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: datagrams dropped: too many waiting for a name, or too many names resolving
+        self.dropped = 0
 
     def _sock(self, family: int) -> socket.socket:
         s = self._socks.get(family)
@@ -326,29 +395,43 @@ class DirectUdpSession:
             return
         ip = self._resolved.get(dest.host)
         if ip is None and dest.is_domain:
-            t = self._loop.create_task(self._resolve_and_send(dest, payload))
+            waiting = self._resolving.get(dest.host)
+            if waiting is not None:
+                if len(waiting) < MAX_UDP_PENDING:
+                    waiting.append((dest, payload))
+                else:
+                    self.dropped += 1
+                return
+            if len(self._resolving) >= MAX_UDP_RESOLVING:
+                self.dropped += 1
+                return
+            self._resolving[dest.host] = [(dest, payload)]
+            t = self._loop.create_task(self._resolve_and_send(dest.host))
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
             return
         self._sendto(ip or dest.host, dest, payload)
 
-    async def _resolve_and_send(self, dest: Address, payload: bytes) -> None:
+    async def _resolve_and_send(self, host: str) -> None:
         try:
             addrs = await asyncio.wait_for(
-                self.outbound.resolve(dest.host), self.outbound.connect_timeout
+                self.outbound.resolve(host), self.outbound.connect_timeout
             )
         except (OutboundError, TimeoutError):
             self.outbound.counters.errors += 1
+            self.dropped += len(self._resolving.pop(host, ()))
             return
-        self._resolved[dest.host] = addrs[0]
-        self._sendto(addrs[0], dest, payload)
+        waiting = self._resolving.pop(host, [])
+        _bounded_put(self._resolved, host, addrs[0], MAX_UDP_NAMES)
+        for dest, payload in waiting:
+            self._sendto(addrs[0], dest, payload)
 
     def _sendto(self, ip: str, dest: Address, payload: bytes) -> None:
         if self.closed:
             return
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         if dest.is_domain:
-            self._reverse[(ip, dest.port)] = dest
+            _bounded_put(self._reverse, (ip, dest.port), dest, MAX_UDP_REVERSE)
         try:
             self._sock(family).sendto(payload, (ip, dest.port))
         except (BlockingIOError, InterruptedError):
@@ -377,7 +460,15 @@ class DirectUdpSession:
         self.closed = True
         for t in self._tasks:
             t.cancel()
+        self._resolving.clear()
         for s in self._socks.values():
             self._loop.remove_reader(s.fileno())
             s.close()
         self._socks.clear()
+
+
+def _bounded_put(table: dict[K, V], key: K, value: V, cap: int) -> None:
+    """Set `table[key]`, first dropping the oldest entry if the table is at `cap`."""
+    if key not in table and len(table) >= cap:
+        del table[next(iter(table))]
+    table[key] = value

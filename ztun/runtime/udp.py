@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Hashable
 
 from ztun.address import Address
+from ztun.log import LIMITER, limited
 from ztun.nat.udp import UdpSessions
 from ztun.outbound.base import Outbound, OutboundError, UdpSession
 from ztun.runtime.dispatch import log_flow
@@ -55,7 +56,12 @@ class UdpSessionRunner:
             if held is not None and not held[1].closed:
                 held[1].send(c.dest, c.payload)
         elif isinstance(c, FlowEnded):
-            log_flow(c.flow, logging.DEBUG if c.quiet else logging.INFO)
+            f = c.flow
+            if (f.end == "evicted" or (f.error or "").endswith("table is full")) and (
+                LIMITER.allow((f.end, f.meta.inbound)) is None
+            ):
+                return  # a full table ends flows by the thousand: a line a second is enough
+            log_flow(f, logging.DEBUG if c.quiet else logging.INFO)
         elif isinstance(c, OpenUdpSession):
             task = self.loop.create_task(self._open(c))
             self.tasks.add(task)
@@ -77,8 +83,9 @@ class UdpSessionRunner:
             )
         except OutboundError as e:
             dropped = self.core.open_failed(key, ident, str(e), self.loop.time())
-            log.warning("udp %s via %s: %s (%d datagram(s) dropped)",
-                        c.flow.dest, outbound.tag, e, dropped)  # fmt: skip
+            limited(log, logging.WARNING, ("udp-open", outbound.tag),
+                    "udp %s via %s: %s (%d datagram(s) dropped)",
+                    c.flow.dest, outbound.tag, e, dropped)  # fmt: skip
             self.drain()
             return
         if self.core.opened(key, ident):
@@ -89,7 +96,8 @@ class UdpSessionRunner:
 
     def _ended(self, key: Hashable, ident: int, tag: str, why: str) -> None:
         if why != "idle":  # a dead proxy or control connection: worth a line of its own
-            log.warning("udp via %s: session ended: %s", tag, why)
+            limited(log, logging.WARNING, ("udp-ended", tag),
+                    "udp via %s: session ended: %s", tag, why)  # fmt: skip
         held = self.sessions.get(key)
         if held is not None and held[0] == ident:
             del self.sessions[key]

@@ -9,7 +9,10 @@ TCP never leaves the kernel: a new flow's SYN is routed here (`decide`), given a
 forwarded to the kernel listener on the TUN address; when the I/O layer accepts that connection
 it asks `tcp_flow(nat, port)` for the flow and its outbound, and connects and relays it. A
 refused SYN gets its RST at once, before any handshake. UDP flows and their outbound sessions
-live in `ztun.nat.udp.UdpSessions`, one session per flow. ICMP echo is answered here.
+live in `ztun.nat.udp.UdpSessions`; `udp_mapping` says which flows of one client port share a
+session (one per flow by default), `udp_filtering` which datagrams that arrive on a session
+reach the client (by default only from an address the client sent to: a third host cannot
+inject one). ICMP echo is answered here.
 
 DNS hijack and sniffing need no change to the I/O loop: a hijacked flow's outbound is ztun's
 DNS module, whose UDP sessions answer in-process (commands stay `OpenUdpSession` /
@@ -29,7 +32,14 @@ from typing import Any
 
 from ztun.address import Address, IPAddress
 from ztun.nat.tcp import FORWARD, NEW, TcpNat
-from ztun.nat.udp import UdpSessions
+from ztun.nat.udp import (
+    ADDRESS_AND_PORT_DEPENDENT,
+    ADDRESS_DEPENDENT,
+    ENDPOINT_INDEPENDENT,
+    UdpFlow,
+    UdpSessions,
+    mapped_session,
+)
 from ztun.packet.fragment import Reassembler
 from ztun.packet.icmp import build_echo_reply, build_port_unreachable, is_echo_request
 from ztun.packet.ip import Drop, IPHeader, Proto, is_unicast, parse_ip
@@ -68,6 +78,8 @@ class TunStack:
         udp_timeout: float,
         icmp: str = "reply",
         max_udp_sessions: int = MAX_UDP_SESSIONS,
+        udp_mapping: str = ADDRESS_AND_PORT_DEPENDENT,
+        udp_filtering: str = ADDRESS_DEPENDENT,
     ) -> None:
         self.tag = tag
         self.decide = decide
@@ -85,6 +97,12 @@ class TunStack:
         self.packets = 0
         #: replies that came back after their UDP flow ended, written back all the same
         self.late_replies = 0
+        self.udp_mapping = udp_mapping
+        self.udp_filtering = udp_filtering
+        #: datagrams `udp_filtering` kept from the client (or that no packet can carry)
+        self.udp_filtered = 0
+        #: datagrams from a host the client never sent to, delivered (`endpoint_independent`)
+        self.udp_unsolicited = 0
 
     # -- packets in -----------------------------------------------------------------------
 
@@ -253,7 +271,10 @@ class TunStack:
             flow = self._flow("udp", h, u.sport, u.dport, now)
             payload = pkt[u.start : u.end]
             verdict = decide_datagram(self.decide, flow, "udp", payload)
-            uf = self.udp.add(key, flow, verdict, key, now)
+            sk = key
+            if self.udp_mapping != ADDRESS_AND_PORT_DEPENDENT:
+                sk = mapped_session(self.udp_mapping, key, flow.outbound)  # type: ignore[assignment]
+            uf = self.udp.add(key, flow, verdict, sk, now)
         if uf.refused is not None:
             self.drops[Drop.REJECTED] += 1
             if not uf.refused.drop:
@@ -261,13 +282,63 @@ class TunStack:
             return
         self.udp.send(uf, pkt[u.start : u.end], now)
 
-    def udp_reply(self, key: Hashable, payload: bytes, now: float) -> None:
-        """A datagram came back through the session of flow `key`: written back into the TUN
-        as from the flow's original destination, whatever address the outbound saw."""
-        if self.udp.reply(key, payload, now) is None:
-            # The flow ended (idle) while an answer was on its way: a hijacked DNS query the
-            # DNS module answered late, say. The key is ztun's own, so it still goes back.
-            self.late_replies += 1
+    def udp_reply(self, key: Hashable, src: Address, payload: bytes, now: float) -> None:
+        """A datagram from `src` came back through session `key`. From a flow's destination
+        it goes back as from the flow's original destination (whatever address the outbound
+        saw); from anywhere else only if `udp_filtering` allows, as from `src`."""
+        if self.udp_mapping == ADDRESS_AND_PORT_DEPENDENT:
+            # One flow per session: its key is the flow's.
+            uf = self.udp.flow_of(key)
+            if uf is not None:
+                d = uf.flow.dest
+                if d.port == src.port and (d.host == src.host or _name_matches(uf, src)):
+                    self.udp.reply(key, payload, now)
+                    self._write_reply(key, payload)
+                    return
+            elif _same_host(key[2], src) and key[3] == src.port:  # type: ignore[index]
+                # The flow ended (idle) while an answer was on its way: a hijacked DNS query
+                # the DNS module answered late, say. It still goes back.
+                self.late_replies += 1
+                self._write_reply(key, payload)
+                return
+            self._unmatched(key, key[0], key[1], src, payload)  # type: ignore[index]
+            return
+        client, cport = key[0], key[1]  # type: ignore[index]
+        packed = _packed(src.host)
+        if packed is not None:
+            fkey = (client, cport, packed, src.port)
+            uf = self.udp.flow_of(fkey)
+            if uf is not None and uf.session_key == key:
+                self.udp.reply(fkey, payload, now)
+                self._write_reply(fkey, payload)
+                return
+        for uf in self.udp.members(key):
+            d = uf.flow.dest
+            if d.port == src.port and (d.host == src.host or _name_matches(uf, src)):
+                self.udp.reply(uf.key, payload, now)
+                self._write_reply(uf.key, payload)
+                return
+        self._unmatched(key, client, cport, src, payload)
+
+    def _unmatched(
+        self, key: Hashable, client: bytes, cport: int, src: Address, payload: bytes
+    ) -> None:
+        """A datagram from no flow's destination: `udp_filtering` decides. Delivered ones go
+        back as from `src` itself, so the client sees who sent them."""
+        f = self.udp_filtering
+        if f != ENDPOINT_INDEPENDENT and not (
+            f == ADDRESS_DEPENDENT and self.udp.sent_to(key, src.host)
+        ):
+            self.udp_filtered += 1
+            return
+        packed = _packed(src.host)
+        if packed is None or len(packed) != len(client):
+            self.udp_filtered += 1  # a name, or the other family: no packet can carry it
+            return
+        self.udp_unsolicited += 1
+        self._write_reply((client, cport, packed, src.port), payload)
+
+    def _write_reply(self, key: Hashable, payload: bytes) -> None:
         src, sport, dst, dport = key  # type: ignore[misc]
         pkt = build_udp(dst, dport, src, sport, payload)
         if isinstance(pkt, Drop):
@@ -319,6 +390,31 @@ class TunStack:
         """No new flows from now on; every UDP flow ends (its session closes)."""
         self.accepting = False
         self.udp.clear("closed")
+
+
+def _name_matches(uf: UdpFlow, src: Address) -> bool:
+    """A flow to a name (FakeIP, a sniffed domain) through an outbound that resolves it far
+    away and reports the address it got (a SOCKS5 proxy): ztun cannot tell that address from
+    another, so such a reply is matched by its port alone (docs/security.md says so). An
+    outbound that resolves here (direct) reports its replies as from the name itself."""
+    return (uf.flow.dest.is_domain and not src.is_domain
+            and getattr(uf.outbound, "resolves_remotely", True))  # fmt: skip
+
+
+def _same_host(packed: bytes, src: Address) -> bool:
+    return _packed(src.host) == packed
+
+
+@lru_cache(maxsize=4096)
+def _packed(host: str) -> bytes | None:
+    """An IP literal as packed bytes (IPv4-mapped IPv6 as IPv4); None for a name."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.packed
+    return ip.packed
 
 
 @lru_cache(maxsize=4096)

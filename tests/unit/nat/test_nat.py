@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -91,7 +92,9 @@ def test_expiry_and_bounds() -> None:
     d = bytes([203, 0, 113, 5])
     got = [nat.add(A4, 2000 + i, d, 80, 0.0, ctx=i) for i in range(3)]
     assert got == [10000, 10001, 10002]
-    assert nat.add(A4, 3000, d, 80, 1.0) is Drop.NAT_FULL
+    for n in got:
+        assert nat.lookup(n) is not None  # accepted: the handshakes are complete
+    assert nat.add(A4, 3000, d, 80, 1.0) is Drop.NAT_FULL  # nothing half-open to evict
     assert nat.add(A4, 2001, d, 80, 1.0) == 10001  # the same flow keeps its port
     # both FINs seen on flow 0: it goes after the short timeout
     fin_out = bytearray(segment(A4, d, 2000, 80, FIN | ACK))
@@ -143,3 +146,54 @@ def test_reused_four_tuple_gets_a_fresh_port() -> None:
     # a retransmitted SYN of an open flow keeps its port
     syn2 = bytearray(segment(A4, d, 2000, 80, SYN))
     assert nat.translate(syn2, len(syn2), 2.5) == FORWARD
+
+
+def test_half_open_flows_expire_in_seconds() -> None:
+    nat = TcpNat(A4, B4, P, timeout=330, handshake_timeout=10)
+    d = bytes([203, 0, 113, 5])
+    half = nat.add(A4, 2000, d, 80, 0.0, ctx="half")
+    done = nat.add(A4, 2001, d, 80, 0.0, ctx="done")
+    assert isinstance(done, int) and nat.lookup(done) is not None
+    # SYN retransmissions keep their port meanwhile
+    syn = bytearray(segment(A4, d, 2000, 80, SYN))
+    assert nat.translate(syn, len(syn), 5.0) == FORWARD
+    assert nat.expire(9.0) == []
+    assert nat.expire(10.5) == ["half"]
+    assert nat.handshake_expired == 1 and nat.lookup(half) is None
+    assert nat.lookup(done) is not None  # an accepted flow lives by the idle timeout
+    assert nat.expire(300.0) == []
+
+
+def test_syn_flood_on_a_full_table_costs_o1_per_syn() -> None:
+    """A full table of half-open flows: every new SYN evicts the oldest one, and the work per
+    SYN does not grow with the table (no scan): counted by the entries looked at."""
+    cap = 16384
+    nat = TcpNat(A4, B4, P, max_flows=cap, handshake_timeout=10)
+    d = bytes([203, 0, 113, 5])
+    good = nat.add(A4, 1, d, 443, 0.0, ctx="good")
+    assert isinstance(good, int) and nat.lookup(good) is not None  # an accepted connection
+    scanned = 0
+    real_expire = nat.expire
+
+    def counting_expire(now: float) -> list[object]:
+        nonlocal scanned
+        scanned += len(nat)
+        return real_expire(now)
+
+    nat.expire = counting_expire  # type: ignore[method-assign]
+    flood = 3 * cap
+    t0 = time.perf_counter()
+    for i in range(flood):
+        src = bytes([198, 51, 100, i & 0xFF])
+        n = nat.add(src, 1024 + (i >> 8), d, 80, 1.0 + i * 1e-5)
+        assert isinstance(n, int) and not isinstance(n, Drop)
+    elapsed = time.perf_counter() - t0
+    assert len(nat) == cap  # the cap holds
+    assert nat.evicted == flood - (cap - 1)  # one eviction per SYN once full
+    assert scanned == 0  # never a full scan on the SYN path
+    assert nat.lookup(good) is not None  # the accepted connection survives the flood
+    # Generous: about 0.15 s here; a scan per SYN would take minutes.
+    assert elapsed < 10.0
+    # and an accepted flow still gets a slot at once
+    ok = nat.add(A4, 9, d, 443, 2.0)
+    assert isinstance(ok, int) and not isinstance(ok, Drop)

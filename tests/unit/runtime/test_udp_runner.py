@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
+import time
 from collections.abc import Hashable
 
+import pytest
+
+from ztun import log as ztun_log
 from ztun.address import Address
+from ztun.log import RateLimiter
 from ztun.nat.udp import UdpSessions
 from ztun.outbound.base import CloseHandler, DatagramHandler
 from ztun.route.metadata import FlowMeta
+from ztun.runtime import udp as udp_runner
 from ztun.runtime.udp import UdpSessionRunner
-from ztun.stack.commands import Command
+from ztun.stack.commands import Command, FlowEnded
 from ztun.stack.flow import Flow
 
 DEST = Address("203.0.113.7", 53)
@@ -100,3 +107,38 @@ async def _late_open_does_not_replace_the_live_session() -> None:
 
 def test_a_late_open_does_not_replace_the_live_session() -> None:
     asyncio.run(_late_open_does_not_replace_the_live_session())
+
+
+def test_eviction_flood_logs_a_line_a_second(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full table evicting flow after flow: the table stays at its cap, every eviction is
+    counted, and the log gets one line per interval instead of one per flow."""
+    now = [0.0]
+    monkeypatch.setattr(ztun_log, "LIMITER", RateLimiter(clock=lambda: now[0]))
+    monkeypatch.setattr(udp_runner, "LIMITER", ztun_log.LIMITER)
+
+    async def main() -> None:
+        out: list[Command] = []
+        core = UdpSessions(out, timeout=60.0, max_flows=100)
+        runner = UdpSessionRunner(core, asyncio.get_running_loop(), set(), lambda *a: None,
+                                  lambda: None)  # fmt: skip
+        t0 = time.perf_counter()
+        ended = 0
+        for i in range(10_000):
+            dest = Address(str(ipaddress.ip_address(0xCB007100 + (i % 250))), 1000 + i)
+            meta = FlowMeta(network="udp", inbound="tun-in")
+            core.add(i, Flow(meta, dest, 0.0), "direct", i, 0.0)
+            for c in out:
+                if isinstance(c, FlowEnded) and c.flow.end == "evicted":
+                    ended += 1
+                    runner.execute(c)
+            out.clear()
+        assert len(core) == 100  # the cap
+        assert core.flows.evicted == ended == 10_000 - 100
+        assert time.perf_counter() - t0 < 10.0  # generous: about 0.1 s here
+
+    with caplog.at_level(logging.INFO, logger="ztun"):
+        asyncio.run(main())
+    lines = [r for r in caplog.records if "end=evicted" in r.getMessage()]
+    assert len(lines) == 1  # the clock never moved: one line for 9900 evictions

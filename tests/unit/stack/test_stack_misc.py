@@ -389,7 +389,7 @@ def check_commands(stack: TunStack) -> None:
                 check_icmp(c.packet)
         elif isinstance(c, OpenUdpSession):
             stack.udp.opened(c.key, c.ident)
-            stack.udp_reply(c.key, b"reply", 0.5)
+            stack.udp_reply(c.key, c.flow.dest, b"reply", 0.5)
         else:
             assert isinstance(c, SendDatagram | CloseUdpSession | FlowEnded)
 

@@ -215,6 +215,8 @@ def test_nat_full_gets_rst(v: int) -> None:
     stack = make_stack(**{f"nat{v}": nat})
     r, _ = feed(stack, tcp(f["app"], f["ok"], 1111, 80, SYN))
     assert r == FORWARD
+    # accepted (so not a half-open flow that a new SYN would evict)
+    assert stack.tcp_flow(nat, nat.ports()[0]) is not None
     r, _ = feed(stack, tcp(f["app"], f["ok"], 2222, 80, SYN, seq=41))
     assert r == HANDLED
     out = take(stack)

@@ -95,7 +95,7 @@ def test_session_opens_queues_and_sends(v: int) -> None:
     assert take(stack) == [SendDatagram(key, dest_of(f["ok"]), b"later")]
 
     # A reply is written back as from the original destination.
-    stack.udp_reply(key, b"answer", 2.5)
+    stack.udp_reply(key, dest_of(f["ok"]), b"answer", 2.5)
     out = take(stack)
     assert len(out) == 1 and isinstance(out[0], WritePacket)
     h, sp, dp, payload = check_udp(out[0].packet)
@@ -106,7 +106,7 @@ def test_session_opens_queues_and_sends(v: int) -> None:
 
     # A reply for a flow that ended meanwhile (a DNS answer that outlived the idle timeout)
     # still goes back: only ztun's own sessions call udp_reply, with their own flow's key.
-    stack.udp_reply((f["app"], 1, f["ok"], 2), b"late", 3.0)
+    stack.udp_reply((f["app"], 1, f["ok"], 2), dest_of(f["ok"], 2), b"late", 3.0)
     out = take(stack)
     assert len(out) == 1 and isinstance(out[0], WritePacket) and out[0].packet.endswith(b"late")
     assert stack.late_replies == 1
@@ -212,7 +212,7 @@ def test_idle_expiry(v: int) -> None:
     take(stack)
     stack.expire(45.0)  # used at 20: not idle yet
     assert take(stack) == []
-    stack.udp_reply(key, b"y", 40.0)  # a reply keeps it alive too
+    stack.udp_reply(key, dest_of(f["ok"]), b"y", 40.0)  # a reply keeps it alive too
     take(stack)
     stack.expire(69.0)
     assert take(stack) == []
