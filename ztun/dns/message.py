@@ -27,8 +27,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from ztun.address import IPAddress
-from ztun.errors import RemoteProtocolError
+from ztun.address import NAME_REFUSALS, IPAddress
+from ztun.errors import BadNameError, RemoteProtocolError
 
 __all__ = [
     "MAX_MESSAGE",
@@ -79,6 +79,10 @@ _RD = dns.flags.RD
 # -- parsing -----------------------------------------------------------------------------------
 
 
+#: dnspython's refusals of a name in wire form: too long, a label length over 63.
+_BAD_NAMES = (dns.name.NameTooLong, dns.name.BadLabelType, dns.name.LabelTooLong)
+
+
 def _from_wire(wire: bytes, what: str) -> dns.message.Message:
     if not isinstance(wire, bytes | bytearray | memoryview):
         raise RemoteProtocolError(f"a DNS {what} must be bytes")
@@ -88,6 +92,11 @@ def _from_wire(wire: bytes, what: str) -> dns.message.Message:
         raise RemoteProtocolError(f"DNS {what} of {len(wire)} bytes is shorter than its header")
     try:
         msg = dns.message.from_wire(bytes(wire))
+    except _BAD_NAMES as exc:
+        # The wire form bounds a name (255 bytes, labels of 63, no empty label inside), so a
+        # name over those limits is one of these; the answer is FORMERR, the count "dns".
+        NAME_REFUSALS[f"dns-{what}"] += 1
+        raise BadNameError(f"DNS {what}: {exc}") from None
     except Exception as exc:  # dnspython raises many kinds (ValueError, struct.error, ...)
         raise RemoteProtocolError(f"malformed DNS {what}: {exc or type(exc).__name__}") from None
     if not isinstance(msg, dns.message.Message) or msg.had_tsig:
