@@ -55,6 +55,8 @@ def name_problem(name: bytes | str) -> str | None:
         raw = bytes(name[: MAX_NAME + 2])
         if len(name) > MAX_NAME + 1:
             return f"longer than {MAX_NAME} bytes"
+        if not raw.isascii():
+            return "not ASCII (IDNA names go as xn-- A-labels)"
     else:
         return "not text"
     if raw.endswith(b"."):
