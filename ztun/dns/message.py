@@ -86,6 +86,8 @@ _BAD_NAMES = (dns.name.NameTooLong, dns.name.BadLabelType, dns.name.LabelTooLong
 def _question_name_problem(wire: bytes | bytearray | memoryview) -> str | None:
     """What is wrong with the first question's name, read only as far as a name can go (255
     bytes): dnspython reads a 16 KB run of labels to its end before it refuses it (15 ms)."""
+    if wire[4:6] == b"\x00\x00":
+        return None  # no question (refused below for that)
     pos, total = 12, 0
     while pos < len(wire):
         n = wire[pos]
