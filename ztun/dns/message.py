@@ -117,7 +117,7 @@ def _from_wire(wire: bytes, what: str) -> dns.message.Message:
         msg = dns.message.from_wire(bytes(wire))
     except _BAD_NAMES as exc:
         # The wire form bounds a name (255 bytes, labels of 63, no empty label inside), so a
-        # name over those limits is one of these; the answer is FORMERR, the count "dns".
+        # name over those limits is one of these; the answer is FORMERR, the count "dns-…".
         NAME_REFUSALS[f"dns-{what}"] += 1
         raise BadNameError(f"DNS {what}: {exc}") from None
     except Exception as exc:  # dnspython raises many kinds (ValueError, struct.error, ...)
