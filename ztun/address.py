@@ -6,11 +6,12 @@ request or a TUN packet names it.
 
 Names from peers (`name_problem`, `peer_host`): every parser that takes a host name from the
 network (SOCKS5, SOCKS4a, the HTTP proxy's target and Host, the sniffers; DNS questions,
-bounded by their wire format, are checked in `ztun.dns.message`) refuses, before anything else looks at it, a name that no DNS
-name can be: longer than 253 bytes (one trailing root dot not counted), an empty label
-(`a..b`, a leading dot), a label longer than 63 bytes, and any byte that is not printable
-ASCII or is a space. Non-ASCII names are refused, not converted: a client sends IDNA
-A-labels (`xn--…`, as curl and browsers do), which pass as they are and are not decoded.
+bounded by their wire format, are checked in `ztun.dns.message`) refuses, before anything
+else looks at it, a name that no DNS name can be: longer than 253 bytes (one trailing root
+dot not counted), an empty label (`a..b`, a leading dot), a label longer than 63 bytes, and
+any byte that is not printable ASCII or is a space. Non-ASCII names are refused, not
+converted: a client sends IDNA A-labels (`xn--…`, as curl and browsers do), which pass as
+they are and are not decoded.
 (sing-box hands the bytes on as a string and leaves them to its resolver or the next proxy;
 no DNS server answers for raw UTF-8, so ztun answers the client at once, and counts it.)
 Other characters (`_`, `*`, …) are allowed: the resolver or the proxy behind decides.
