@@ -13,7 +13,7 @@ any byte that is not printable ASCII or is a space. Non-ASCII names are refused,
 converted: a client sends IDNA A-labels (`xn--…`, as curl and browsers do), which pass as
 they are and are not decoded.
 (sing-box hands the bytes on as a string and leaves them to its resolver or the next proxy;
-no DNS server answers for raw UTF-8, so ztun answers the client at once, and counts it.)
+registered names are A-labels, so raw UTF-8 finds no host: ztun answers at once, and counts it.)
 Other characters (`_`, `*`, …) are allowed: the resolver or the proxy behind decides.
 """
 
