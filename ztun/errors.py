@@ -73,5 +73,10 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent something that breaks the protocol."""
 
 
+class BadNameError(RemoteProtocolError):
+    """A peer named a host that cannot exist (see `ztun.address.name_problem`); the inbound
+    answers with its protocol's error reply (SOCKS5 host unreachable, SOCKS4 rejected, 400)."""
+
+
 class LocalProtocolError(ProtocolError):
     """ztun was asked to send something that breaks the protocol."""

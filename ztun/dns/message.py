@@ -27,8 +27,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from ztun.address import IPAddress
-from ztun.errors import RemoteProtocolError
+from ztun.address import NAME_REFUSALS, IPAddress
+from ztun.errors import BadNameError, RemoteProtocolError
 
 __all__ = [
     "MAX_MESSAGE",
@@ -79,6 +79,29 @@ _RD = dns.flags.RD
 # -- parsing -----------------------------------------------------------------------------------
 
 
+#: dnspython's refusals of a name in wire form: too long, a label length over 63.
+_BAD_NAMES = (dns.name.NameTooLong, dns.name.BadLabelType, dns.name.LabelTooLong)
+
+
+def _question_name_problem(wire: bytes | bytearray | memoryview) -> str | None:
+    """What is wrong with the first question's name, read only as far as a name can go (255
+    bytes): dnspython reads a 16 KB run of labels to its end before it refuses it (15 ms)."""
+    if wire[4:6] == b"\x00\x00":
+        return None  # no question (refused below for that)
+    pos, total = 12, 0
+    while pos < len(wire):
+        n = wire[pos]
+        if n == 0 or n >= 0xC0:  # the end, or a pointer (dnspython checks those)
+            return None
+        if n > 63:
+            return "has a reserved label type (a label over 63 bytes)"
+        total += n + 1
+        if total > 254:  # with the root's zero byte: over 255
+            return "longer than 255 bytes in wire form"
+        pos += n + 1
+    return None
+
+
 def _from_wire(wire: bytes, what: str) -> dns.message.Message:
     if not isinstance(wire, bytes | bytearray | memoryview):
         raise RemoteProtocolError(f"a DNS {what} must be bytes")
@@ -86,8 +109,17 @@ def _from_wire(wire: bytes, what: str) -> dns.message.Message:
         raise RemoteProtocolError(f"DNS {what} of {len(wire)} bytes is longer than {MAX_MESSAGE}")
     if len(wire) < 12:
         raise RemoteProtocolError(f"DNS {what} of {len(wire)} bytes is shorter than its header")
+    problem = _question_name_problem(wire)
+    if problem is not None:
+        NAME_REFUSALS[f"dns-{what}"] += 1
+        raise BadNameError(f"DNS {what}: question name {problem}")
     try:
         msg = dns.message.from_wire(bytes(wire))
+    except _BAD_NAMES as exc:
+        # The wire form bounds a name (255 bytes, labels of 63, no empty label inside), so a
+        # name over those limits is one of these; the answer is FORMERR, the count "dns-…".
+        NAME_REFUSALS[f"dns-{what}"] += 1
+        raise BadNameError(f"DNS {what}: {exc}") from None
     except Exception as exc:  # dnspython raises many kinds (ValueError, struct.error, ...)
         raise RemoteProtocolError(f"malformed DNS {what}: {exc or type(exc).__name__}") from None
     if not isinstance(msg, dns.message.Message) or msg.had_tsig:

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import h11
 
-from ztun.address import Address, IPAddress, ip_or_none
+from ztun.address import Address, IPAddress, clip, ip_or_none
 from ztun.config.options import (
     DNSServerOptions,
     DNSServerTLSOptions,
@@ -161,7 +161,7 @@ class _Dialer:
             return Address(self._resolved[0], self.port)
         try:
             infos = await loop.getaddrinfo(self.server, self.port, type=socket.SOCK_STREAM)
-        except OSError as e:
+        except (OSError, UnicodeError, ValueError) as e:  # IDNA: a label getaddrinfo refuses
             raise DnsTransportError(self.tag, f"cannot resolve {self.server}: {e}") from None
         ip = str(infos[0][4][0])
         self._resolved = (ip, now + SERVER_NAME_TTL)
@@ -783,8 +783,11 @@ class LocalTransport:
             if e.errno in _NO_DATA:
                 return message.answer_with(msg, [], LOCAL_TTL)
             raise DnsTransportError(self.tag, f"system resolver: {e.strerror or e}") from None
-        except OSError as e:
-            raise DnsTransportError(self.tag, f"system resolver: {e}") from None
+        except (OSError, UnicodeError, ValueError) as e:
+            # The IDNA codec refuses what the wire allows (a label with a dot or a byte
+            # over 0x7f, in its escaped text form): SERVFAIL and a counted error, as any
+            # resolver failure.
+            raise DnsTransportError(self.tag, f"system resolver: {clip(e)}") from None
         found = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
         return message.answer_with(msg, found, LOCAL_TTL)
 

@@ -23,9 +23,9 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ztun.address import Address
+from ztun.address import Address, clip
 from ztun.config.options import MixedInboundOptions
-from ztun.errors import ProtocolError
+from ztun.errors import BadNameError, ProtocolError
 from ztun.log import limited
 from ztun.nat.udp import UdpSessions
 from ztun.outbound.base import ErrorKind, OutboundError
@@ -167,6 +167,7 @@ class MixedInbound:
         # One watch on the client socket for the whole handshake; the relay takes it over.
         waiter = netio.Waiter(loop, conn)
         buf = bytearray()
+        kind = -1  # the first byte: which protocol the client speaks
         try:
             try:
                 # The handshake only ever blocks in the waiter, so its deadline bounds it.
@@ -179,9 +180,10 @@ class MixedInbound:
                 if not first:
                     return
                 buf += first
-                if buf[0] == socks5.VERSION5:
+                kind = first[0]
+                if kind == socks5.VERSION5:
                     req = await self._socks5_handshake(conn, waiter, buf)
-                elif buf[0] == socks5.VERSION4:
+                elif kind == socks5.VERSION4:
                     req = await self._socks4_handshake(conn, waiter, buf)
                 else:
                     req = await self._http_handshake(conn, waiter, buf)
@@ -191,9 +193,16 @@ class MixedInbound:
                 return
             except _Closed:
                 return
+            except BadNameError as e:
+                # A name no host can have (counted where it was parsed): the protocol's own
+                # refusal, so the client shows an error instead of a dropped connection.
+                log.warning("inbound %s: %s:%d: refused: %s", self.tag, *source, e)
+                with contextlib.suppress(OSError):
+                    await loop.sock_sendall(conn, _bad_name_reply(kind))
+                return
             except ProtocolError as e:
-                log.warning("inbound %s: %s:%d: bad request: %s", self.tag, *source, e)
-                if buf and buf[0] not in (socks5.VERSION4, socks5.VERSION5):
+                log.warning("inbound %s: %s:%d: bad request: %s", self.tag, *source, clip(e))
+                if kind not in (socks5.VERSION4, socks5.VERSION5):
                     status = 431 if "too large" in str(e) else 400
                     with contextlib.suppress(OSError):
                         await loop.sock_sendall(conn, http_proxy.build_response(status))
@@ -261,7 +270,8 @@ class MixedInbound:
             ok = self.users.get(creds.username) == creds.password
             await netio.send_all(conn, socks5.build_userpass_reply(ok), waiter)
             if not ok:
-                log.warning("inbound %s: SOCKS5 auth failed for user %r", self.tag, creds.username)
+                log.warning("inbound %s: SOCKS5 auth failed for user %r", self.tag,
+                            clip(creds.username, 64))  # fmt: skip
                 return None
             user = creds.username
         request, n = await self._need(conn, waiter, buf, socks5.parse_request)
@@ -300,7 +310,8 @@ class MixedInbound:
                     conn, http_proxy.build_response(407, extra_headers=challenge), waiter
                 )
                 if creds is not None:
-                    log.warning("inbound %s: HTTP proxy auth failed for %r", self.tag, creds[0])
+                    log.warning("inbound %s: HTTP proxy auth failed for %r", self.tag,
+                                clip(creds[0], 64))  # fmt: skip
                 return None
             user = creds[0]
         dest = Address(request.host, request.port)
@@ -347,6 +358,18 @@ class MixedInbound:
         finally:
             handover.release()  # still held only if the relay never got it
             remote.close()
+
+
+def _bad_name_reply(kind: int) -> bytes:
+    """The refusal of a request whose host name cannot exist, by protocol (its first byte).
+    SOCKS5 answers 0x04 "host unreachable", the code ztun also gives when a name does not
+    resolve: the client learns "no such host" rather than 0x01 "the proxy failed", which
+    would make it blame (and retry) the proxy. SOCKS4 has one refusal, 0x5B; HTTP 400."""
+    if kind == socks5.VERSION5:
+        return socks5.build_reply(Reply.HOST_UNREACHABLE)
+    if kind == socks5.VERSION4:
+        return socks5.build_socks4_reply(False)
+    return http_proxy.build_response(400)
 
 
 def _failure_reply(req: _TcpRequest, e: OutboundError) -> bytes:

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from functools import lru_cache
 from typing import TypeVar
 
-from ztun.address import Address, IPAddress
+from ztun.address import MAX_IP_TEXT, Address, IPAddress, clip
 from ztun.config.options import DirectOutboundOptions
 from ztun.outbound.base import (
     CloseHandler,
@@ -64,9 +64,14 @@ MAX_UDP_RESOLVING = 256
 Resolver = Callable[[str, "str | None"], Awaitable[list[IPAddress]]]
 
 
-@lru_cache(maxsize=4096)
 def _ip_literal(host: str) -> str | None:
-    """`host` as a normalized IP string, or None for a domain (cached: hosts repeat)."""
+    """`host` as a normalized IP string, or None for a domain (cached for short text: hosts
+    repeat; a long host is never an IP and must not become a cache key)."""
+    return _ip_text(host) if len(host) <= MAX_IP_TEXT else None
+
+
+@lru_cache(maxsize=4096)
+def _ip_text(host: str) -> str | None:
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:
@@ -209,12 +214,17 @@ class DirectOutbound:
 
     async def _resolve_now(self, host: str) -> list[str]:
         if self._resolver is not None:
-            found = await self._resolver(host, self.domain_strategy)
+            try:
+                found = await self._resolver(host, self.domain_strategy)
+            except (UnicodeError, ValueError) as e:  # a name the DNS module cannot encode
+                raise OutboundError(
+                    ErrorKind.DNS, f"cannot resolve {clip(host)}: {describe(e)}"
+                ) from None
             addrs = order_addresses(list(dict.fromkeys(str(a) for a in found)),
                                     self.domain_strategy)  # fmt: skip
             if not addrs:
                 raise OutboundError(
-                    ErrorKind.DNS, f"{host} has no address allowed by {self.domain_strategy}"
+                    ErrorKind.DNS, f"{clip(host)} has no address allowed by {self.domain_strategy}"
                 )
             return addrs
         loop = asyncio.get_running_loop()
@@ -224,8 +234,12 @@ class DirectOutbound:
         }.get(self.domain_strategy or "", socket.AF_UNSPEC)
         try:
             infos = await loop.getaddrinfo(host, None, family=family, type=socket.SOCK_STREAM)
-        except socket.gaierror as e:
-            raise OutboundError(ErrorKind.DNS, f"cannot resolve {host}: {describe(e)}") from None
+        except (OSError, UnicodeError, ValueError) as e:
+            # gaierror, and what the IDNA codec raises for a name it cannot encode (a label
+            # over 63 bytes, an empty one): each is "cannot resolve", never a traceback.
+            raise OutboundError(
+                ErrorKind.DNS, f"cannot resolve {clip(host)}: {describe(e)}"
+            ) from None
         seen: list[str] = []
         for info in infos:
             a = str(info[4][0])
@@ -234,7 +248,7 @@ class DirectOutbound:
         addrs = order_addresses(seen, self.domain_strategy)
         if not addrs:
             raise OutboundError(
-                ErrorKind.DNS, f"{host} has no address allowed by {self.domain_strategy}"
+                ErrorKind.DNS, f"{clip(host)} has no address allowed by {self.domain_strategy}"
             )
         return addrs
 
@@ -256,14 +270,15 @@ class DirectOutbound:
         except TimeoutError:
             self.counters.errors += 1
             raise OutboundError(
-                ErrorKind.TIMEOUT, f"connect to {dest} timed out after {self.connect_timeout:g}s"
+                ErrorKind.TIMEOUT,
+                f"connect to {clip(dest)} timed out after {self.connect_timeout:g}s",
             ) from None
         except OutboundError:
             self.counters.errors += 1
             raise
         except OSError as e:
             self.counters.errors += 1
-            raise OutboundError(kind_of(e), f"connect to {dest}: {describe(e)}") from None
+            raise OutboundError(kind_of(e), f"connect to {clip(dest)}: {describe(e)}") from None
 
     async def _connect_one(
         self,

@@ -367,7 +367,7 @@ class SocksUdpSession:
             self.udp.setblocking(False)
             # Connected: the kernel drops datagrams that do not come from the relay.
             self.udp.connect(raddr)
-        except OSError as e:
+        except (OSError, UnicodeError, ValueError) as e:  # IDNA codec errors too
             raise OutboundError(
                 ErrorKind.PROXY_DOWN, f"{ob._where}: UDP relay {self.relay}: {describe(e)}"
             ) from None

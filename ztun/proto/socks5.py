@@ -6,7 +6,8 @@ state machine the socks outbound uses for UDP ASSOCIATE (python-socks has no UDP
 pipelined, for CONNECT (python-socks cannot pipeline).
 
 Parsers take the bytes received so far and return `(value, consumed)` or None when more bytes
-are needed; malformed input raises `RemoteProtocolError`. Builders return bytes.
+are needed; malformed input raises `RemoteProtocolError` (a host name that cannot exist:
+`BadNameError`, see `ztun.address.name_problem`). Builders return bytes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import ipaddress
 from dataclasses import dataclass
 from enum import IntEnum
 
-from ztun.address import Address, ip_or_none
+from ztun.address import MAX_NAME, Address, ip_or_none, peer_host
 from ztun.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 
 VERSION5 = 0x05
@@ -133,26 +134,14 @@ def parse_address(
         if len(buf) <= pos:
             return None
         n = buf[pos]
-        if n == 0:
-            raise RemoteProtocolError("SOCKS5: empty domain name")
         end = pos + 1 + n
         if len(buf) < end + 2:
             return None
-        host = _decode_domain(bytes(buf[pos + 1 : end]))
+        host = peer_host(bytes(buf[pos + 1 : end]), "socks5")
     else:
         raise RemoteProtocolError(f"SOCKS5: unknown address type {atyp:#04x}")
     port = int.from_bytes(buf[end : end + 2], "big")
     return Address(host, port), end + 2
-
-
-def _decode_domain(raw: bytes) -> str:
-    try:
-        text = raw.decode("ascii")
-    except UnicodeDecodeError:
-        raise RemoteProtocolError("SOCKS: domain name is not ASCII") from None
-    if not text.isprintable() or " " in text:
-        raise RemoteProtocolError("SOCKS: domain name has invalid characters")
-    return text
 
 
 def build_address(addr: Address) -> bytes:
@@ -254,7 +243,7 @@ def parse_socks4_request(buf: bytes | bytearray) -> tuple[Socks4Request, int] | 
         raise RemoteProtocolError(f"SOCKS4: unknown command {buf[1]:#04x}")
     port = int.from_bytes(buf[2:4], "big")
     ip = bytes(buf[4:8])
-    nul = bytes(buf).find(b"\x00", 8)
+    nul = bytes(buf[: 8 + 256]).find(b"\x00", 8)
     if nul < 0:
         if len(buf) > 8 + 255:
             raise RemoteProtocolError("SOCKS4: user id too long")
@@ -262,14 +251,14 @@ def parse_socks4_request(buf: bytes | bytearray) -> tuple[Socks4Request, int] | 
     user_id = bytes(buf[8:nul]).decode("utf-8", "replace")
     end = nul + 1
     if ip[:3] == b"\x00\x00\x00" and ip[3] != 0:
-        dnul = bytes(buf).find(b"\x00", end)
+        # Only a name's worth is searched: a longer one is refused as soon as it has arrived.
+        dnul = bytes(buf[end : end + MAX_NAME + 2]).find(b"\x00")
         if dnul < 0:
-            if len(buf) > end + 255:
-                raise RemoteProtocolError("SOCKS4a: domain name too long")
+            if len(buf) > end + MAX_NAME + 1:
+                peer_host(bytes(buf[end : end + MAX_NAME + 2]), "socks4a")  # raises: too long
             return None
-        if dnul == end:
-            raise RemoteProtocolError("SOCKS4a: empty domain name")
-        host = _decode_domain(bytes(buf[end:dnul]))
+        dnul += end
+        host = peer_host(bytes(buf[end:dnul]), "socks4a")
         end = dnul + 1
     else:
         host = str(ipaddress.IPv4Address(ip))

@@ -19,6 +19,7 @@ from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from ztun.address import MAX_NAME
 from ztun.route.metadata import FlowMeta, IPAddress
 
 if TYPE_CHECKING:
@@ -69,6 +70,8 @@ class DomainItem:
         self._under: frozenset[str] = frozenset(s.lstrip(".") for s in self._suffixes)
 
     def _matched(self, domain: str) -> str | None:
+        if len(domain) > MAX_NAME:
+            return None
         if domain in self._exact:
             return domain
         under = self._under
@@ -82,7 +85,9 @@ class DomainItem:
 
     def match(self, meta: FlowMeta, state: MatchState) -> bool:
         domain = meta.domain
-        if not domain:
+        # Each step of the walk slices the rest of the name: quadratic in its length, so a
+        # name longer than any DNS name (which no parser lets through) matches nothing.
+        if not domain or len(domain) > MAX_NAME:
             return False
         if domain in self._exact:
             return True
@@ -128,10 +133,15 @@ class _DomainSearchItem:
 
     def match(self, meta: FlowMeta, state: MatchState) -> bool:
         domain = meta.domain
-        return bool(domain) and self._first(domain) is not None  # type: ignore[arg-type]
+        # Bounded input for every keyword and pattern: a name longer than any DNS name
+        # (which no parser lets through) matches nothing.
+        if not domain or len(domain) > MAX_NAME:
+            return False
+        return self._first(domain) is not None
 
     def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
-        hit = self._first(meta.domain) if meta.domain else None
+        domain = meta.domain
+        hit = self._first(domain) if domain and len(domain) <= MAX_NAME else None
         return None if hit is None else f"{self._field} '{hit}' {self._verb} '{meta.domain}'"
 
 

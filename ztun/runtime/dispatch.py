@@ -16,7 +16,7 @@ from dataclasses import replace
 from functools import lru_cache
 from typing import Protocol
 
-from ztun.address import Address, IPAddress
+from ztun.address import MAX_IP_TEXT, Address, IPAddress, clip
 from ztun.outbound.base import ErrorKind, Outbound, OutboundError
 from ztun.route.action import Decision, HijackDNS, Reject, Route, Sniff
 from ztun.route.metadata import FlowMeta, parse_ip
@@ -55,12 +55,14 @@ def log_flow(flow: Flow, level: int = logging.INFO) -> None:
     asked = flow.dest
     if meta.destination is not None:
         asked = Address(str(meta.destination), meta.destination_port)
+    # Names, users and errors may come from a peer: each is clipped (`clip`), so one line
+    # stays bounded whatever a client sent.
     parts = [
         f"inbound={meta.inbound or '-'}",
         f"network={meta.network}",
         f"source={_fmt_source(meta)}",
-        f"destination={asked}",
-        f"domain={meta.domain or '-'}",
+        f"destination={clip(asked)}",
+        f"domain={clip(meta.domain or '-')}",
         f"rule={flow.rule}",
         f"outbound={flow.outbound or '-'}",
         f"up={flow.up}",
@@ -69,11 +71,11 @@ def log_flow(flow: Flow, level: int = logging.INFO) -> None:
         f"end={flow.end or '-'}",
     ]
     if meta.user:
-        parts.insert(1, f"user={meta.user}")
+        parts.insert(1, f"user={clip(meta.user, 64)}")
     if asked != flow.dest:
-        parts.insert(5 if meta.user else 4, f"target={flow.dest}")
+        parts.insert(5 if meta.user else 4, f"target={clip(flow.dest)}")
     if flow.error:
-        parts.append(f'error="{flow.error}"')
+        parts.append(f'error="{clip(flow.error, 512)}"')
     log.log(level, "flow " + " ".join(parts))
 
 
@@ -87,7 +89,12 @@ class RejectedError(OutboundError):
 
 #: Sources and destinations repeat from flow to flow: parsing an IP string costs about 2 µs,
 #: a cache hit a tenth of that (two per TCP flow). IP objects are immutable, so sharing is safe.
-_parse_ip = lru_cache(maxsize=4096)(parse_ip)
+_parse_ip_cached = lru_cache(maxsize=4096)(parse_ip)
+
+
+def _parse_ip(text: str) -> IPAddress | None:
+    # Text longer than any IP literal (brackets allowed) is a name: never a cache key.
+    return _parse_ip_cached(text) if len(text) <= MAX_IP_TEXT + 2 else None
 
 
 def meta_for(

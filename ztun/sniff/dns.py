@@ -17,7 +17,7 @@ Cost (timeit, Python 3.11, dev box): a first TCP byte of 0x10 or more is refused
 
 from __future__ import annotations
 
-from ztun.sniff._host import host_name
+from ztun.sniff._host import sniffed_name
 from ztun.sniff.result import NEED_MORE, Sniffed, StreamResult
 
 HEADER = 12
@@ -73,20 +73,23 @@ def parse_query(msg: bytes) -> Sniffed | None:
         pos += 10 + int.from_bytes(msg[pos + 8 : pos + 10], "big")
     if pos != len(msg):
         return None
-    return Sniffed("dns", _qname(msg, name_end))
+    domain, bad_name = _qname(msg, name_end)
+    return Sniffed("dns", domain, bad_name=bad_name)
 
 
-def _qname(msg: bytes, name_end: int) -> str | None:
+def _qname(msg: bytes, name_end: int) -> tuple[str | None, bool]:
+    """(the asked name, False), or (None, refused) with refused True for an invalid name (the
+    root, asked by a priming query, is no name and not refused)."""
     labels: list[bytes] = []
     pos = HEADER
     while pos < name_end - 1:
         n = msg[pos]
         label = msg[pos + 1 : pos + 1 + n]
         if b"." in label:
-            return None  # a dot inside a label has no text form a rule could match
+            return None, True  # a dot inside a label has no text form a rule could match
         labels.append(label)
         pos += 1 + n
-    return host_name(b".".join(labels), underscore=True) if labels else None
+    return sniffed_name(b".".join(labels), underscore=True) if labels else (None, False)
 
 
 def sniff_datagram(data: bytes) -> Sniffed | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from ztun.sniff._host import host_name
+from ztun.sniff._host import sniffed_name
 from ztun.sniff.result import NEED_MORE, Sniffed, StreamResult
 
 MAX_HEAD = 8 * 1024
@@ -59,7 +59,8 @@ def sniff_stream(data: bytes) -> StreamResult:
     end = _head_end(head, line_end)
     if end < 0:
         return None if len(data) >= MAX_HEAD else NEED_MORE
-    return Sniffed("http", _domain(request.group(2), head[line_end + 1 : end]))
+    domain, bad_name = _domain(request.group(2), head[line_end + 1 : end])
+    return Sniffed("http", domain, bad_name=bad_name)
 
 
 def _head_end(head: bytes, line_end: int) -> int:
@@ -68,7 +69,8 @@ def _head_end(head: bytes, line_end: int) -> int:
     return min(ends) + 1 if ends else -1
 
 
-def _domain(target: bytes, fields: bytes) -> str | None:
+def _domain(target: bytes, fields: bytes) -> tuple[str | None, bool]:
+    """(the host named, False), or (None, refused) with refused True for an invalid name."""
     host: bytes | None = None
     for raw in fields.split(b"\n"):
         line = raw.removesuffix(b"\r")
@@ -76,14 +78,14 @@ def _domain(target: bytes, fields: bytes) -> str | None:
             continue
         name, colon, value = line.partition(b":")
         if not colon or _FIELD_NAME.fullmatch(name) is None:
-            return None
+            return None, False
         if name.lower() == b"host":
             if host is not None:
-                return None  # RFC 9112 §3.2: more than one Host is a bad request
+                return None, False  # RFC 9112 §3.2: more than one Host is a bad request
             host = value.strip(b" \t")
     if host is None:
         host = _target_authority(target)
-    return _host_of(host) if host else None
+    return _host_of(host) if host else (None, False)
 
 
 def _target_authority(target: bytes) -> bytes | None:
@@ -96,11 +98,11 @@ def _target_authority(target: bytes) -> bytes | None:
     return None if target.startswith(b"/") or target == b"*" else target
 
 
-def _host_of(authority: bytes) -> str | None:
-    """The host name of "host[:port]", without the port and one trailing dot."""
+def _host_of(authority: bytes) -> tuple[str | None, bool]:
+    """The host name of "host[:port]", without the port and one trailing dot (see `_domain`)."""
     if authority.startswith(b"["):
-        return None  # an IPv6 literal
+        return None, False  # an IPv6 literal
     host, colon, port = authority.partition(b":")
     if colon and not (port.isdigit() and len(port) <= 5):
-        return None
-    return host_name(host.removesuffix(b"."))
+        return None, False
+    return sniffed_name(host.removesuffix(b"."))

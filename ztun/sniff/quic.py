@@ -229,7 +229,9 @@ class QuicSniffer:
         if len(stream) < need:
             return NEED_MORE
         hello = parse_client_hello(bytes(stream[4:need]))
-        return None if hello is None else Sniffed("quic", hello.domain, hello.alpn)
+        if hello is None:
+            return None
+        return Sniffed("quic", hello.domain, hello.alpn, hello.bad_name)
 
 
 def _skip_ack(buf: bytes, pos: int, ecn: bool) -> int:

@@ -11,11 +11,14 @@ from typing import Final, Literal
 class Sniffed:
     """The protocol of a flow (sing-box sniffer names: "tls", "http", "quic", "dns") and the
     domain it names, lower-case and a valid host name, or None when it names none or an
-    invalid one. `alpn` is what a TLS or QUIC client offers, in its order."""
+    invalid one. `alpn` is what a TLS or QUIC client offers, in its order. `bad_name`: the
+    flow named a host that is not a valid name (so `domain` is None): the consumer counts it
+    (`ztun.stack.flow.apply_sniffed`)."""
 
     protocol: str
     domain: str | None = None
     alpn: tuple[str, ...] = ()
+    bad_name: bool = False
 
 
 class NeedMore(Enum):

@@ -15,7 +15,7 @@ is refused in about 0.15 µs; a 500-byte ClientHello (Python's, 15 extensions) s
 
 from __future__ import annotations
 
-from ztun.sniff._host import host_name
+from ztun.sniff._host import sniffed_name
 from ztun.sniff.result import NEED_MORE, Sniffed, StreamResult
 
 CONTENT_HANDSHAKE = 0x16
@@ -87,6 +87,7 @@ def _parse_client_hello(body: bytes) -> Sniffed:
     if r.vector(1).left() == 0:  # legacy_compression_methods
         raise _Malformed
     domain: str | None = None
+    bad_name = False
     alpn: tuple[str, ...] = ()
     if r.left():  # SSL 3.0 / TLS 1.0 hellos may end here, without extensions
         exts = r.vector(2)
@@ -100,23 +101,24 @@ def _parse_client_hello(body: bytes) -> Sniffed:
                 raise _Malformed
             seen.add(ext_type)
             if ext_type == EXT_SERVER_NAME:
-                domain = _server_name(data)
+                domain, bad_name = _server_name(data)
             elif ext_type == EXT_ALPN:
                 alpn = _alpn(data)
-    return Sniffed("tls", domain, alpn)
+    return Sniffed("tls", domain, alpn, bad_name)
 
 
-def _server_name(r: _Reader) -> str | None:
+def _server_name(r: _Reader) -> tuple[str | None, bool]:
+    """The first host_name entry: (name, False), or (None, refused) when it is not one."""
     names = r.vector(2)
     if r.left():
         raise _Malformed
-    found: str | None = None
+    found: tuple[str | None, bool] | None = None
     while names.left():
         name_type = names.uint(1)
         name = names.vector(2)
         if name_type == NAME_TYPE_HOST_NAME and found is None:
-            found = host_name(name.buf[name.pos : name.end]) or ""
-    return found or None
+            found = sniffed_name(name.buf[name.pos : name.end])
+    return found or (None, False)
 
 
 def _alpn(r: _Reader) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ztun.address import Address
+from ztun.address import NAME_REFUSALS, Address
 from ztun.route.action import Decision
 from ztun.route.metadata import FlowMeta
 from ztun.sniff import ALL as ALL_SNIFFERS
@@ -79,6 +79,9 @@ def apply_sniffed(flow: Flow, found: Sniffed | None, override_destination: bool 
     flow.sniffed = True
     if found is None:
         return
+    if found.bad_name:
+        # An invalid name is "no domain", never a match; counted once per flow.
+        NAME_REFUSALS[f"sniff-{found.protocol}"] += 1
     changes: dict[str, object] = {"protocol": found.protocol}
     if found.domain:
         # A name the client itself sent (SNI, Host) is more precise than a reverse mapping.

@@ -27,21 +27,22 @@ def test_captured_queries():
 
 
 @pytest.mark.parametrize(
-    ("name", "domain"),
+    ("name", "domain", "bad"),
     [
-        ("A.Example.", "a.example"),
-        ("_dmarc.example.com", "_dmarc.example.com"),
-        ("_sip._tcp.example", "_sip._tcp.example"),
-        (".", None),
-        ("bad\\032label.example", None),
-        ("dot\\.inside.example", None),
-        ("1.0.0.127.in-addr.arpa", "1.0.0.127.in-addr.arpa"),
-        ("4.3.2.1", None),
+        ("A.Example.", "a.example", False),
+        ("_dmarc.example.com", "_dmarc.example.com", False),
+        ("_sip._tcp.example", "_sip._tcp.example", False),
+        (".", None, False),
+        ("bad\\032label.example", None, True),
+        ("dot\\.inside.example", None, True),
+        ("1.0.0.127.in-addr.arpa", "1.0.0.127.in-addr.arpa", False),
+        ("4.3.2.1", None, False),
     ],
 )
-def test_question_names(name, domain):
-    assert sniff_datagram(query(name)) == Sniffed("dns", domain)
-    assert sniff_stream(tcp(query(name))) == Sniffed("dns", domain)
+def test_question_names(name, domain, bad):
+    """A name that is not a host name is "no domain", flagged so its consumer counts it."""
+    assert sniff_datagram(query(name)) == Sniffed("dns", domain, bad_name=bad)
+    assert sniff_stream(tcp(query(name))) == Sniffed("dns", domain, bad_name=bad)
 
 
 def test_edns_and_tsig_shapes():

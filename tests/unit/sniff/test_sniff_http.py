@@ -53,7 +53,9 @@ def test_every_method(method):
     ],
 )
 def test_host(data, domain):
-    assert check_prefixes(data) == Sniffed("http", domain)
+    # Only a name that is not a host name is flagged (counted); other refusals are not names.
+    bad = data == head("Host: under_score.example")
+    assert check_prefixes(data) == Sniffed("http", domain, bad_name=bad)
 
 
 def test_http2_preface():
