@@ -2,8 +2,9 @@
 
 Per address family that has a TUN address, ztun adds (priorities from `rule_index`, 9000):
 
-    9000  fwmark <mark> lookup main        ztun's own outbound sockets never enter the TUN
-    9001  to <cidr> lookup main            route_exclude_address and the SOCKS5 servers
+    9000  fwmark <mark> lookup main        ztun's own sockets (all of them: runtime/dial.py)
+                                           never enter the TUN
+    9001  to <cidr> lookup main            route_exclude_address
     9002  lookup main suppress_prefixlength 0
                                            more specific routes (the LAN) win; not with
                                            strict_route
@@ -75,7 +76,7 @@ def plan(
     tun_networks: list[Network],
     route_address: list[Network],
     route_exclude_address: list[Network],
-    bypass: list[Network],
+    bypass: list[Network] | None = None,
     mark: int,
     strict_route: bool,
     table: int = TABLE_INDEX,
@@ -93,7 +94,7 @@ def plan(
             continue
         p.rules.append({"family": fam, "priority": rule_index, "fwmark": mark,
                         "table": MAIN_TABLE})  # fmt: skip
-        excluded = [n for n in (*route_exclude_address, *bypass) if n.version == version]
+        excluded = [n for n in (*route_exclude_address, *(bypass or ())) if n.version == version]
         for n in _unique(excluded):
             p.rules.append({"family": fam, "priority": rule_index + 1,
                             "dst": str(n.network_address), "dst_len": n.prefixlen,
