@@ -6,7 +6,10 @@ the replies for each outcome, and SOCKS5 UDP ASSOCIATE: one UDP relay socket per
 bound to the life of its TCP control connection, with a routing decision per destination.
 
 Limits: at most `max_flows` connections at once (more are closed at accept), a handshake
-timeout, and a bounded table of UDP destinations per association.
+timeout, and a bounded table of UDP destinations per association. Users are checked in
+constant time and failed attempts throttled per source (`stack/auth.py`). Listening beyond
+loopback without users is refused unless `allow_unauthenticated_remote` says so (`ztun check`
+says why; this inbound refuses too, for configs built without the check).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any, TypeVar
 
 from ztun.address import Address
 from ztun.config.options import MixedInboundOptions
-from ztun.errors import ProtocolError
+from ztun.errors import ProtocolError, ZtunError
 from ztun.nat.udp import UdpSessions
 from ztun.outbound.base import ErrorKind, OutboundError
 from ztun.proto import http_proxy, socks5
@@ -30,6 +33,7 @@ from ztun.proto.socks5 import AuthMethod, Command, Reply
 from ztun.runtime import netio
 from ztun.runtime.dispatch import Dispatcher, RejectedError, log_flow, meta_for
 from ztun.runtime.udp import UdpSessionRunner
+from ztun.stack.auth import UserAuth
 from ztun.stack.commands import Command as StackCommand
 from ztun.stack.flow import Flow, decide_datagram
 
@@ -57,6 +61,15 @@ class _TcpRequest:
     http: http_proxy.ProxyRequest | None = None
 
 
+def _loopback(listen: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(listen)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
 class MixedInbound:
     type = "mixed"
 
@@ -75,6 +88,15 @@ class MixedInbound:
         # Not frozen: port 0 becomes the port the kernel chose at start().
         self.listen_port = options.listen_port
         self.users = {u.username: u.password for u in options.users}
+        self.auth = UserAuth((u.username, u.password) for u in options.users)
+        if not self.users and not options.allow_unauthenticated_remote and not _loopback(
+            options.listen
+        ):
+            raise ZtunError(
+                f"inbound {options.tag!r}: listening on {options.listen} without users would "
+                "be an open proxy; add users, listen on 127.0.0.1, or set "
+                "allow_unauthenticated_remote: true"
+            )
         self.max_flows = max_flows
         self.handshake_timeout = handshake_timeout
         self.tasks: set[asyncio.Task[None]] = set()
@@ -167,11 +189,11 @@ class MixedInbound:
                     return
                 buf += first
                 if buf[0] == socks5.VERSION5:
-                    req = await self._socks5_handshake(conn, waiter, buf)
+                    req = await self._socks5_handshake(conn, waiter, buf, source)
                 elif buf[0] == socks5.VERSION4:
                     req = await self._socks4_handshake(conn, waiter, buf)
                 else:
-                    req = await self._http_handshake(conn, waiter, buf)
+                    req = await self._http_handshake(conn, waiter, buf, source)
                 waiter.clear_deadline()
             except TimeoutError:
                 log.debug("inbound %s: %s:%d: handshake timed out", self.tag, *source)
@@ -224,8 +246,28 @@ class MixedInbound:
                 raise _Closed
             buf += data
 
+    def _check_user(
+        self, source: tuple[str, int], username: str, password: str, proto: str
+    ) -> bool:
+        now = asyncio.get_running_loop().time()
+        blocked = self.auth.blocked_for(source[0], now)
+        if self.auth.check(source[0], username, password, now):
+            return True
+        if blocked:
+            log.debug("inbound %s: %s:%d: %s attempt refused: too many failures",
+                      self.tag, *source, proto)  # fmt: skip
+            return False
+        # Capped: the name is the client's, and may be long.
+        log.warning("inbound %s: %s:%d: %s auth failed for user %r", self.tag, *source,
+                    proto, username[:64])  # fmt: skip
+        if self.auth.just_blocked(source[0], now):
+            log.warning("inbound %s: %s: %d failed attempts within %gs: refused for %gs",
+                        self.tag, source[0], self.auth.max_failures, self.auth.window,
+                        self.auth.block)  # fmt: skip
+        return False
+
     async def _socks5_handshake(
-        self, conn: socket.socket, waiter: netio.Waiter, buf: bytearray
+        self, conn: socket.socket, waiter: netio.Waiter, buf: bytearray, source: tuple[str, int]
     ) -> _TcpRequest | _UdpAssociateRequest | None:
         greeting, n = await self._need(conn, waiter, buf, socks5.parse_greeting)
         del buf[:n]
@@ -245,10 +287,9 @@ class MixedInbound:
         if self.users:
             creds, n = await self._need(conn, waiter, buf, socks5.parse_userpass)
             del buf[:n]
-            ok = self.users.get(creds.username) == creds.password
+            ok = self._check_user(source, creds.username, creds.password, "SOCKS5")
             await netio.send_all(conn, socks5.build_userpass_reply(ok), waiter)
             if not ok:
-                log.warning("inbound %s: SOCKS5 auth failed for user %r", self.tag, creds.username)
                 return None
             user = creds.username
         request, n = await self._need(conn, waiter, buf, socks5.parse_request)
@@ -274,20 +315,27 @@ class MixedInbound:
         return _TcpRequest("socks4", request.address, None, bytes(buf))
 
     async def _http_handshake(
-        self, conn: socket.socket, waiter: netio.Waiter, buf: bytearray
+        self, conn: socket.socket, waiter: netio.Waiter, buf: bytearray, source: tuple[str, int]
     ) -> _TcpRequest | None:
         request, n = await self._need(conn, waiter, buf, http_proxy.parse_request)
         del buf[:n]
         user = None
         if self.users:
             creds = http_proxy.proxy_credentials(request)
-            if creds is None or self.users.get(creds[0]) != creds[1]:
+            now = asyncio.get_running_loop().time()
+            wait = self.auth.blocked_for(source[0], now)
+            if wait:
+                self.auth.throttled += 1
+                retry = (("Retry-After", str(int(wait) + 1)),)
+                await netio.send_all(
+                    conn, http_proxy.build_response(429, extra_headers=retry), waiter
+                )
+                return None
+            if creds is None or not self._check_user(source, creds[0], creds[1], "HTTP proxy"):
                 challenge = (("Proxy-Authenticate", 'Basic realm="ztun"'),)
                 await netio.send_all(
                     conn, http_proxy.build_response(407, extra_headers=challenge), waiter
                 )
-                if creds is not None:
-                    log.warning("inbound %s: HTTP proxy auth failed for %r", self.tag, creds[0])
                 return None
             user = creds[0]
         dest = Address(request.host, request.port)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ztun.config.validate import DEFAULT_AUTO_ROUTE_MARK
 from ztun.errors import ZtunError
 from ztun.platform.linux.tun_device import in_netlink_thread
 
@@ -41,7 +42,8 @@ log = logging.getLogger("ztun.route")
 
 TABLE_INDEX = 2022
 RULE_INDEX = 9000
-DEFAULT_MARK = 0x2024
+#: `route.default_mark` when absent; `ztun check` reasons about it too (routing_mark loops).
+DEFAULT_MARK = DEFAULT_AUTO_ROUTE_MARK
 MAIN_TABLE = 254
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
