@@ -30,7 +30,7 @@ from ztun.nat.udp import UdpSessions
 from ztun.outbound.base import ErrorKind, OutboundError
 from ztun.proto import http_proxy, socks5
 from ztun.proto.socks5 import AuthMethod, Command, Reply
-from ztun.runtime import netio
+from ztun.runtime import dial, netio
 from ztun.runtime.dispatch import Dispatcher, RejectedError, log_flow, meta_for
 from ztun.runtime.udp import UdpSessionRunner
 from ztun.stack.auth import UserAuth
@@ -112,18 +112,21 @@ class MixedInbound:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Under auto_route, accepted sockets inherit the mark, so what this inbound sends
+            # to a client beyond the default route is not routed into the TUN.
+            dial.OWN.apply(sock)
             # Set once here: Linux copies it to every accepted socket (one syscall per flow less).
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind((self.listen, self.listen_port))
             sock.listen(1024)
             sock.setblocking(False)
-        except OSError as e:
+        except (OSError, dial.DialError) as e:
             sock.close()
+            why = (e.strerror or e) if isinstance(e, OSError) else e
             raise OutboundError(
                 ErrorKind.GENERAL,
-                f"inbound {self.tag!r}: cannot listen on {self.listen}:{self.listen_port}: "
-                f"{e.strerror or e}",
+                f"inbound {self.tag!r}: cannot listen on {self.listen}:{self.listen_port}: {why}",
             ) from None
         self.sock = sock
         self.listen_port = sock.getsockname()[1]
@@ -437,6 +440,8 @@ class UdpAssociation:
         try:
             self.udp.bind((local_ip, 0))
             self.udp.setblocking(False)
+            # Replies to a client beyond the default route must not be routed into a TUN.
+            dial.OWN.apply(self.udp)
             bound = Address(local_ip, self.udp.getsockname()[1])
             await self.loop.sock_sendall(self.conn, socks5.build_reply(Reply.SUCCEEDED, bound))
             self.loop.add_reader(self.udp.fileno(), self._on_client)
@@ -446,7 +451,7 @@ class UdpAssociation:
                 data = await self.loop.sock_recv(self.conn, 4096)
                 if not data:
                     break
-        except OSError:
+        except (OSError, dial.DialError):
             pass
         finally:
             self.closed = True

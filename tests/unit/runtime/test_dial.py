@@ -244,3 +244,24 @@ def test_rule_set_downloads_are_marked(
         proxy.close()
     assert result.sets["r"] and result.diagnostics == []
     assert marks == [(socket.SOCK_STREAM, MARK)]
+
+
+def test_mixed_inbound_listener_is_marked(marks: list[tuple[int, int]]) -> None:
+    """Accepted sockets inherit the listener's mark: replies to a client beyond the default
+    route leave by the main table, not into the TUN."""
+    from ztun.config.options import MixedInboundOptions
+    from ztun.inbound.mixed import MixedInbound
+
+    async def main() -> None:
+        options = build(MixedInboundOptions, {"tag": "m", "listen": "127.0.0.1", "listen_port": 0})
+        ib = MixedInbound(options, None)  # type: ignore[arg-type]
+        await ib.start()
+        assert ib.sock is not None
+        _, port = ib.sock.getsockname()
+        client = socket.create_connection(("127.0.0.1", port), 5)
+        await asyncio.sleep(0.05)
+        client.close()
+        await ib.stop()
+
+    asyncio.run(main())
+    assert marks[0] == (socket.SOCK_STREAM, MARK)
