@@ -69,6 +69,7 @@ def validate(loaded: LoadedConfig) -> list[Diagnostic]:
         _tun_prefixes,
         _listen_clashes,
         _looping_marks,
+        _unmarked_resolver,
         _open_proxies,
         _credential_bytes,
     )
@@ -593,6 +594,34 @@ def _looping_marks(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
             f"{own:#x}), set it to {own:#x}, or also set bind_interface",
             "error",
         )
+
+
+def _unmarked_resolver(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
+    """A `local` DNS server asks the system resolver, whose queries carry no mark: under
+    auto_route they enter the TUN, and a hijack-dns rule hands them back to ztun's DNS."""
+    del loaded
+    auto_route = any(
+        isinstance(t, dict) and t.get("type") == "tun" and t.get("auto_route") is True
+        for t in _list(_get(data, ("inbounds",)))
+    )
+    hijacks = any(
+        rule.get("action") == "hijack-dns"
+        for rule, _, _ in _walk_rules(_get(data, ("route", "rules")), ("route", "rules"))
+    )
+    if not (auto_route and hijacks):
+        return
+    for index, server in enumerate(_list(_get(data, ("dns", "servers")))):
+        if isinstance(server, dict) and server.get("type") == "local":
+            path: ConfigPath = ("dns", "servers", index)
+            yield (
+                path,
+                f"{format_path(path)}: a local server asks the system resolver, whose queries "
+                "ztun cannot mark: under auto_route they enter the TUN, and the hijack-dns rule "
+                "hands them back to ztun's DNS (a loop until the query times out if this "
+                "server answers them). Use a udp/tcp/tls/https server, whose queries carry "
+                "the mark",
+                "warning",
+            )
 
 
 def _is_loopback(listen: str) -> bool:

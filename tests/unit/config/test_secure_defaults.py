@@ -102,3 +102,18 @@ def test_credentials_over_255_bytes() -> None:
     )
     assert d.path == ("outbounds", 0, "password")
     assert check(MIXED % (", users: [{username: " + "a" * 255 + ", password: b}]")) == []
+
+
+LOCAL_DNS = """\
+dns: {servers: [{type: local, tag: sys}]}
+outbounds: [{type: direct, tag: direct}]
+route: {rules: [{port: 53, action: hijack-dns}]}
+"""
+
+
+def test_local_dns_server_with_hijack_under_auto_route_warns() -> None:
+    loaded = load_config_text(TUN % "true" + LOCAL_DNS, env={})
+    (d,) = validate(loaded)
+    assert d.severity == "warning" and d.path == ("dns", "servers", 0)
+    assert "cannot mark" in d.message
+    assert validate(load_config_text(TUN % "false" + LOCAL_DNS, env={})) == []
