@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from ztun.config.options import LogOptions, Options
+from ztun.config.validate import DEFAULT_AUTO_ROUTE_MARK
 from ztun.dns.module import build_dns
 from ztun.errors import ZtunError
 from ztun.inbound.registry import Inbound, build_inbound
 from ztun.outbound.base import Outbound
 from ztun.outbound.registry import build_outbound
 from ztun.route.action import HijackDNS
+from ztun.runtime import dial
 from ztun.runtime.dispatch import Dispatcher, RouterLike, wait_closed
 
 log = logging.getLogger("ztun")
@@ -100,6 +102,10 @@ class Box:
     ) -> None:
         self.options = options
         self.grace = grace
+        if any(getattr(o, "auto_route", False) for o in options.inbounds):
+            # Before any inbound, outbound or DNS transport opens a socket: all of them carry
+            # auto_route's mark from the first one on (runtime/dial.py).
+            dial.set_own_mark(options.route.default_mark or DEFAULT_AUTO_ROUTE_MARK)
         # Both through their registries (type → options class, class): no if-chain on `type`.
         outbounds: dict[str, Outbound] = {o.tag: build_outbound(o) for o in options.outbounds}
         #: the DNS module, None without dns.servers or a hijack-dns rule

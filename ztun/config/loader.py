@@ -11,6 +11,11 @@ Reading rules (documented for users in docs/profiles.md):
   file it removes the value an include set.
 - Relative paths in path fields of included files are rewritten to be relative to the top file's
   directory (`base_dir`), so the merged data has a single base for every relative path.
+- `${VAR}` reads the environment only in the user's own files (the top file and what it includes
+  by path, outside ztun's package). A shipped profile (a file under ztun/resources/profiles,
+  however it was included) may read only `ZTUN_*` variables, the names it documents; any other
+  `${VAR}` in it is an error and is not read. So a profile ztun did not get from the user cannot
+  copy `${HOME}`, `${AWS_SECRET_ACCESS_KEY}` or the like into a server name or URL.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ RULE_LISTS: frozenset[ConfigPath] = frozenset({("route", "rules"), ("dns", "rule
 _MAX_VALUES = 1_000_000
 _PROFILE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _VAR_BODY = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>.*))?", re.S)
+#: The only variables a shipped profile may read (see the module docstring).
+SHIPPED_VARIABLE_PREFIX = "ZTUN_"
 
 _PLAIN_TAG = "tag:ztun,2024:plain"
 _STR = "tag:yaml.org,2002:str"
@@ -263,6 +270,8 @@ class _Loader:
 
     def parse_file(self, path: Path, shown: str, text: str | None, at: Mark | None = None) -> _Map:
         """Read and parse one file into a mapping with marks (no includes)."""
+        # Text in memory is the caller's (the user's); a file is shipped by where it lies.
+        shipped = text is None and _is_shipped(path)
         if text is None:
             try:
                 raw = path.read_bytes()
@@ -291,7 +300,7 @@ class _Loader:
             raise _fail("the YAML is nested too deeply", Mark(shown, 1, 1)) from None
         if node is None:
             return _Map({}, Mark(shown, 1, 1))
-        built = _Builder(shown, self.env, self.diagnostics).build(node)
+        built = _Builder(shown, self.env, self.diagnostics, shipped=shipped).build(node)
         if isinstance(built, _Scalar) and built.value is None:
             return _Map({}, built.mark)
         if not isinstance(built, _Map):
@@ -402,12 +411,29 @@ def _path_fields(root: _Map) -> Iterator[_Scalar]:
 # --- building values from YAML nodes --------------------------------------------------------------
 
 
+def _is_shipped(path: Path) -> bool:
+    """True for a file of ztun's shipped profiles (not the user's own)."""
+    try:
+        return path.resolve().is_relative_to(PROFILE_DIR.resolve())
+    except OSError:
+        return False
+
+
 class _Builder:
     """Turns one file's YAML node graph into marked values, substituting ${VAR} on the way."""
 
-    def __init__(self, file: str, env: Mapping[str, str], diagnostics: list[Diagnostic]) -> None:
+    def __init__(
+        self,
+        file: str,
+        env: Mapping[str, str],
+        diagnostics: list[Diagnostic],
+        *,
+        shipped: bool = False,
+    ) -> None:
         self.file = file
         self.env = env
+        #: a shipped profile: only ZTUN_* variables are read
+        self.shipped = shipped
         self.diagnostics = diagnostics
         self.count = 0
         self.active: set[int] = set()
@@ -534,6 +560,17 @@ class _Builder:
                 failed = True
             else:
                 name, default = match["name"], match["default"]
+                if self.shipped and not name.startswith(SHIPPED_VARIABLE_PREFIX):
+                    self.report(
+                        f"${{{name}}}: a shipped profile may read only "
+                        f"{SHIPPED_VARIABLE_PREFIX}* environment variables, so {name} is not "
+                        "read (see docs/profiles.md)",
+                        mark,
+                    )
+                    out.append(text[j : end + 1])
+                    failed = True
+                    i = end + 1
+                    continue
                 value = self.env.get(name)
                 if value is None or (value == "" and default is not None):
                     if default is None:

@@ -195,6 +195,8 @@ class MixedInboundOptions:
     listen: str = "127.0.0.1"
     listen_port: int
     users: tuple[UserOptions, ...] = _conv(_many(UserOptions), ())
+    #: ztun's own: listening beyond loopback without users (an open proxy) is asked for.
+    allow_unauthenticated_remote: bool = False
 
 
 #: RFC 4787 behaviour of the TUN's UDP NAT (sing-box's `udp_mapping` / `udp_filtering`).

@@ -3,7 +3,9 @@
 Owns the translation of schema errors into one clear Diagnostic each, placed at the offending key
 (with "did you mean" for misspelt keys, tags and enum values), and the semantic checks that
 sing-box's own `check` misses: references to missing tags, duplicate tags, a config without
-outbounds, DNS defaults that cannot work, and TUN prefixes too small for the system stack.
+outbounds, DNS defaults that cannot work, TUN prefixes too small for the system stack, a
+`routing_mark` that auto_route would send back into the TUN, and a mixed inbound that would be
+an open proxy beyond loopback.
 
 Value-level checks (CIDR parsing, regex compiling, port-range bounds, GeoIP files) belong to the
 rule compiler. `validate` never raises, whatever shape the data has.
@@ -66,6 +68,10 @@ def validate(loaded: LoadedConfig) -> list[Diagnostic]:
         _dns_legacy_servers,
         _tun_prefixes,
         _listen_clashes,
+        _looping_marks,
+        _unmarked_resolver,
+        _open_proxies,
+        _credential_bytes,
     )
     for check in checks:
         try:
@@ -533,3 +539,150 @@ def _listen_clashes(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
             )
         else:
             used[(listen, port)] = path
+
+
+#: auto_route's fwmark when `route.default_mark` is absent (platform/linux/routes.py uses it).
+DEFAULT_AUTO_ROUTE_MARK = 0x2024
+
+
+def _mark_value(value: Any) -> int | None:
+    try:
+        if isinstance(value, str):
+            return int(value, 0)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    except ValueError:
+        pass
+    return None  # the schema reports it
+
+
+def _looping_marks(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
+    """A routing_mark that auto_route's rules send into the TUN.
+
+    auto_route installs, per family: 9000 `fwmark M lookup main` (M = route.default_mark,
+    0x2024 when absent; an exact match of all 32 bits), 9001 `to <route_exclude_address>
+    lookup main`, 9002 `lookup main suppress_prefixlength 0` (not with strict_route) and 9003
+    `lookup 2022` (the TUN). A socket with mark 0 gets M; with M it goes to main; with any other
+    mark it skips rule 9000 and every destination that is neither excluded nor on a more
+    specific main route goes into the TUN, where ztun routes it again out of the same outbound:
+    a loop. bind_interface escapes it (no route of table 2022 leaves by that interface).
+    """
+    del loaded
+    tuns = [
+        (i, t)
+        for i, t in enumerate(_list(_get(data, ("inbounds",))))
+        if isinstance(t, dict) and t.get("type") == "tun" and t.get("auto_route") is True
+    ]
+    if not tuns:
+        return
+    own = _mark_value(_get(data, ("route", "default_mark"))) or DEFAULT_AUTO_ROUTE_MARK
+    tun_tag = tuns[0][1].get("tag") or f"inbounds[{tuns[0][0]}]"
+    for index, outbound in enumerate(_list(_get(data, ("outbounds",)))):
+        if not isinstance(outbound, dict) or "routing_mark" not in outbound:
+            continue
+        mark = _mark_value(outbound["routing_mark"])
+        if mark is None or mark in (0, own) or outbound.get("bind_interface"):
+            continue
+        path: ConfigPath = ("outbounds", index, "routing_mark")
+        yield (
+            path,
+            f"{format_path(path)}: mark {mark:#x} loops into the TUN: with auto_route on tun "
+            f"inbound {tun_tag!r}, only fwmark {own:#x} (route.default_mark) is sent to the main "
+            f"table (ip rule 9000, an exact match); a socket with any other non-zero mark "
+            f"falls through to rule 9003, which routes it into the TUN, where ztun sends it out "
+            f"through this outbound again. Leave routing_mark out (ztun's sockets then carry "
+            f"{own:#x}), set it to {own:#x}, or also set bind_interface",
+            "error",
+        )
+
+
+def _unmarked_resolver(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
+    """A `local` DNS server asks the system resolver, whose queries carry no mark: under
+    auto_route they enter the TUN, and a hijack-dns rule hands them back to ztun's DNS."""
+    del loaded
+    auto_route = any(
+        isinstance(t, dict) and t.get("type") == "tun" and t.get("auto_route") is True
+        for t in _list(_get(data, ("inbounds",)))
+    )
+    hijacks = any(
+        rule.get("action") == "hijack-dns"
+        for rule, _, _ in _walk_rules(_get(data, ("route", "rules")), ("route", "rules"))
+    )
+    if not (auto_route and hijacks):
+        return
+    for index, server in enumerate(_list(_get(data, ("dns", "servers")))):
+        if isinstance(server, dict) and server.get("type") == "local":
+            path: ConfigPath = ("dns", "servers", index)
+            yield (
+                path,
+                f"{format_path(path)}: a local server asks the system resolver, whose queries "
+                "ztun cannot mark: under auto_route they enter the TUN, and the hijack-dns rule "
+                "hands them back to ztun's DNS (a loop until the query times out if this "
+                "server answers them). Use a udp/tcp/tls/https server, whose queries carry "
+                "the mark",
+                "warning",
+            )
+
+
+def _is_loopback(listen: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(listen)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def _open_proxies(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
+    """A mixed inbound beyond loopback without users is an open proxy; it must be asked for."""
+    del loaded
+    for index, inbound in enumerate(_list(_get(data, ("inbounds",)))):
+        if not isinstance(inbound, dict) or inbound.get("type") != "mixed":
+            continue
+        listen = inbound.get("listen", "127.0.0.1")
+        if not isinstance(listen, str) or _is_loopback(listen) or inbound.get("users"):
+            continue
+        if inbound.get("allow_unauthenticated_remote") is True:
+            continue
+        path: ConfigPath = ("inbounds", index, "listen")
+        yield (
+            path,
+            f"{format_path(path)}: {listen} is reachable from other hosts and this inbound has "
+            f"no users: anyone who reaches it could use this host as a proxy, to its own "
+            f"loopback services, its LAN and cloud metadata addresses (169.254.169.254). Add "
+            f"users, listen on 127.0.0.1, or set allow_unauthenticated_remote: true on the "
+            f"inbound to allow it",
+            "error",
+        )
+
+
+#: RFC 1929: ULEN and PLEN are one byte each.
+MAX_CREDENTIAL_BYTES = 255
+
+
+def _credential_bytes(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
+    """User names and passwords longer than SOCKS5 can carry, counted in UTF-8 bytes (the
+    schema's maxLength counts characters, so "é" * 200 passes it and is 400 bytes)."""
+    del loaded
+    places: list[tuple[ConfigPath, Any]] = []
+    for index, inbound in enumerate(_list(_get(data, ("inbounds",)))):
+        if isinstance(inbound, dict) and inbound.get("type") == "mixed":
+            for u, user in enumerate(_list(inbound.get("users"))):
+                if isinstance(user, dict):
+                    for key in ("username", "password"):
+                        places.append((("inbounds", index, "users", u, key), user.get(key)))
+    for index, outbound in enumerate(_list(_get(data, ("outbounds",)))):
+        if isinstance(outbound, dict) and outbound.get("type") == "socks":
+            for key in ("username", "password"):
+                places.append((("outbounds", index, key), outbound.get(key)))
+    for path, value in places:
+        if not isinstance(value, str) or len(value) > MAX_CREDENTIAL_BYTES:
+            continue  # absent, or the schema reports it
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > MAX_CREDENTIAL_BYTES:
+            yield (
+                path,
+                f"{format_path(path)}: {size} bytes in UTF-8; SOCKS5 carries at most "
+                f"{MAX_CREDENTIAL_BYTES} (RFC 1929: one length byte)",
+                "error",
+            )

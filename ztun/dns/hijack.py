@@ -22,7 +22,7 @@ import struct
 from typing import Protocol
 
 from ztun.address import Address
-from ztun.outbound.base import CloseHandler, Counters, DatagramHandler, Network
+from ztun.outbound.base import CloseHandler, Counters, DatagramHandler
 from ztun.route.metadata import FlowMeta
 from ztun.runtime.netio import Handover
 
@@ -57,12 +57,6 @@ class DnsHijack:
         #: queries answered, and queries dropped because too many were in flight
         self.queries = 0
         self.dropped = 0
-
-    def use_default_mark(self, mark: int) -> None:
-        return None  # it opens no socket of its own: the DNS module's servers have their detours
-
-    async def bypass_addresses(self) -> list[Network]:
-        return []
 
     async def connect_tcp(
         self, dest: Address, meta: FlowMeta, handover: Handover | None = None

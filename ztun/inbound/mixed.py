@@ -9,7 +9,10 @@ Limits: at most `max_flows` connections at once (more are closed at accept), a h
 timeout, and a bounded table of UDP destinations per association. An association ends with its
 control connection: when the client closes it, when TCP keepalive finds the client gone (about
 `KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT` seconds), or when no datagram has
-passed either way for the UDP idle timeout (the control connection is then closed).
+passed either way for the UDP idle timeout (the control connection is then closed). Users are
+checked in constant time and failed attempts throttled per source (`stack/auth.py`). Listening
+beyond loopback without users is refused unless `allow_unauthenticated_remote` says so
+(`ztun check` says why; this inbound refuses too, for configs built without the check).
 """
 
 from __future__ import annotations
@@ -25,15 +28,16 @@ from typing import Any, TypeVar
 
 from ztun.address import Address, clip
 from ztun.config.options import MixedInboundOptions
-from ztun.errors import BadNameError, ProtocolError
+from ztun.errors import BadNameError, ProtocolError, ZtunError
 from ztun.log import limited
 from ztun.nat.udp import UdpSessions
 from ztun.outbound.base import ErrorKind, OutboundError
 from ztun.proto import http_proxy, socks5
 from ztun.proto.socks5 import AuthMethod, Command, Reply
-from ztun.runtime import netio
+from ztun.runtime import dial, netio
 from ztun.runtime.dispatch import Dispatcher, RejectedError, log_flow, meta_for
 from ztun.runtime.udp import UdpSessionRunner
+from ztun.stack.auth import UserAuth
 from ztun.stack.commands import Command as StackCommand
 from ztun.stack.flow import Flow, decide_datagram
 
@@ -66,6 +70,15 @@ class _TcpRequest:
     http: http_proxy.ProxyRequest | None = None
 
 
+def _loopback(listen: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(listen)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
 class MixedInbound:
     type = "mixed"
 
@@ -84,6 +97,15 @@ class MixedInbound:
         # Not frozen: port 0 becomes the port the kernel chose at start().
         self.listen_port = options.listen_port
         self.users = {u.username: u.password for u in options.users}
+        self.auth = UserAuth((u.username, u.password) for u in options.users)
+        if not self.users and not options.allow_unauthenticated_remote and not _loopback(
+            options.listen
+        ):
+            raise ZtunError(
+                f"inbound {options.tag!r}: listening on {options.listen} without users would "
+                "be an open proxy; add users, listen on 127.0.0.1, or set "
+                "allow_unauthenticated_remote: true"
+            )
         self.max_flows = max_flows
         self.handshake_timeout = handshake_timeout
         self.tasks: set[asyncio.Task[None]] = set()
@@ -99,18 +121,21 @@ class MixedInbound:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Under auto_route, accepted sockets inherit the mark, so what this inbound sends
+            # to a client beyond the default route is not routed into the TUN.
+            dial.OWN.apply(sock)
             # Set once here: Linux copies it to every accepted socket (one syscall per flow less).
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind((self.listen, self.listen_port))
             sock.listen(1024)
             sock.setblocking(False)
-        except OSError as e:
+        except (OSError, dial.DialError) as e:
             sock.close()
+            why = (e.strerror or e) if isinstance(e, OSError) else e
             raise OutboundError(
                 ErrorKind.GENERAL,
-                f"inbound {self.tag!r}: cannot listen on {self.listen}:{self.listen_port}: "
-                f"{e.strerror or e}",
+                f"inbound {self.tag!r}: cannot listen on {self.listen}:{self.listen_port}: {why}",
             ) from None
         self.sock = sock
         self.listen_port = sock.getsockname()[1]
@@ -182,11 +207,11 @@ class MixedInbound:
                 buf += first
                 kind = first[0]
                 if kind == socks5.VERSION5:
-                    req = await self._socks5_handshake(conn, waiter, buf)
+                    req = await self._socks5_handshake(conn, waiter, buf, source)
                 elif kind == socks5.VERSION4:
                     req = await self._socks4_handshake(conn, waiter, buf)
                 else:
-                    req = await self._http_handshake(conn, waiter, buf)
+                    req = await self._http_handshake(conn, waiter, buf, source)
                 waiter.clear_deadline()
             except TimeoutError:
                 log.debug("inbound %s: %s:%d: handshake timed out", self.tag, *source)
@@ -246,8 +271,28 @@ class MixedInbound:
                 raise _Closed
             buf += data
 
+    def _check_user(
+        self, source: tuple[str, int], username: str, password: str, proto: str
+    ) -> bool:
+        now = asyncio.get_running_loop().time()
+        blocked = self.auth.blocked_for(source[0], now)
+        if self.auth.check(source[0], username, password, now):
+            return True
+        if blocked:
+            log.debug("inbound %s: %s:%d: %s attempt refused: too many failures",
+                      self.tag, *source, proto)  # fmt: skip
+            return False
+        # Capped: the name is the client's, and may be long.
+        log.warning("inbound %s: %s:%d: %s auth failed for user %r", self.tag, *source,
+                    proto, clip(username, 64))  # fmt: skip
+        if self.auth.just_blocked(source[0], now):
+            log.warning("inbound %s: %s: %d failed attempts within %gs: refused for %gs",
+                        self.tag, source[0], self.auth.max_failures, self.auth.window,
+                        self.auth.block)  # fmt: skip
+        return False
+
     async def _socks5_handshake(
-        self, conn: socket.socket, waiter: netio.Waiter, buf: bytearray
+        self, conn: socket.socket, waiter: netio.Waiter, buf: bytearray, source: tuple[str, int]
     ) -> _TcpRequest | _UdpAssociateRequest | None:
         greeting, n = await self._need(conn, waiter, buf, socks5.parse_greeting)
         del buf[:n]
@@ -267,11 +312,9 @@ class MixedInbound:
         if self.users:
             creds, n = await self._need(conn, waiter, buf, socks5.parse_userpass)
             del buf[:n]
-            ok = self.users.get(creds.username) == creds.password
+            ok = self._check_user(source, creds.username, creds.password, "SOCKS5")
             await netio.send_all(conn, socks5.build_userpass_reply(ok), waiter)
             if not ok:
-                log.warning("inbound %s: SOCKS5 auth failed for user %r", self.tag,
-                            clip(creds.username, 64))  # fmt: skip
                 return None
             user = creds.username
         request, n = await self._need(conn, waiter, buf, socks5.parse_request)
@@ -297,21 +340,27 @@ class MixedInbound:
         return _TcpRequest("socks4", request.address, None, bytes(buf))
 
     async def _http_handshake(
-        self, conn: socket.socket, waiter: netio.Waiter, buf: bytearray
+        self, conn: socket.socket, waiter: netio.Waiter, buf: bytearray, source: tuple[str, int]
     ) -> _TcpRequest | None:
         request, n = await self._need(conn, waiter, buf, http_proxy.parse_request)
         del buf[:n]
         user = None
         if self.users:
             creds = http_proxy.proxy_credentials(request)
-            if creds is None or self.users.get(creds[0]) != creds[1]:
+            now = asyncio.get_running_loop().time()
+            wait = self.auth.blocked_for(source[0], now)
+            if wait:
+                self.auth.throttled += 1
+                retry = (("Retry-After", str(int(wait) + 1)),)
+                await netio.send_all(
+                    conn, http_proxy.build_response(429, extra_headers=retry), waiter
+                )
+                return None
+            if creds is None or not self._check_user(source, creds[0], creds[1], "HTTP proxy"):
                 challenge = (("Proxy-Authenticate", 'Basic realm="ztun"'),)
                 await netio.send_all(
                     conn, http_proxy.build_response(407, extra_headers=challenge), waiter
                 )
-                if creds is not None:
-                    log.warning("inbound %s: HTTP proxy auth failed for %r", self.tag,
-                                clip(creds[0], 64))  # fmt: skip
                 return None
             user = creds[0]
         dest = Address(request.host, request.port)
@@ -428,6 +477,8 @@ class UdpAssociation:
             _keepalive(self.conn)
             self.udp.bind((local_ip, 0))
             self.udp.setblocking(False)
+            # Replies to a client beyond the default route must not be routed into a TUN.
+            dial.OWN.apply(self.udp)
             bound = Address(local_ip, self.udp.getsockname()[1])
             await self.loop.sock_sendall(self.conn, socks5.build_reply(Reply.SUCCEEDED, bound))
             self.loop.add_reader(self.udp.fileno(), self._on_client)
@@ -437,7 +488,7 @@ class UdpAssociation:
                 data = await self.loop.sock_recv(self.conn, 4096)
                 if not data:
                     break
-        except OSError:
+        except (OSError, dial.DialError):
             pass
         finally:
             self.closed = True

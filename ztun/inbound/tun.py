@@ -38,6 +38,7 @@ from ztun.nat.tcp import FORWARD, TcpNat, unfinished
 from ztun.outbound.base import Outbound, OutboundError
 from ztun.packet.ip import Drop
 from ztun.packet.virtio import HEADER_LEN, PLAIN
+from ztun.runtime import dial
 from ztun.runtime.dispatch import Dispatcher, log_flow
 from ztun.runtime.netio import Handover
 from ztun.runtime.sniff import sniff_and_route
@@ -187,21 +188,15 @@ class TunInbound:
         from ztun.platform.linux import routes
 
         mark = self.mark or routes.DEFAULT_MARK
-        bypass: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        for ob in self.dispatcher.outbounds.values():
-            # ztun's own sockets carry the mark, which rule 9000 sends to `main`.
-            ob.use_default_mark(mark)
-            try:
-                bypass += await ob.bypass_addresses()
-            except ZtunError as e:
-                raise TunOptionError(f"auto_route: {e}: it must be kept out of the TUN") from None
+        # Every socket ztun opens from now on carries the mark, which rule 9000 sends to
+        # `main` (runtime/dial.py): set before the rules exist, so none is ever unmarked.
+        dial.set_own_mark(mark)
         p = routes.plan(
             interface=self.device.name,
             index=self.device.index,
             tun_networks=[a.network for a in self.address],
             route_address=self.route_address,
             route_exclude_address=self.route_exclude_address,
-            bypass=bypass,
             mark=mark,
             strict_route=self.strict_route,
         )

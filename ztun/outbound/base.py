@@ -139,17 +139,6 @@ class Outbound(Protocol):
     #: answer produced (reverse mapping), it gets the name instead, as the application asked.
     resolves_remotely: bool
 
-    def use_default_mark(self, mark: int) -> None:
-        """auto_route is on and sockets with `mark` bypass the TUN: an outbound whose sockets
-        would otherwise be routed back into the TUN marks them, unless it was told where to go
-        (its own routing_mark or bind_interface). Outbounds that dial nothing ignore it."""
-        ...
-
-    async def bypass_addresses(self) -> list[Network]:
-        """Addresses this outbound's own connections go to (a proxy server), which auto_route
-        must keep out of the TUN; raises ZtunError when they cannot be found out."""
-        ...
-
     async def connect_tcp(
         self, dest: Address, meta: FlowMeta, handover: Handover | None = None
     ) -> socket.socket:

@@ -11,7 +11,6 @@ from ztun.outbound.base import (
     Counters,
     DatagramHandler,
     ErrorKind,
-    Network,
     OutboundError,
 )
 from ztun.route.metadata import FlowMeta
@@ -28,12 +27,6 @@ class BlockOutbound:
         self.options = options
         self.tag = options.tag
         self.counters = Counters()
-
-    def use_default_mark(self, mark: int) -> None:
-        return None  # dials nothing
-
-    async def bypass_addresses(self) -> list[Network]:
-        return []
 
     async def connect_tcp(
         self, dest: Address, meta: FlowMeta, handover: Handover | None = None

@@ -1,9 +1,9 @@
 """The `direct` outbound: connect to the destination from this host.
 
-Owns: dial options (bind_interface → SO_BINDTODEVICE, routing_mark → SO_MARK, connect_timeout),
-resolving a domain destination by `domain_strategy` (through the DNS module when one is set with
-`set_resolver`, else getaddrinfo) with Happy Eyeballs (RFC 8305) when both families are there,
-and direct UDP sessions.
+Owns: dial options (bind_interface, routing_mark and auto_route's own mark, applied by
+`runtime/dial.py`; connect_timeout), resolving a domain destination by `domain_strategy`
+(through the DNS module when one is set with `set_resolver`, else getaddrinfo) with Happy
+Eyeballs (RFC 8305) when both families are there, and direct UDP sessions.
 
 Bounds on name lookups: one lookup in flight per name (every flow to it waits on that one);
 at most `MAX_LOOKUPS` run at once and `MAX_QUEUED_LOOKUPS` more wait for a turn (each for at
@@ -29,13 +29,13 @@ from ztun.outbound.base import (
     Counters,
     DatagramHandler,
     ErrorKind,
-    Network,
     OutboundError,
     describe,
     kind_of,
 )
 from ztun.route.metadata import FlowMeta
 from ztun.runtime import netio
+from ztun.runtime.dial import DialError, DialOptions
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -45,8 +45,6 @@ _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 #: RFC 8305 "Connection Attempt Delay".
 ATTEMPT_DELAY = 0.25
-SO_MARK = getattr(socket, "SO_MARK", 36)
-SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 _STRATEGIES = ("prefer_ipv4", "prefer_ipv6", "ipv4_only", "ipv6_only")
 
 #: Name lookups running at once per outbound, and waiting for a turn beyond those.
@@ -113,8 +111,9 @@ class DirectOutbound:
         self.options = options
         self.tag = options.tag
         self.bind_interface = options.bind_interface
-        # Not frozen: auto_route may give unmarked sockets its mark (use_default_mark).
         self.routing_mark = options.routing_mark
+        #: Without routing_mark or bind_interface, its sockets carry auto_route's own mark.
+        self.dial = DialOptions(options.routing_mark, options.bind_interface)
         self.connect_timeout = options.connect_timeout
         self.domain_strategy = strategy
         self.counters = Counters()
@@ -132,38 +131,13 @@ class DirectOutbound:
         the system's getaddrinfo; None goes back to getaddrinfo."""
         self._resolver = resolver
 
-    # -- capabilities ---------------------------------------------------------------------
-
-    def use_default_mark(self, mark: int) -> None:
-        # Rule 9000 of auto_route sends marked sockets to `main`; a socket bound to an
-        # interface or with a mark of its own already goes where the user said.
-        if not (self.routing_mark or self.bind_interface):
-            self.routing_mark = mark
-
-    async def bypass_addresses(self) -> list[Network]:
-        return []
-
     # -- socket options -------------------------------------------------------------------
 
     def _apply_dial_options(self, sock: socket.socket) -> None:
         try:
-            if self.bind_interface:
-                sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, self.bind_interface.encode())
-        except OSError as e:
-            raise OutboundError(
-                ErrorKind.GENERAL,
-                f"direct outbound {self.tag!r}: cannot bind to interface "
-                f"{self.bind_interface!r}: {describe(e)}",
-            ) from None
-        try:
-            if self.routing_mark:
-                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.routing_mark)
-        except OSError as e:
-            raise OutboundError(
-                ErrorKind.GENERAL,
-                f"direct outbound {self.tag!r}: cannot set routing_mark "
-                f"{self.routing_mark:#x} (needs CAP_NET_ADMIN): {describe(e)}",
-            ) from None
+            self.dial.apply(sock)
+        except DialError as e:
+            raise OutboundError(ErrorKind.GENERAL, f"direct outbound {self.tag!r}: {e}") from None
 
     # -- resolution -----------------------------------------------------------------------
 
@@ -398,9 +372,13 @@ class DirectUdpSession:
         s = self._socks.get(family)
         if s is None:
             s = socket.socket(family, socket.SOCK_DGRAM)
-            s.setblocking(False)
-            self.outbound._apply_dial_options(s)
-            s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            try:
+                s.setblocking(False)
+                self.outbound._apply_dial_options(s)
+                s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            except BaseException:
+                s.close()
+                raise
             self._loop.add_reader(s.fileno(), self._on_readable, s)
             self._socks[family] = s
         return s

@@ -4,7 +4,9 @@ Owns: CONNECT (SOCKS5 on ztun's own codec, pipelined: python-socks cannot pipeli
 step-by-step CONNECT cost about a fifth of the CPU per proxied connection, see `_connect5`;
 SOCKS4/4a via python-socks; a domain destination goes to the proxy unresolved), the UDP
 ASSOCIATE client (RFC 1928 §7, on ztun's own codec because python-socks has none), and the
-mapping of proxy failures to OutboundError kinds.
+mapping of proxy failures to OutboundError kinds. Every socket it opens (CONNECT, SOCKS4/4a,
+the UDP ASSOCIATE control and relay sockets) carries auto_route's own mark (`runtime/dial.py`),
+so neither the server's address nor its relay's needs to be kept out of the TUN.
 
 A UDP association lives exactly as long as its TCP control connection: when the proxy closes
 it (or dies), the session ends and reports it; the next datagram opens a new association.
@@ -23,13 +25,12 @@ from python_socks.async_.asyncio import Proxy
 
 from ztun.address import Address
 from ztun.config.options import SocksOutboundOptions
-from ztun.errors import ProtocolError, ZtunError
+from ztun.errors import ProtocolError
 from ztun.outbound.base import (
     CloseHandler,
     Counters,
     DatagramHandler,
     ErrorKind,
-    Network,
     OutboundError,
     describe,
 )
@@ -37,6 +38,7 @@ from ztun.proto import socks5
 from ztun.proto.socks5 import Command, Reply
 from ztun.route.metadata import FlowMeta
 from ztun.runtime import netio
+from ztun.runtime.dial import OWN, DialError
 
 #: Linux: a TCP socket non-blocking from birth (elsewhere, setblocking(False) right after).
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
@@ -50,6 +52,35 @@ _REPLY_KIND = {
     Reply.COMMAND_NOT_SUPPORTED: ErrorKind.UNSUPPORTED,
     Reply.ADDRESS_TYPE_NOT_SUPPORTED: ErrorKind.UNSUPPORTED,
 }
+
+
+def _mark(sock: socket.socket, where: str) -> None:
+    try:
+        OWN.apply(sock)
+    except DialError as e:
+        raise OutboundError(ErrorKind.GENERAL, f"{where}: {e}") from None
+
+
+class _MarkedDialer:
+    """python-socks' `forward` hook: opens the TCP connection to the proxy itself, marked."""
+
+    async def connect(self, dest_host: str, dest_port: int, timeout: float | None = None,
+                      **_: Any) -> socket.socket:  # fmt: skip
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(dest_host, dest_port, type=socket.SOCK_STREAM)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            try:
+                OWN.apply(sock)
+            except DialError as e:
+                raise OSError(str(e)) from None
+            await loop.sock_connect(sock, addr)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
 
 class SocksOutbound:
@@ -83,22 +114,6 @@ class SocksOutbound:
             else:
                 self._server_addr = (socket.AF_INET6, (server, server_port, 0, 0))
 
-    # -- capabilities ---------------------------------------------------------------------
-
-    def use_default_mark(self, mark: int) -> None:
-        return None  # its connections go to the server, which bypass_addresses keeps off the TUN
-
-    async def bypass_addresses(self) -> list[Network]:
-        """Every address of the proxy server, resolved now."""
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(self.server, None, type=socket.SOCK_STREAM)
-        except OSError as e:
-            raise ZtunError(
-                f"cannot resolve the SOCKS server {self.server!r} of outbound {self.tag!r}: {e}"
-            ) from None
-        return [ipaddress.ip_network(str(info[4][0])) for info in infos]
-
     @property
     def _where(self) -> str:
         host = f"[{self.server}]" if ":" in self.server else self.server
@@ -115,6 +130,9 @@ class SocksOutbound:
                 password=self.password,
                 # Send domains to the proxy unresolved (SOCKS4 has no domains; 4a does).
                 rdns=self.version != "4",
+                # python-socks opens its own socket to the proxy; `forward` (the proxy that
+                # reaches this one) is the only way to hand it one that carries the mark.
+                forward=_MarkedDialer(),  # type: ignore[arg-type]
                 loop=asyncio.get_running_loop(),
             )
         return self._proxy
@@ -189,6 +207,7 @@ class SocksOutbound:
                     sock.setblocking(False)
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _mark(sock, self._where)
                 waiter = netio.Waiter(loop, sock)
                 # connect_timeout bounds connect and handshake: every wait below fails after it.
                 waiter.set_deadline(budget)
@@ -320,6 +339,7 @@ class SocksUdpSession:
                 family, _, _, _, addr = infos[0]
                 self.control = socket.socket(family, socket.SOCK_STREAM)
                 self.control.setblocking(False)
+                _mark(self.control, ob._where)
                 await loop.sock_connect(self.control, addr)
         except TimeoutError:
             raise OutboundError(
@@ -365,6 +385,9 @@ class SocksUdpSession:
             family, _, _, _, raddr = infos[0]
             self.udp = socket.socket(family, socket.SOCK_DGRAM)
             self.udp.setblocking(False)
+            # The relay may have another address than the server: the mark, not an
+            # excluded address, keeps these datagrams out of the TUN.
+            _mark(self.udp, ob._where)
             # Connected: the kernel drops datagrams that do not come from the relay.
             self.udp.connect(raddr)
         except (OSError, UnicodeError, ValueError) as e:  # IDNA codec errors too

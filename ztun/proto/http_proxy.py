@@ -50,6 +50,7 @@ REASONS = {
     403: "Forbidden",
     405: "Method Not Allowed",
     407: "Proxy Authentication Required",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     502: "Bad Gateway",

@@ -5,7 +5,8 @@ are downloaded with urllib (bounded time and size) and cached in the cache direc
 in `rule-set-<hash of url>.data`, and a JSON sidecar `rule-set-<hash>.json` holding the fetch
 time and the ETag / Last-Modified validators for conditional requests. A cached copy younger
 than `update_interval` is used without asking the server; an older one is revalidated; when the
-server cannot be reached the cached copy is used with a warning.
+server cannot be reached the cached copy is used with a warning. Every connection, direct or
+through a socks detour, carries auto_route's own mark when it is set (`runtime/dial.py`).
 
 Every problem becomes a `Diagnostic` whose path points at the rule-set entry in the config
 (e.g. `("route", "rule_set", 2, "url")`); nothing here raises for a user mistake.
@@ -32,6 +33,7 @@ from ztun import __version__
 from ztun.config.duration import parse_duration
 from ztun.errors import ConfigPath, Diagnostic
 from ztun.route.ruleset import RuleSetError, parse_rule_set
+from ztun.runtime.dial import OWN
 
 #: Larger rule-set files are refused (local and remote).
 MAX_RULE_SET_BYTES = 64 * 1024 * 1024
@@ -247,7 +249,7 @@ class _RuleSetLoader:
             except ValueError as exc:
                 self.error(str(exc), (*where, "update_interval"))
                 return None
-        opener = None
+        opener = _direct_opener()
         detour = entry.get("download_detour")
         if detour not in (None, ""):
             outbound = self.outbounds.get(str(detour))
@@ -389,6 +391,41 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+class _MarkedDialer:
+    """python-socks' `forward` hook: the TCP connection to the proxy, marked."""
+
+    def connect(self, dest_host: str, dest_port: int, timeout: float | None = None,
+                **_: Any) -> Any:  # fmt: skip
+        return OWN.create_connection((dest_host, dest_port), timeout)
+
+
+class _MarkedHTTP(http.client.HTTPConnection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # http.client's documented seam for how the socket is made.
+        self._create_connection = OWN.create_connection  # type: ignore[method-assign]
+
+
+class _MarkedHTTPS(http.client.HTTPSConnection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = OWN.create_connection  # type: ignore[method-assign]
+
+
+def _direct_opener() -> urllib.request.OpenerDirector:
+    """urllib's default opener (environment proxies included), its sockets marked."""
+
+    class HTTP(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(_MarkedHTTP, req)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(_MarkedHTTPS, req, context=self._context)  # type: ignore[attr-defined]
+
+    return urllib.request.build_opener(HTTP(), HTTPS())
+
+
 def _socks_opener(outbound: Mapping[str, Any]) -> urllib.request.OpenerDirector:
     """A urllib opener whose connections go through the `socks` outbound `outbound`.
 
@@ -407,6 +444,9 @@ def _socks_opener(outbound: Mapping[str, Any]) -> urllib.request.OpenerDirector:
         username=outbound.get("username"),
         password=outbound.get("password"),
         rdns=version != "4",
+        # python-socks opens its own connection to the proxy; `forward` (the proxy that
+        # reaches this one) is the only way to hand it one that carries the own mark.
+        forward=_MarkedDialer(),  # type: ignore[arg-type]
     )
 
     def through_proxy(host: str, port: int, timeout: float | None) -> Any:

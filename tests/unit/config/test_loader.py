@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -535,3 +536,44 @@ def test_loader_raises_only_config_error_for_bytes(data: bytes) -> None:
         path.write_bytes(data)
         with contextlib.suppress(ConfigError):
             load_config(path, env={})
+
+
+# --- ${VAR} in files that are not the user's own ---------------------------------------------
+
+
+def test_shipped_profile_reads_only_ztun_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ztun.config.loader as loader_module
+
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "leaky.yaml").write_text(
+        "outbounds:\n"
+        "  - {type: socks, tag: p, server: '${SECRET_TOKEN}.example', server_port: 1080}\n"
+        "  - {type: direct, tag: d, bind_interface: '${ZTUN_IFACE:-eth0}'}\n"
+    )
+    monkeypatch.setattr(loader_module, "PROFILE_DIR", profiles)
+    env = {"SECRET_TOKEN": "hunter2", "ZTUN_IFACE": "wlan0", "HOME": "/root"}
+    own = tmp_path / "own.yaml"
+    own.write_text("include: [leaky, ./mine.yaml]\n")
+    (tmp_path / "mine.yaml").write_text("log: {output: '${HOME}/ztun.log'}\n")
+    loaded = load_config(own, env=env)
+    outbounds = {o["tag"]: o for o in loaded.data["outbounds"]}
+    assert outbounds["p"]["server"] == "${SECRET_TOKEN}.example"  # not read
+    assert "hunter2" not in repr(loaded.data)
+    assert outbounds["d"]["bind_interface"] == "wlan0"  # ZTUN_* is read
+    assert loaded.data["log"]["output"] == "/root/ztun.log"  # the user's own file reads any
+    (d,) = loaded.diagnostics
+    assert d.mark is not None and d.mark.file.endswith("leaky.yaml") and d.mark.line == 2
+    assert "a shipped profile may read only ZTUN_* environment variables" in d.message
+    # Included by path instead of by name, it is still a shipped file.
+    own.write_text(f"include: [{profiles / 'leaky.yaml'}]\n")
+    loaded = load_config(own, env=env)
+    assert "hunter2" not in repr(loaded.data) and len(loaded.diagnostics) == 1
+
+
+def test_real_shipped_profiles_read_only_ztun_variables() -> None:
+    for path in PROFILE_DIR.glob("*.yaml"):
+        names = re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", path.read_text())
+        assert all(n.startswith("ZTUN_") for n in names), (path.name, names)

@@ -2,8 +2,9 @@
 
 Per address family that has a TUN address, ztun adds (priorities from `rule_index`, 9000):
 
-    9000  fwmark <mark> lookup main        ztun's own outbound sockets never enter the TUN
-    9001  to <cidr> lookup main            route_exclude_address and the SOCKS5 servers
+    9000  fwmark <mark> lookup main        ztun's own sockets (all of them: runtime/dial.py)
+                                           never enter the TUN
+    9001  to <cidr> lookup main            route_exclude_address
     9002  lookup main suppress_prefixlength 0
                                            more specific routes (the LAN) win; not with
                                            strict_route
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ztun.config.validate import DEFAULT_AUTO_ROUTE_MARK
 from ztun.errors import ZtunError
 from ztun.platform.linux import state
 from ztun.platform.linux.state import state_dir
@@ -45,7 +47,8 @@ log = logging.getLogger("ztun.route")
 
 TABLE_INDEX = 2022
 RULE_INDEX = 9000
-DEFAULT_MARK = 0x2024
+#: `route.default_mark` when absent; `ztun check` reasons about it too (routing_mark loops).
+DEFAULT_MARK = DEFAULT_AUTO_ROUTE_MARK
 MAIN_TABLE = 254
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -76,7 +79,7 @@ def plan(
     tun_networks: list[Network],
     route_address: list[Network],
     route_exclude_address: list[Network],
-    bypass: list[Network],
+    bypass: list[Network] | None = None,
     mark: int,
     strict_route: bool,
     table: int = TABLE_INDEX,
@@ -94,7 +97,7 @@ def plan(
             continue
         p.rules.append({"family": fam, "priority": rule_index, "fwmark": mark,
                         "table": MAIN_TABLE})  # fmt: skip
-        excluded = [n for n in (*route_exclude_address, *bypass) if n.version == version]
+        excluded = [n for n in (*route_exclude_address, *(bypass or ())) if n.version == version]
         for n in _unique(excluded):
             p.rules.append({"family": fam, "priority": rule_index + 1,
                             "dst": str(n.network_address), "dst_len": n.prefixlen,
