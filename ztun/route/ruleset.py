@@ -279,7 +279,11 @@ def _is_cidr(text: str) -> bool:
     return True
 
 
-_JSON_STRING = r'"(?:[^"\\\n]|\\.)*"'
+# A string token ends at its closing quote or, unterminated, at the end of its line: it always
+# matches where it starts, so no quote is scanned twice (with the closing quote required, a line
+# of escaped quotes made every quote rescan the rest of the line: quadratic). An unterminated
+# string is invalid JSON either way, and json.loads reports it at the same place.
+_JSON_STRING = r'"(?:[^"\\\n]|\\.)*"?'
 _JSON_COMMENTS = re.compile(_JSON_STRING + r"|//[^\n]*|#[^\n]*|/\*[\s\S]*?\*/|/\*[\s\S]*")
 _JSON_TRAILING_COMMA = re.compile(_JSON_STRING + r"|,(?=\s*[\]}])")
 _NOT_NEWLINE = re.compile(r"[^\n]")
