@@ -368,7 +368,7 @@ class RuleSetRefresh:
         self.next_at = now + self.interval
         cached = self.cache.load()
         data, findings = self.fetch(cached, now)
-        if data is not None and cached is not None and data != cached.data:
+        if not findings and data is not None and cached is not None and data != cached.data:
             findings.append(("info", f"rule set '{self.tag}' updated from {self.url}; the new "
                              "copy is used from the next start"))  # fmt: skip
         return findings
