@@ -464,3 +464,9 @@ def test_lone_surrogates_are_rule_set_errors(parse: object, text: str) -> None:
 def test_rule_set_error_is_a_ztun_error() -> None:
     assert issubclass(RuleSetError, ZtunError)
     assert str(RuleSetError("bad", 3)) == "line 3: bad"
+
+
+def test_clash_regex_re2_refuses_names_the_line() -> None:
+    # Lookahead is RE2-invalid (as in sing-box); the error points at the provider's line.
+    with pytest.raises(RuleSetError, match=r"line 2: .*\(\?=x\).*RE2"):
+        parse_clash("DOMAIN,a.com\nDOMAIN-REGEX,(?=x)ads\n", "classical")
