@@ -512,19 +512,22 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class _Deadline:
     """The sockets of one download, shut down together when its deadline passes.
 
-    Shutting a socket down wakes a thread blocked in its recv at once (it reads end of file),
-    so the download thread ends soon after the deadline too, and its buffer with it.
+    Shutting a socket down wakes a thread blocked on it at once (its recv reads end of file),
+    so the download thread ends soon after the deadline too, and its buffer with it. Each
+    socket is held as a duplicate taken when it connects: TLS wrapping detaches the original
+    socket object, but a shutdown through any descriptor of a socket reaches it, in the middle
+    of a handshake too.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
+        self._handles: list[socket.socket] = []
         self.expired = False
 
     def track(self, sock: socket.socket) -> socket.socket:
         with self._lock:
             if not self.expired:
-                self._sockets.append(sock)
+                self._handles.append(sock.dup())
                 return sock
         sock.close()
         raise TimeoutError("deadline passed")
@@ -532,11 +535,11 @@ class _Deadline:
     def expire(self) -> None:
         with self._lock:
             self.expired = True
-            sockets, self._sockets = self._sockets, []
-        for sock in sockets:
+            handles, self._handles = self._handles, []
+        for handle in handles:
             with contextlib.suppress(OSError):
-                # socket.socket's own shutdown also for an SSLSocket: the fd, not the TLS state
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                handle.shutdown(socket.SHUT_RDWR)
+            handle.close()
 
 
 def _opener(deadline: _Deadline, socks: Mapping[str, Any] | None) -> urllib.request.OpenerDirector:
@@ -546,22 +549,22 @@ def _opener(deadline: _Deadline, socks: Mapping[str, Any] | None) -> urllib.requ
     requests; start-up code is synchronous, so the asyncio outbound is not used here)."""
     through_proxy = _proxy_connector(socks) if socks is not None else None
 
+    def connect(address: tuple[str, int], timeout: Any = None, *args: Any) -> socket.socket:
+        if through_proxy is not None:
+            return deadline.track(through_proxy(address[0], address[1], timeout))
+        return deadline.track(socket.create_connection(address, timeout, *args))
+
+    # http.client opens every connection (and a CONNECT tunnel's) through _create_connection,
+    # then wraps it for TLS: tracking it there covers the TLS handshake too.
     class TrackedHTTP(http.client.HTTPConnection):
-        def connect(self) -> None:
-            if through_proxy is None:
-                super().connect()
-            else:
-                self.sock = through_proxy(self.host, self.port, self.timeout)
-            deadline.track(self.sock)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._create_connection = connect
 
     class TrackedHTTPS(http.client.HTTPSConnection):
-        def connect(self) -> None:
-            if through_proxy is None:
-                super().connect()
-            else:
-                raw = through_proxy(self.host, self.port, self.timeout)
-                self.sock = self._context.wrap_socket(raw, server_hostname=self.host)  # type: ignore[attr-defined]
-            deadline.track(self.sock)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._create_connection = connect
 
     class HTTPTracked(urllib.request.HTTPHandler):
         def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:

@@ -100,12 +100,16 @@ def answer(body: bytes, *, etag: str = '"v1"') -> Behaviour:
     return behaviour
 
 
-def trickle(head: bytes, every: float = 0.2) -> Behaviour:
+def trickle(head: bytes, every: float = 0.2, *, tls: bool = False) -> Behaviour:
     """Send `head`, then one byte every `every` seconds for ever: each recv of the client gets
-    data long before any per-read timeout."""
+    data long before any per-read timeout. `tls`: answer a ClientHello (with a TLS record
+    header announcing a long handshake message)."""
 
     def behaviour(sock: socket.socket, stopping: threading.Event) -> None:
-        _read_request(sock)
+        if tls:
+            sock.recv(4096)
+        else:
+            _read_request(sock)
         sock.sendall(head)
         while not stopping.wait(every):
             sock.sendall(b"x")
@@ -154,26 +158,37 @@ def timed(call: Callable[[], Any]) -> tuple[Any, float]:
 # -- one overall deadline -----------------------------------------------------------------------
 
 
+def _download_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "ztun-rule-set-download"]
+
+
 @pytest.mark.parametrize(
-    "head",
+    ("head", "scheme"),
     [
-        b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n",  # a body, a byte at a time
-        b"HTTP/1.1 200 OK\r\nX-Slow: ",  # headers that never end
-        b"",  # not even a status line
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", "http"),  # body, byte by byte
+        (b"HTTP/1.1 200 OK\r\nX-Slow: ", "http"),  # headers that never end
+        (b"", "http"),  # not even a status line
+        (b"\x16\x03\x03\x40\x00", "https"),  # a 16 KiB TLS handshake record, byte by byte
     ],
-    ids=["body", "headers", "status"],
+    ids=["body", "headers", "status", "tls-handshake"],
 )
 def test_trickling_server_cannot_extend_the_deadline(
-    serve: Callable[[Behaviour], RawServer], tmp_path: Path, head: bytes
+    serve: Callable[[Behaviour], RawServer], tmp_path: Path, head: bytes, scheme: str
 ) -> None:
-    server = serve(trickle(head))
-    result, elapsed = timed(lambda: load([remote(server.url())], tmp_path))
+    server = serve(trickle(head, tls=scheme == "https"))
+    url = server.url().replace("http:", f"{scheme}:")
+    result, elapsed = timed(lambda: load([remote(url)], tmp_path))
     # One byte every 0.2 s would keep a per-read timeout alive for ever (100000 bytes: 5.5 h).
     assert elapsed < DEADLINE + 1.0, elapsed
     (error,) = result.diagnostics
     assert error.severity == "error" and error.path == ("route", "rule_set", 0, "url")
     assert f"within {DEADLINE:g}s" in error.message and "no cached copy" in error.message
     assert server.connections == 1
+    # The download's own thread was cut loose too: its socket was shut down at the deadline.
+    end = time.monotonic() + 1.0
+    while _download_threads() and time.monotonic() < end:
+        time.sleep(0.02)
+    assert _download_threads() == []
 
 
 def test_server_that_never_answers_costs_the_deadline_only(
