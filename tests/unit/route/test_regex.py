@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -112,3 +115,24 @@ def test_without_re2_python_re_is_used_with_a_warning(monkeypatch: pytest.Monkey
     assert RegexSet([r"^a\.", "x"]).first("a.com") == 0
     assert pattern_error("(?=x)") is None  # Python's re accepts what RE2 refuses
     assert pattern_error("(unclosed") is not None
+
+
+def test_check_warns_when_re2_cannot_be_imported(tmp_path: Path) -> None:
+    """A real import failure (re2 blocked in sys.modules), through the `ztun check` command."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "outbounds:\n  - {type: direct, tag: direct}\n"
+        "route:\n  rules:\n    - {domain_regex: ['^ads\\.'], outbound: direct}\n"
+    )
+    code = (
+        "import runpy, sys; sys.modules['re2'] = None; "
+        f"sys.argv = ['ztun', 'check', {str(config)!r}]; "
+        "runpy.run_module('ztun', run_name='__main__')"
+    )
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=root, env=env, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    said = done.stdout + done.stderr
+    assert "c.yaml:5:" in said and "the google-re2 package is not installed" in said
