@@ -226,12 +226,20 @@ def run(path: str | Path, log_level: str | None = None, *, grace: float = GRACE_
     for warning in warnings:
         log.warning("%s: %s", warning.mark or "<config>", warning.message)
     _raise_fd_limit()
+    # Remote rule sets started from their cached copy; revalidating them never delays start-up.
+    from ztun.provider.ruleset import RuleSetRefresher
+
+    refresher = RuleSetRefresher(compiled.rule_set_refresh)
+    refresher.start()
     runner = asyncio.Runner() if os.environ.get("ZTUN_LOOP") == "asyncio" else _runner()
-    with runner:
-        return runner.run(
-            _serve(options, router, grace, compiled.dns_router,
-                   compiled.loaded.base_dir)
-        )  # fmt: skip
+    try:
+        with runner:
+            return runner.run(
+                _serve(options, router, grace, compiled.dns_router,
+                       compiled.loaded.base_dir)
+            )  # fmt: skip
+    finally:
+        refresher.stop()
 
 
 async def _serve(

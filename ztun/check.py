@@ -33,6 +33,8 @@ class CheckResult:
     options: Options | None = None
     #: the compiled dns.rules, when the config has DNS servers and no errors
     dns_router: DnsRouter | None = None
+    #: remote rule sets for `ztun run` to revalidate in the background (online loads only)
+    rule_set_refresh: list[Any] = field(default_factory=list)
 
     @property
     def errors(self) -> list[Diagnostic]:
@@ -58,7 +60,7 @@ def _open_geoip(loaded: LoadedConfig, diagnostics: list[Diagnostic]) -> Any:
 
 
 def _load_rule_sets(
-    loaded: LoadedConfig, diagnostics: list[Diagnostic], *, offline: bool
+    loaded: LoadedConfig, diagnostics: list[Diagnostic], refresh: list[Any], *, offline: bool
 ) -> dict[str, list[Any]]:
     route = loaded.data.get("route")
     entries = as_list(route.get("rule_set")) if isinstance(route, Mapping) else []
@@ -72,8 +74,11 @@ def _load_rule_sets(
         cache_dir=default_cache_dir(),
         offline=offline,
         outbounds=[o for o in as_list(loaded.data.get("outbounds")) if isinstance(o, Mapping)],
+        # online is `ztun run`: a cached copy is used at once, and refreshed in the background
+        refresh_in_background=not offline,
     )
     diagnostics.extend(result.diagnostics)
+    refresh.extend(result.refresh)
     return dict(result.sets)
 
 
@@ -146,7 +151,8 @@ def check_file(path: str | Path, *, offline: bool = True) -> CheckResult:
     geoip_failed = len(diagnostics) > errors_before
     # Rule sets load even when the schema found mistakes elsewhere: a missing file is one more
     # thing the user wants to hear about in the same run.
-    rule_sets = _load_rule_sets(loaded, diagnostics, offline=offline)
+    refresh: list[Any] = []
+    rule_sets = _load_rule_sets(loaded, diagnostics, refresh, offline=offline)
     router, compile_diagnostics = compile_router(
         loaded.data, rule_sets=rule_sets, geoip=geoip, report_references=False,
         geoip_failed=geoip_failed,
@@ -171,6 +177,7 @@ def check_file(path: str | Path, *, offline: bool = True) -> CheckResult:
         result.router = router
         result.options = options
         result.dns_router = dns_router
+        result.rule_set_refresh = refresh
     return result
 
 
@@ -184,6 +191,8 @@ class Compiled(NamedTuple):
     warnings: list[Diagnostic]
     #: the compiled dns.rules (None without DNS servers)
     dns_router: DnsRouter | None = None
+    #: remote rule sets to revalidate in the background (provider.ruleset.RuleSetRefresher)
+    rule_set_refresh: tuple[Any, ...] = ()
 
 
 def load_and_compile(path: str | Path, *, offline: bool = False) -> Compiled:
@@ -192,5 +201,6 @@ def load_and_compile(path: str | Path, *, offline: bool = False) -> Compiled:
     if result.errors or result.loaded is None or result.router is None or result.options is None:
         raise ConfigError(result.errors or result.diagnostics)
     return Compiled(
-        result.loaded, result.options, result.router, result.warnings, result.dns_router
-    )
+        result.loaded, result.options, result.router, result.warnings, result.dns_router,
+        tuple(result.rule_set_refresh),
+    )  # fmt: skip

@@ -709,3 +709,41 @@ def test_singbox_accepts(singbox: Path, tmp_path: Path) -> None:
     path = tmp_path / "ext.json"
     path.write_text('// c\n{"version": 2, # c\n "rules": [{"Domain": "a.com",},],}')
     assert match_once(singbox, path, "a.com") == {0}
+
+
+# -- domain_regex: RE2 semantics, where Python's re would differ ---------------------------------
+
+#: Patterns Go's regexp (RE2) refuses and Python's re accepts: lookaround and backreferences.
+RE2_REFUSES = [r"(?=a)example", r"exam(?!x)ple", r"(?<=a)b", r"(a)\1", r"(?P<n>a)(?P=n)"]
+#: Patterns both read, with answers that differ between RE2 (sing-box, ztun) and Python's re.
+RE2_FACTS = [
+    # a POSIX class is a digit class in RE2, a set of ':', 'd', 'i', 'g', 't' in Python
+    Fact({"domain_regex": r"^[[:digit:]]+\.com$"}, "123.com", True),
+    # \pN: Unicode class in RE2, an error in Python's re
+    Fact({"domain_regex": r"^\pN+\.org$"}, "42.org", True),
+    # \z is RE2's end of text; catastrophic backtracking in Python, linear in RE2
+    Fact({"domain_regex": r"^(a+)+\z"}, "a" * 200 + "b.com", False),
+    Fact({"domain_regex": r"(a+)+$"}, "a" * 200 + ".com", False),
+]
+
+
+@pytest.mark.parametrize("pattern", RE2_REFUSES)
+def test_regex_refused_by_both(singbox: Path, tmp_path: Path, pattern: str) -> None:
+    path = tmp_path / "set.json"
+    path.write_text(json.dumps({"version": 3, "rules": [{"domain_regex": [pattern]}]}))
+    with pytest.raises(SingBoxError, match="regexp"):
+        match_once(singbox, path, "a.com")
+    _router, diagnostics = compile_router(
+        {"route": {"rules": [{"domain_regex": [pattern], "action": "reject"}]}}
+    )
+    assert [d.path for d in diagnostics] == [("route", "rules", 0, "domain_regex", 0)]
+    assert "RE2" in diagnostics[0].message
+
+
+@pytest.mark.parametrize("index", range(len(RE2_FACTS)), ids=[_fact_id(f) for f in RE2_FACTS])
+def test_regex_fact_agrees(singbox: Path, tmp_path: Path, index: int) -> None:
+    fact = RE2_FACTS[index]
+    path = tmp_path / "set.json"
+    path.write_text(json.dumps({"version": 3, "rules": [fact.rule]}))
+    assert (match_once(singbox, path, fact.query) == {0}) == fact.singbox
+    assert compile_headless_rules([fact.rule]).match(_meta(fact.query)) == fact.singbox

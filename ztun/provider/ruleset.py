@@ -7,6 +7,14 @@ time and the ETag / Last-Modified validators for conditional requests. A cached 
 than `update_interval` is used without asking the server; an older one is revalidated; when the
 server cannot be reached the cached copy is used with a warning. Every connection, direct or
 through a socks detour, carries auto_route's own mark when it is set (`runtime/dial.py`).
+`ztun run` never waits for the
+network when a copy is cached: it starts on that copy and `RuleSetRefresher` revalidates it in a
+background thread (a refreshed copy is used from the next start).
+
+A download has one overall deadline (`DOWNLOAD_TIMEOUT`): at that moment the caller gets an error
+and every socket of the download is shut down, so a server that trickles a byte every few
+seconds, in its headers or its body, cannot extend it. It never holds more than
+`MAX_RULE_SET_BYTES` of a body in memory. sing-box has no option for either; both are constants.
 
 Every problem becomes a `Diagnostic` whose path points at the rule-set entry in the config
 (e.g. `("route", "rule_set", 2, "url")`); nothing here raises for a user mistake.
@@ -18,8 +26,11 @@ import contextlib
 import hashlib
 import http.client
 import json
+import logging
 import os
+import socket
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -37,9 +48,12 @@ from ztun.runtime.dial import OWN
 
 #: Larger rule-set files are refused (local and remote).
 MAX_RULE_SET_BYTES = 64 * 1024 * 1024
+#: One download (name lookup, connect, TLS, headers, body), start to end, in seconds.
+DOWNLOAD_TIMEOUT = 10.0
 #: sing-box's default `update_interval`.
 DEFAULT_UPDATE_INTERVAL = 86400.0
 USER_AGENT = f"ztun/{__version__}"
+log = logging.getLogger("ztun.provider")
 BINARY_HINT = (
     "binary .srs rule sets are not supported; use `sing-box rule-set decompile` to get the "
     "source JSON"
@@ -60,6 +74,8 @@ class RuleSetLoadResult:
 
     sets: dict[str, HeadlessRules] = field(default_factory=dict)
     diagnostics: list[Diagnostic] = field(default_factory=list)
+    #: remote sets to revalidate in the background (`RuleSetRefresher`), when asked for
+    refresh: list[RuleSetRefresh] = field(default_factory=list)
 
 
 def default_cache_dir() -> Path:
@@ -75,9 +91,10 @@ def load_rule_sets(
     base_dir: Path,
     cache_dir: Path,
     now: float | None = None,
-    timeout: float = 10.0,
+    timeout: float = DOWNLOAD_TIMEOUT,
     offline: bool = False,
     outbounds: Sequence[Mapping[str, Any]] = (),
+    refresh_in_background: bool = False,
 ) -> RuleSetLoadResult:
     """Load every `route.rule_set` entry.
 
@@ -85,7 +102,9 @@ def load_rule_sets(
     time used for cache ages (default: the current time); `timeout` bounds each download as a
     whole; `offline=True` never downloads (remote sets come from the cache or are skipped with
     a warning), which is what `ztun check` uses. `outbounds` are the config's outbounds, for
-    `download_detour`.
+    `download_detour`. With `refresh_in_background=True` (`ztun run`) a cached copy is used
+    whatever its age, and every remote set is listed in `result.refresh` for a
+    `RuleSetRefresher`; only a set with no cached copy is downloaded here.
     """
     loader = _RuleSetLoader(
         base_dir=Path(base_dir),
@@ -94,6 +113,7 @@ def load_rule_sets(
         timeout=timeout,
         offline=offline,
         outbounds={str(o.get("tag")): o for o in outbounds if isinstance(o, Mapping)},
+        refresh_in_background=refresh_in_background,
     )
     for index, entry in enumerate(entries):
         loader.load(index, entry)
@@ -128,6 +148,7 @@ class _RuleSetLoader:
     timeout: float
     offline: bool
     outbounds: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    refresh_in_background: bool = False
     result: RuleSetLoadResult = field(default_factory=RuleSetLoadResult)
 
     def error(self, message: str, path: ConfigPath) -> None:
@@ -249,63 +270,163 @@ class _RuleSetLoader:
             except ValueError as exc:
                 self.error(str(exc), (*where, "update_interval"))
                 return None
-        opener = _direct_opener()
+        socks = None
         detour = entry.get("download_detour")
         if detour not in (None, ""):
             outbound = self.outbounds.get(str(detour))
             kind = outbound.get("type") if outbound is not None else None
             if kind == "socks":
-                opener = _socks_opener(outbound)  # type: ignore[arg-type]
+                socks = outbound
             elif kind == "block":
                 self.error(f"download_detour '{detour}' is a block outbound: the rule set "
                            "could never be downloaded", (*where, "download_detour"))  # fmt: skip
                 return None
             # direct (or an unknown tag, which the validator reports): download directly
-        cache = _Cache(self.cache_dir, url)
-        cached = cache.load()
+        job = RuleSetRefresh(str(entry.get("tag")), url, fmt, behavior, interval, socks,
+                             _Cache(self.cache_dir, url), self.timeout)  # fmt: skip
+        cached = job.cache.load()
         if self.offline:
             if cached is None:
                 self.warn("remote rule set not cached yet; not checked", url_path)
             return cached.data if cached else None
-        if cached is not None and 0 <= self.now - cached.fetched_at < interval:
-            return cached.data
+        if cached is not None:
+            fresh = 0 <= self.now - cached.fetched_at < interval
+            if fresh or self.refresh_in_background:
+                # Start-up never waits for the network when a copy is cached.
+                job.next_at = cached.fetched_at + interval if fresh else self.now
+                if self.refresh_in_background:
+                    self.result.refresh.append(job)
+                return cached.data
+        data, findings = job.fetch(cached, self.now)
+        for severity, message in findings:
+            self.result.diagnostics.append(Diagnostic(message, url_path, severity=severity))
+        if self.refresh_in_background:
+            job.next_at = self.now + interval
+            self.result.refresh.append(job)
+        return data
+
+
+@dataclass
+class RuleSetRefresh:
+    """One remote rule set: how to download it, and when it is due again (wall clock)."""
+
+    tag: str
+    url: str
+    fmt: str
+    behavior: str
+    interval: float
+    socks: Mapping[str, Any] | None
+    cache: _Cache
+    timeout: float = DOWNLOAD_TIMEOUT
+    next_at: float = 0.0
+
+    def fetch(self, cached: _Cached | None, now: float) -> tuple[bytes | None, list[Finding]]:
+        """Download (conditionally on `cached`), check and cache the set: the copy to use
+        (None: none) and what to tell the user, as (severity, message) pairs."""
+        url = self.url
         try:
             response = _download(
                 url,
                 etag=cached.etag if cached else None,
                 last_modified=cached.last_modified if cached else None,
                 timeout=self.timeout,
-                opener=opener,
+                socks=self.socks,
             )
         except _DownloadError as exc:
             if cached is None:
-                self.error(f"cannot download {url}: {exc}; there is no cached copy", url_path)
-                return None
-            self.warn(f"cannot download {url}: {exc}; using the copy cached "
-                      f"{_age(self.now - cached.fetched_at)} ago", url_path)  # fmt: skip
-            return cached.data
+                return None, [("error", f"cannot download {url}: {exc}; there is no cached copy")]
+            return cached.data, [("warning", f"cannot download {url}: {exc}; using the copy "
+                                  f"cached {_age(now - cached.fetched_at)} ago")]  # fmt: skip
         if response.status == 304 and cached is not None:
-            cache.store(cached.data, self.now, cached.etag, cached.last_modified, meta_only=True)
-            return cached.data
+            problem = self._store(cached.data, now, cached.etag, cached.last_modified,
+                                  meta_only=True)  # fmt: skip
+            return cached.data, problem
         if response.status == 304:
             # A 304 we did not ask for (no validators sent): nothing usable.
-            self.error(f"cannot download {url}: the server answered 304 Not Modified "
-                       "to an unconditional request", url_path)  # fmt: skip
-            return None
+            return None, [("error", f"cannot download {url}: the server answered 304 Not "
+                           "Modified to an unconditional request")]  # fmt: skip
         try:
-            _parse_bytes(response.body, fmt, behavior)
+            _parse_bytes(response.body, self.fmt, self.behavior)
         except RuleSetError as exc:
             if cached is None:
-                return response.body  # the caller reports the parse error
-            self.warn(f"{url}: the downloaded copy is unusable ({exc}); using the copy "
-                      f"cached {_age(self.now - cached.fetched_at)} ago", url_path)  # fmt: skip
-            return cached.data
+                return response.body, []  # the caller reports the parse error
+            return cached.data, [("warning", f"{url}: the downloaded copy is unusable ({exc}); "
+                                  f"using the copy cached {_age(now - cached.fetched_at)} "
+                                  "ago")]  # fmt: skip
+        problem = self._store(response.body, now, response.etag, response.last_modified)
+        return response.body, problem
+
+    def _store(self, data: bytes, now: float, etag: str | None, last_modified: str | None,
+               *, meta_only: bool = False) -> list[Finding]:  # fmt: skip
+        # A read-only or full cache directory costs the cache, never the rule set.
         try:
-            cache.store(response.body, self.now, response.etag, response.last_modified)
+            self.cache.store(data, now, etag, last_modified, meta_only=meta_only)
         except OSError as exc:
-            self.warn(f"cannot write the rule-set cache in {self.cache_dir}: "
-                      f"{exc.strerror or exc}", url_path)  # fmt: skip
-        return response.body
+            return [("warning", f"cannot write the rule-set cache in {self.cache.directory}: "
+                     f"{exc.strerror or exc}; the set is used without caching it")]  # fmt: skip
+        return []
+
+    def refresh(self, now: float) -> list[Finding]:
+        """Revalidate the cached copy now (background refresh); what to log."""
+        self.next_at = now + self.interval
+        cached = self.cache.load()
+        data, findings = self.fetch(cached, now)
+        if not findings and data is not None and cached is not None and data != cached.data:
+            findings.append(("info", f"rule set '{self.tag}' updated from {self.url}; the new "
+                             "copy is used from the next start"))  # fmt: skip
+        return findings
+
+
+Finding = tuple[str, str]
+
+
+class RuleSetRefresher:
+    """Revalidates remote rule sets in a daemon thread: each at once when its cached copy is
+    stale, then every `update_interval`. Downloads are bounded by their deadline, so `stop()`
+    returns at once and the process never waits for the network on exit."""
+
+    def __init__(self, jobs: Sequence[RuleSetRefresh], *, clock: Any = time.time) -> None:
+        self.jobs = list(jobs)
+        self._clock = clock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.jobs and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="ztun-rule-set-refresh",
+                                            daemon=True)  # fmt: skip
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the thread to end (tests); True when it has."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def run_due(self) -> None:
+        """Refresh every set that is due, logging what happened."""
+        for job in self.jobs:
+            if self._stop.is_set():
+                return
+            if self._clock() >= job.next_at:
+                for severity, message in job.refresh(self._clock()):
+                    level = {"error": logging.WARNING, "warning": logging.WARNING}.get(
+                        severity, logging.INFO)  # fmt: skip
+                    log.log(level, "rule set '%s': %s", job.tag, message)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_due()
+            except Exception:  # a bug here must not end the refreshing silently
+                log.exception("rule-set refresh failed")
+            wait = min(job.next_at for job in self.jobs) - self._clock()
+            if self._stop.wait(min(max(wait, 1.0), 3600.0)):
+                return
 
 
 def _parse_bytes(data: bytes, fmt: str, behavior: str) -> Any:
@@ -391,6 +512,82 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+class _Deadline:
+    """The sockets of one download, shut down together when its deadline passes.
+
+    Shutting a socket down wakes a thread blocked on it at once (its recv reads end of file),
+    so the download thread ends soon after the deadline too, and its buffer with it. Each
+    socket is held as a duplicate taken when it connects: TLS wrapping detaches the original
+    socket object, but a shutdown through any descriptor of a socket reaches it, in the middle
+    of a handshake too.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._handles: list[socket.socket] = []
+        self.expired = False
+
+    def track(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            if not self.expired:
+                self._handles.append(sock.dup())
+                return sock
+        sock.close()
+        raise TimeoutError("deadline passed")
+
+    def expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            handles, self._handles = self._handles, []
+        for handle in handles:
+            with contextlib.suppress(OSError):
+                handle.shutdown(socket.SHUT_RDWR)
+            handle.close()
+
+
+def _opener(deadline: _Deadline, socks: Mapping[str, Any] | None) -> urllib.request.OpenerDirector:
+    """A urllib opener whose every connection `deadline` can cut; through the `socks` outbound
+    when one is given (python-socks' synchronous client does the SOCKS handshake, the domain
+    goes to the proxy unresolved; urllib keeps doing HTTP, TLS, redirects and conditional
+    requests; start-up code is synchronous, so the asyncio outbound is not used here)."""
+    through_proxy = _proxy_connector(socks) if socks is not None else None
+
+    def connect(address: tuple[str, int], timeout: Any = None, *args: Any) -> socket.socket:
+        if through_proxy is not None:
+            return deadline.track(through_proxy(address[0], address[1], timeout))
+        return deadline.track(OWN.create_connection(address, timeout, *args))
+
+    # http.client opens every connection (and a CONNECT tunnel's) through _create_connection,
+    # then wraps it for TLS: tracking it there covers the TLS handshake too.
+    class TrackedHTTP(http.client.HTTPConnection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._create_connection = connect
+
+    class TrackedHTTPS(http.client.HTTPSConnection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._create_connection = connect
+
+    class HTTPTracked(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(TrackedHTTP, req)
+
+    class HTTPSTracked(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(TrackedHTTPS, req, context=self._context)  # type: ignore[attr-defined]
+
+    if through_proxy is None:
+        # As urlopen: the environment's proxy variables apply to a direct download.
+        return urllib.request.build_opener(HTTPTracked(), HTTPSTracked())
+    # No ProxyHandler: environment proxy variables must not reroute a configured detour.
+    opener = urllib.request.OpenerDirector()
+    for handler in (HTTPTracked(), HTTPSTracked(), urllib.request.HTTPRedirectHandler(),
+                    urllib.request.HTTPErrorProcessor(), urllib.request.HTTPDefaultErrorHandler()):
+        opener.add_handler(handler)  # fmt: skip
+    return opener
+
+
 class _MarkedDialer:
     """python-socks' `forward` hook: the TCP connection to the proxy, marked."""
 
@@ -399,40 +596,8 @@ class _MarkedDialer:
         return OWN.create_connection((dest_host, dest_port), timeout)
 
 
-class _MarkedHTTP(http.client.HTTPConnection):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # http.client's documented seam for how the socket is made.
-        self._create_connection = OWN.create_connection  # type: ignore[method-assign]
-
-
-class _MarkedHTTPS(http.client.HTTPSConnection):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._create_connection = OWN.create_connection  # type: ignore[method-assign]
-
-
-def _direct_opener() -> urllib.request.OpenerDirector:
-    """urllib's default opener (environment proxies included), its sockets marked."""
-
-    class HTTP(urllib.request.HTTPHandler):
-        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-            return self.do_open(_MarkedHTTP, req)
-
-    class HTTPS(urllib.request.HTTPSHandler):
-        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-            return self.do_open(_MarkedHTTPS, req, context=self._context)  # type: ignore[attr-defined]
-
-    return urllib.request.build_opener(HTTP(), HTTPS())
-
-
-def _socks_opener(outbound: Mapping[str, Any]) -> urllib.request.OpenerDirector:
-    """A urllib opener whose connections go through the `socks` outbound `outbound`.
-
-    python-socks' synchronous client does the SOCKS handshake (the domain goes to the proxy
-    unresolved); urllib keeps doing HTTP, TLS, redirects and conditional requests. Start-up
-    code is synchronous, so the asyncio outbound is not used here.
-    """
+def _proxy_connector(outbound: Mapping[str, Any]) -> Any:
+    """(host, port, timeout) → a socket connected through the `socks` outbound `outbound`."""
     from python_socks import ProxyError, ProxyType
     from python_socks.sync import Proxy
 
@@ -455,29 +620,14 @@ def _socks_opener(outbound: Mapping[str, Any]) -> urllib.request.OpenerDirector:
         except ProxyError as exc:  # a SOCKS reply refusing us; urllib only handles OSError
             raise OSError(f"via SOCKS5 proxy {outbound.get('tag')}: {exc}") from None
 
-    class ProxiedHTTP(http.client.HTTPConnection):
-        def connect(self) -> None:
-            self.sock = through_proxy(self.host, self.port, self.timeout)
+    return through_proxy
 
-    class ProxiedHTTPS(http.client.HTTPSConnection):
-        def connect(self) -> None:
-            raw = through_proxy(self.host, self.port, self.timeout)
-            self.sock = self._context.wrap_socket(raw, server_hostname=self.host)  # type: ignore[attr-defined]
 
-    class HTTPViaSocks(urllib.request.HTTPHandler):
-        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-            return self.do_open(ProxiedHTTP, req)
-
-    class HTTPSViaSocks(urllib.request.HTTPSHandler):
-        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-            return self.do_open(ProxiedHTTPS, req, context=self._context)  # type: ignore[attr-defined]
-
-    # No ProxyHandler: environment proxy variables must not reroute a configured detour.
-    opener = urllib.request.OpenerDirector()
-    for handler in (HTTPViaSocks(), HTTPSViaSocks(), urllib.request.HTTPRedirectHandler(),
-                    urllib.request.HTTPErrorProcessor(), urllib.request.HTTPDefaultErrorHandler()):
-        opener.add_handler(handler)  # fmt: skip
-    return opener
+def _size(n: int) -> str:
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} bytes"
 
 
 def _download(
@@ -486,34 +636,70 @@ def _download(
     etag: str | None,
     last_modified: str | None,
     timeout: float,
-    opener: urllib.request.OpenerDirector | None = None,
+    socks: Mapping[str, Any] | None = None,
 ) -> _Response:
-    """GET `url` (conditionally when validators are given) within `timeout` seconds overall."""
+    """GET `url` (conditionally when validators are given), all of it within `timeout` seconds.
+
+    The transfer runs in a daemon thread and this one waits for it at most `timeout` seconds:
+    the name lookup cannot be interrupted, and the socket timeout alone is per recv, so a byte
+    every few seconds would renew it forever. At the deadline every socket of the transfer is
+    shut down and the caller gets an error.
+    """
+    deadline = _Deadline()
+    outcome: list[_Response | _DownloadError] = []
+    done = threading.Event()
+
+    def transfer() -> None:
+        try:
+            outcome.append(_transfer(url, etag, last_modified, timeout, _opener(deadline, socks)))
+        except _DownloadError as exc:
+            outcome.append(exc)
+        except Exception as exc:  # a bug must become a message, not a hang of the caller
+            outcome.append(_DownloadError(str(exc) or type(exc).__name__))
+        finally:
+            done.set()
+
+    threading.Thread(target=transfer, name="ztun-rule-set-download", daemon=True).start()
+    finished = done.wait(timeout)
+    if not finished:
+        deadline.expire()
+        raise _DownloadError(f"no complete answer within {timeout:g}s")
+    deadline.expire()  # nothing left open on any path
+    result = outcome[0]
+    if isinstance(result, _DownloadError):
+        raise result
+    return result
+
+
+def _transfer(
+    url: str,
+    etag: str | None,
+    last_modified: str | None,
+    timeout: float,
+    opener: urllib.request.OpenerDirector,
+) -> _Response:
     limit = MAX_RULE_SET_BYTES
+    too_large = f"refused: the file is larger than the {_size(limit)} limit for rule sets"
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     if etag:
         request.add_header("If-None-Match", etag)
     if last_modified:
         request.add_header("If-Modified-Since", last_modified)
-    deadline = time.monotonic() + timeout
     try:
-        open_url = opener.open if opener is not None else urllib.request.urlopen
-        with open_url(request, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > limit:
-                raise _DownloadError(f"the file is larger than {limit // (1024 * 1024)} MiB")
+                raise _DownloadError(too_large)
             chunks: list[bytes] = []
             size = 0
             while True:
-                # A server that trickles bytes must not hold ztun's start-up forever.
-                if time.monotonic() > deadline:
-                    raise _DownloadError(f"timed out after {timeout:g}s")
-                chunk = response.read(1 << 16)
+                # Never more than one byte past the limit in memory.
+                chunk = response.read(min(1 << 16, limit + 1 - size))
                 if not chunk:
                     break
                 size += len(chunk)
                 if size > limit:
-                    raise _DownloadError(f"the file is larger than {limit // (1024 * 1024)} MiB")
+                    raise _DownloadError(too_large)
                 chunks.append(chunk)
             return _Response(
                 response.status,

@@ -8,7 +8,6 @@ every mistake. Nothing here reads files: rule-set contents and the GeoIP databas
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from ztun.config.legacy_dns import is_legacy_server, legacy_server
 from ztun.dns.message import RCODES, parse_record
 from ztun.dns.router import DnsRouter
 from ztun.errors import ConfigError, ConfigPath, Diagnostic
+from ztun.route import regex
 from ztun.route.action import (
     Action,
     DnsAction,
@@ -79,6 +79,8 @@ class _Compiler:
     #: compiling dns.rules: DNS actions, and `outbound` is a match item, not an action field
     dns: bool = False
     diagnostics: list[Diagnostic] = field(default_factory=list)
+    #: the "google-re2 is missing" warning is given once per compile
+    regex_fallback_warned: bool = False
 
     def error(self, message: str, path: ConfigPath) -> None:
         self.diagnostics.append(Diagnostic(message, path))
@@ -101,11 +103,14 @@ class _Compiler:
     def _regexes(self, values: list[Any], path: ConfigPath) -> list[str]:
         good = []
         for i, value in enumerate(values):
-            try:
-                re.compile(str(value))
+            if (why := regex.pattern_error(str(value))) is None:
                 good.append(str(value))
-            except re.error as exc:
-                self.error(f"'{value}' is not a valid regular expression: {exc}", (*path, i))
+            else:
+                self.error(f"'{value}' is not a regular expression sing-box accepts (RE2 "
+                           f"syntax): {why}", (*path, i))  # fmt: skip
+        if values and regex.ENGINE != "re2" and not self.regex_fallback_warned:
+            self.regex_fallback_warned = True
+            self.warn(regex.FALLBACK_WARNING, path)
         return good
 
     def _ports(self, rule: Mapping[str, Any], prefix: str, path: ConfigPath) -> RuleItem | None:
@@ -385,20 +390,40 @@ def _compile_sets(
 ) -> dict[str, list[HeadlessRule]]:
     """Each loaded rule set's headless rules, compiled; their mistakes carry the set's path."""
     compiled_sets: dict[str, list[HeadlessRule]] = {}
-    set_index = {
-        str(entry.get("tag")): i
+    entries = {
+        str(entry.get("tag")): (i, entry)
         for i, entry in enumerate(as_list(route.get("rule_set")))
         if isinstance(entry, Mapping)
     }
     for tag, rules in (rule_sets or {}).items():
-        base: ConfigPath = ("route", "rule_set", set_index.get(tag, 0), "rules")
+        index, entry = entries.get(tag, (0, {}))
+        base: ConfigPath = ("route", "rule_set", index, "rules")
         compiled = []
         for i, rule in enumerate(as_list(rules)):
+            before = len(compiler.diagnostics)
             c = compiler.rule(rule, (*base, i), headless=True, top=False)
             if c is not None:
                 compiled.append(c)
+            _name_file_rule(compiler.diagnostics, before, tag, entry, i)
         compiled_sets[tag] = compiled
     return compiled_sets
+
+
+def _name_file_rule(
+    diagnostics: list[Diagnostic], start: int, tag: str, entry: Mapping[str, Any], index: int
+) -> None:
+    """Say which file and which of its rules a finding is in, when the rules are not in the config.
+
+    A local or remote set's rules have no line in the config: the finding is placed at the
+    set's entry, and its message names the set's tag, its path or URL, and the rule's index.
+    """
+    location = entry.get("path") if entry.get("type") == "local" else entry.get("url")
+    if entry.get("type") not in ("local", "remote"):
+        return
+    where = f"in rule set '{tag}' ({location}), rule {index}"
+    for k in range(start, len(diagnostics)):
+        d = diagnostics[k]
+        diagnostics[k] = Diagnostic(f"{where}: {d.message}", d.path, d.mark, d.severity)
 
 
 def compile_router(

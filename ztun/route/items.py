@@ -14,13 +14,13 @@ source address).
 from __future__ import annotations
 
 import ipaddress
-import re
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from ztun.address import MAX_NAME
 from ztun.route.metadata import FlowMeta, IPAddress
+from ztun.route.regex import RegexSet
 
 if TYPE_CHECKING:
     from ztun.route.geoip import GeoIPDatabase
@@ -185,13 +185,11 @@ class DomainRegexItem(_DomainSearchItem):
 
     def __init__(self, patterns: Iterable[str]) -> None:
         self._sources = list(patterns)
-        self._patterns = [re.compile(p) for p in self._sources]
+        self._patterns = RegexSet(self._sources)  # RE2: linear time, Go's syntax
 
     def _first(self, domain: str) -> str | None:
-        for source, pattern in zip(self._sources, self._patterns, strict=True):
-            if pattern.search(domain):
-                return source
-        return None
+        index = self._patterns.first(domain)
+        return None if index is None else self._sources[index]
 
     def __str__(self) -> str:
         return f"domain_regex={_preview(self._sources)}"

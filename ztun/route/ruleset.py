@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from ztun.errors import ZtunError
+from ztun.route.regex import pattern_error
 
 ClashBehavior = Literal["domain", "ipcidr", "classical"]
 RuleSetFormat = Literal["source", "clash", "domains"]
@@ -279,7 +280,11 @@ def _is_cidr(text: str) -> bool:
     return True
 
 
-_JSON_STRING = r'"(?:[^"\\\n]|\\.)*"'
+# A string token ends at its closing quote or, unterminated, at the end of its line: it always
+# matches where it starts, so no quote is scanned twice (with the closing quote required, a line
+# of escaped quotes made every quote rescan the rest of the line: quadratic). An unterminated
+# string is invalid JSON either way, and json.loads reports it at the same place.
+_JSON_STRING = r'"(?:[^"\\\n]|\\.)*"?'
 _JSON_COMMENTS = re.compile(_JSON_STRING + r"|//[^\n]*|#[^\n]*|/\*[\s\S]*?\*/|/\*[\s\S]*")
 _JSON_TRAILING_COMMA = re.compile(_JSON_STRING + r"|,(?=\s*[\]}])")
 _NOT_NEWLINE = re.compile(r"[^\n]")
@@ -554,10 +559,10 @@ def _classical_rule(entry: str, line: int, warnings: list[str]) -> dict[str, Any
 def _regex_rule(value: str, line: int, source: bool) -> dict[str, Any]:
     # mihomo matches DOMAIN-REGEX ignoring case; sing-box lower-cases the name only.
     pattern = f"(?i){value}" if any("A" <= c <= "Z" for c in value) else value
-    try:
-        re.compile(pattern)
-    except (re.error, RecursionError, OverflowError) as exc:
-        raise RuleSetError(f"'{value}' is not a valid regular expression: {exc}", line) from None
+    # Checked here as the compiler will (RE2), so the error names the file's line.
+    if (why := pattern_error(pattern)) is not None:
+        raise RuleSetError(f"'{value}' is not a regular expression ztun can match (RE2 "
+                           f"syntax): {why}", line)  # fmt: skip
     return {"domain_regex": [pattern]}
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -150,6 +152,40 @@ def test_source_deep_nesting_is_an_error_not_a_crash() -> None:
         parse_source(json.dumps({"version": 2, "rules": [rule]}))
     with pytest.raises(RuleSetError):
         parse_source("[" * 100_000)
+
+
+def _escaped_quotes(n: int) -> list[str]:
+    """Lines of n escaped quotes: inside a string (valid), and bare (an unterminated string)."""
+    return [
+        '{"version": 3, // c\n "rules": [{"domain_regex": ["' + '\\"' * n + '"]}]}',
+        '{"version": 3, # c\n "rules": [' + '\\"' * n + "]}",
+        '{"version": 3, /* c */ "rules": ["' + '\\"' * n + "]}",
+    ]
+
+
+def _parse_time(text: str) -> float:
+    start = time.perf_counter()
+    with contextlib.suppress(RuleSetError):
+        parse_source(text)
+    return time.perf_counter() - start
+
+
+def test_source_with_a_line_of_escaped_quotes_parses_fast() -> None:
+    # Before the string token could end at the end of its line, each of these took minutes.
+    texts = _escaped_quotes(200_000)
+    assert parse_source(texts[0]).rules == [{"domain_regex": ['"' * 200_000]}]
+    for text in texts:
+        assert _parse_time(text) < 0.5  # ~15 ms measured
+
+
+def test_source_parse_time_grows_linearly() -> None:
+    # Doubling the input twice quadruples a linear parser's time and multiplies a quadratic
+    # one's by 16; the bound (8: under 2.9x per doubling) leaves room for a busy machine. Sizes
+    # start at 500k, past the allocator's step near 300k that makes smaller inputs look superlinear.
+    for small, large in zip(_escaped_quotes(500_000), _escaped_quotes(2_000_000), strict=True):
+        best_small = min(_parse_time(small) for _ in range(2))
+        best_large = min(_parse_time(large) for _ in range(2))
+        assert best_large < 8 * best_small, (best_small, best_large)
 
 
 def test_normalize_headless_rules_reports_path() -> None:
@@ -428,3 +464,9 @@ def test_lone_surrogates_are_rule_set_errors(parse: object, text: str) -> None:
 def test_rule_set_error_is_a_ztun_error() -> None:
     assert issubclass(RuleSetError, ZtunError)
     assert str(RuleSetError("bad", 3)) == "line 3: bad"
+
+
+def test_clash_regex_re2_refuses_names_the_line() -> None:
+    # Lookahead is RE2-invalid (as in sing-box); the error points at the provider's line.
+    with pytest.raises(RuleSetError, match=r"line 2: .*\(\?=x\).*RE2"):
+        parse_clash("DOMAIN,a.com\nDOMAIN-REGEX,(?=x)ads\n", "classical")
