@@ -664,6 +664,8 @@ class DnsClient:
 
 
 class _NoRules:
+    rules = ()
+
     def decide(self, meta: FlowMeta, *, allow_fakeip: bool = True) -> Any:
         return None
 

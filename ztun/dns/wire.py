@@ -56,6 +56,7 @@ _PLAIN = bytes(range(256)).translate(None, bytes(
     c for c in range(256)
     if not (0x21 <= c <= 0x7E) or chr(c) in '"().;\\@$'
 ))  # fmt: skip
+_PLAIN_OR_DOT = _PLAIN + b"."
 _LOWER = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
 
 _HEADER = struct.Struct("!HHHHHH")
@@ -121,10 +122,7 @@ def read_question(wire: bytes) -> Question | None:
             break
         if length > 63:  # a pointer or a reserved label type: not in a plain query
             return None
-        label = wire[pos + 1 : pos + 1 + length]
-        if len(label) != length or label.translate(None, _PLAIN):
-            return None
-        labels.append(label)
+        labels.append(wire[pos + 1 : pos + 1 + length])
         pos += 1 + length
         if pos - 12 > 254 or pos >= n:
             return None
@@ -139,7 +137,12 @@ def read_question(wire: bytes) -> Question | None:
             return None
     elif pos != n:
         return None
-    name = b".".join(labels).translate(_LOWER).decode("ascii")
+    text = b".".join(labels)
+    # One check for all labels: plain characters or the dots put between them (a label with
+    # a dot of its own shows as one dot too many).
+    if text.translate(None, _PLAIN_OR_DOT) or text.count(b".") != max(0, len(labels) - 1):
+        return None
+    name = text.translate(_LOWER).decode("ascii")
     return Question(qid, flags, name, qname, qtype, qclass, pos, bool(ar))
 
 
@@ -280,7 +283,10 @@ def _scan(wire: bytes, q: Question) -> Scan | None:
         offsets.append(pos + 4)
         if ttl > 0x7FFFFFFF:  # dnspython reads these as 0 (RFC 2181 §8)
             ttl = 0
-        rdata = _rdata(wire, rtype, start, end)
+        if rtype == _A and rdlen == 4:  # the usual record, without a call
+            rdata: object = wire[start:end]
+        else:
+            rdata = _rdata(wire, rtype, start, end)
         key = (0 if index < an else 1 if index < an + ns else 2, owner, rtype)
         group = groups.get(key)
         if group is None:
@@ -362,7 +368,8 @@ def _addresses(groups: _Groups, qname: bytes) -> tuple[tuple[bytes, int], ...]:
         for (section, owner, rtype), group in groups.items():  # in the answer's order
             if section == 0 and owner == name and rtype in (_A, _AAAA):
                 ttl = min(group[0], cap)
-                out.extend((ip, ttl) for ip in group[1])
+                for ip in group[1]:
+                    out.append((ip, ttl))
         alias = groups.get((0, name, _CNAME))
         if alias is None:
             break
