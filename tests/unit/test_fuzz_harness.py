@@ -81,7 +81,7 @@ def test_a_slow_input_is_a_crash() -> None:
 
 
 def test_atheris_engine_end_to_end(tmp_path: Path) -> None:
-    need(importlib.util.find_spec("atheris"), "atheris (pip install atheris)")
+    need(importlib.util.find_spec("atheris"), "atheris (in .[test] on Linux x86_64)")
     proc = subprocess.run(
         [sys.executable, str(FUZZ / "run.py"), "--inputs", "400", "--target", "socks_server",
          "--corpus", str(tmp_path / "corpus"), "--crashes", str(tmp_path / "crashes")],
