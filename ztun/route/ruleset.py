@@ -279,7 +279,9 @@ def _is_cidr(text: str) -> bool:
     return True
 
 
-_JSON_STRING = r'"(?:[^"\\\n]|\\.)*"'
+# A string, or an unterminated one up to the end of its line: a failed string match would
+# otherwise be retried from every quote inside it, quadratic in a line of escaped quotes.
+_JSON_STRING = r'"(?:[^"\\\n]|\\.)*"?'
 _JSON_COMMENTS = re.compile(_JSON_STRING + r"|//[^\n]*|#[^\n]*|/\*[\s\S]*?\*/|/\*[\s\S]*")
 _JSON_TRAILING_COMMA = re.compile(_JSON_STRING + r"|,(?=\s*[\]}])")
 _NOT_NEWLINE = re.compile(r"[^\n]")
