@@ -488,7 +488,10 @@ def seeds_ruleset_source() -> Iterator[bytes]:
         "rules": [{"domain": "a.example"},
                   {"type": "logical", "mode": "or", "rules": [{"port": [80, 443]}]}],
     }]}).encode()  # fmt: skip
-    yield (b'// comment\n{"version": 1, /* c */ "rules": [{"domain": ["a.example",],},],}\n')
+    # the comments test's file (tests/unit/route/test_ruleset.py), with an escaped quote
+    yield (b'// sing-box tolerates these\n{\n  "version": 2, # hash comment\n  /* block\n'
+           b'     comment */\n  "rules": [\n    {"domain": ["a.com", "b//c.com", "d#e.com",],\n'
+           b'     "domain_keyword": ["say \\"hi\\""],},\n  ],\n}\n')  # fmt: skip
 
 
 def seeds_ruleset() -> Iterator[bytes]:
@@ -591,18 +594,26 @@ def seeds_dns_wire() -> Iterator[bytes]:
         yield frame(q, resp)
 
 
+_ANSWER_ADDRESSES = (ipaddress.ip_address("203.0.113.5"), ipaddress.ip_address("2001:db8::5"))
+
+
 def run_dns_message(data: bytes) -> None:
     """dnspython behind ztun/dns/message.py: a query (and every reply built for it) or a
-    response; refusals are ProtocolError only."""
+    response (and what the client and cache read of it); refusals are ProtocolError only."""
     if data[:1] == b"\x00":
         dns_msg.formerr_for(data[1:])
         msg = dns_msg.parse_query(data[1:])
         dns_msg.question(msg)
         for build in (dns_msg.servfail, dns_msg.refused, dns_msg.nxdomain, dns_msg.nodata):
             dns_msg.parse_response(build(msg))
+        dns_msg.parse_response(dns_msg.answer_with(msg, _ANSWER_ADDRESSES, 60))
     else:
         msg = dns_msg.parse_response(data[1:])
         dns_msg.question(msg)
+        dns_msg.addresses(msg)
+        assert dns_msg.min_ttl(msg) >= 0
+        for strategy in ("ipv4_only", "ipv6_only"):
+            dns_msg.to_wire(dns_msg.apply_strategy(msg, strategy))
         dns_msg.to_wire(msg, 512)
 
 
@@ -749,10 +760,11 @@ TARGETS: dict[str, Target] = {
                what="IPv4 fragment reassembly"),
         Target("tun_stack", run_tun_stack, (), seeds_tun_stack,
                what="TunStack.receive/receive_vnet over packet sequences"),
-        Target("ruleset", run_ruleset, (RuleSetError, ConfigError), seeds_ruleset,
+        Target("ruleset", run_ruleset, (RuleSetError, ConfigError), seeds_ruleset, max_len=16384,
                what="rule-set files (source, clash, domains) parsed and compiled"),
         Target("ruleset_source", run_ruleset_source, (RuleSetError, ConfigError),
-               seeds_ruleset_source, what="sing-box source JSON parsed and compiled"),
+               seeds_ruleset_source, max_len=16384,
+               what="sing-box source JSON parsed and compiled"),
         Target("config", run_config, (ConfigError,), seeds_config, max_len=8192,
                what="YAML config loader, schema validation, rule compilation, options"),
         Target("dns_wire", run_dns_wire, (), seeds_dns_wire,

@@ -120,10 +120,10 @@ _INTERESTING = (0, 1, 0x7F, 0x80, 0xFF, 0x20, 0x2E, 0x3A, 0x0A, 0x0D, 0x00, 0x3F
 
 def mutate(rng: random.Random, data: bytes, pool: list[bytes], max_len: int) -> bytes:
     """One to four random edits of `data` (bit flips, bytes, inserts, deletes, copies, splices
-    with another input of `pool`)."""
+    with another input of `pool`, a chunk repeated many times)."""
     buf = bytearray(data)
     for _ in range(rng.randint(1, 4)):
-        op = rng.randrange(8)
+        op = rng.randrange(9)
         n = len(buf)
         if op == 0 and n:
             i = rng.randrange(n)
@@ -150,6 +150,8 @@ def mutate(rng: random.Random, data: bytes, pool: list[bytes], max_len: int) -> 
                 buf[i:] = other[j:]
         elif op == 7 and n:
             del buf[rng.randrange(n) :]
+        elif op == 8 and n:
+            buf = bytearray(repeat_chunk(rng, bytes(buf), max_len))
     return bytes(buf[:max_len])
 
 
@@ -215,6 +217,29 @@ def fuzz_in_process(name: str, runs: int, *, crashes: Path | None, bound: float,
 # -- the atheris engine (one worker process per target) -----------------------------------------
 
 
+def _repeating_mutator(
+    base: Callable[[bytes, int], bytes],
+) -> Callable[[bytes, int, int], bytes]:
+    """libFuzzer's mutations, and one time in ten a chunk of the input repeated many times:
+    coverage does not reward slowness, and a parse that is quadratic in some repeated token
+    (escaped quotes, labels, headers) only shows on inputs made of many of them."""
+
+    def mutator(data: bytes, max_size: int, seed: int) -> bytes:
+        rng = random.Random(seed)
+        if data and rng.random() < 0.1:
+            return repeat_chunk(rng, data, max_size)
+        return base(data, max_size)
+
+    return mutator
+
+
+def repeat_chunk(rng: random.Random, data: bytes, max_size: int) -> bytes:
+    """`data` with one of its chunks (1 to 8 bytes) repeated 16 to 4096 times in place."""
+    i = rng.randrange(len(data))
+    chunk = data[i : i + rng.randint(1, 8)]
+    return (data[:i] + chunk * rng.choice((16, 64, 256, 1024, 4096)) + data[i:])[:max_size]
+
+
 def _atheris_worker(args: argparse.Namespace) -> None:
     import atheris
 
@@ -235,13 +260,17 @@ def _atheris_worker(args: argparse.Namespace) -> None:
         str(SEEDS / target.name),
         f"-runs={args.runs}",
         f"-max_len={target.max_len}",
+        # full-length inputs from the start: slow (quadratic) parses show only on long ones
+        "-len_control=0",
         f"-timeout={args.hang_s}",
         f"-rss_limit_mb={args.rss_mb}",
         f"-artifact_prefix={crash_dir}/",
         f"-seed={args.seed or 0}",
         "-print_final_stats=1",
     ]
-    atheris.Setup(argv, one)
+    # atheris.Mutate is looked up per call: Fuzz() swaps it for the custom-mutator build's
+    mutate_base = lambda data, size: atheris.Mutate(data, size)  # noqa: E731
+    atheris.Setup(argv, one, custom_mutator=_repeating_mutator(mutate_base))
     # the parent's inputs/s leaves out start-up (imports, instrumentation, warm-up)
     print(f"fuzz-start {time.time()!r}", file=sys.stderr, flush=True)
     atheris.Fuzz()
@@ -267,10 +296,10 @@ def fuzz_atheris(name: str, runs: int, args: argparse.Namespace) -> Outcome:
     log = Path(args.crashes) / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, env=env, check=False)
+    with log.open("wb") as sink:  # written as it runs: `tail -f` shows libFuzzer's progress
+        proc = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, check=False)
     end = time.time()
-    output = proc.stdout + proc.stderr
-    log.write_bytes(output)
+    output = log.read_bytes()
     began = _START.search(output)
     out = Outcome(name, engine="atheris", seconds=end - (float(began.group(1)) if began else start))
     m = _DONE.search(output)
@@ -344,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = args.engine or ("atheris" if _have_atheris() else "mutate")
     if engine == "atheris" and not _have_atheris():
         p.error("atheris is not installed (pip install atheris), use --engine mutate")
-    per_target = max(1, args.inputs // len(names))
+    per_target = max(1, -(-args.inputs // len(names)))  # rounded up: at least --inputs in all
     print(f"fuzz: {engine}, {per_target} inputs for each of {len(names)} targets, "
           f"{args.timeout_ms:g} ms per input", flush=True)  # fmt: skip
     outcomes: list[Outcome] = []
