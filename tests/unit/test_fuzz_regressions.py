@@ -5,12 +5,20 @@ machine is shared); the fuzz run itself allows 100 ms of CPU per input."""
 from __future__ import annotations
 
 import contextlib
+import struct
 import time
 from collections.abc import Callable
 
 import pytest
 
-from ztun.errors import ZtunError
+from ztun.dns.message import (
+    MAX_MESSAGE,
+    MAX_QUERY_RECORDS,
+    formerr_for,
+    parse_query,
+    parse_response,
+)
+from ztun.errors import ProtocolError, ZtunError
 from ztun.route.ruleset import parse_source
 
 
@@ -39,3 +47,33 @@ def test_source_json_with_unterminated_strings_is_refused_in_linear_time(text: s
     # 64 KB here took 3.4 s (16 KB: 0.24 s) before the fix; 15 ms after.
     assert len(text) >= 60_000
     assert _cpu(parse_source, text) < 0.5
+
+
+def _dns_message(flags: int, records: int) -> bytes:
+    """A 12-byte header, the question a.example A, and `records` A records in the additional
+    section (15 bytes each: root owner, type, class, TTL, 4-byte address)."""
+    header = struct.pack("!HHHHHH", 0x1234, flags, 1, 0, 0, records)
+    question = b"\x01a\x07example\x00\x00\x01\x00\x01"
+    record = b"\x00" + struct.pack("!HHIH", 1, 1, 0, 4) + bytes([203, 0, 113, 5])
+    return header + question + record * records
+
+
+def test_dns_query_with_thousands_of_records_is_refused_before_parsing() -> None:
+    # found by the fuzzer (dns_message): dnspython spent ~25 µs per record before the refusal,
+    # ~100 ms for a 64 KB message; a client sends queries, so this runs on the event loop
+    wire = _dns_message(0x0100, 4300)
+    assert 60_000 < len(wire) <= MAX_MESSAGE
+    with pytest.raises(ProtocolError, match="4300 records besides its question"):
+        parse_query(wire)
+    assert _cpu(parse_query, wire) < 0.005
+    assert formerr_for(wire) is not None  # the client still gets its FORMERR
+    # a query's few real records still parse: an OPT and a TSIG-sized handful
+    assert parse_query(_dns_message(0x0100, MAX_QUERY_RECORDS)).id == 0x1234
+
+
+def test_dns_response_cost_is_linear_and_bounded_by_the_message_size() -> None:
+    # Responses come from the configured upstreams and may be 64 KB: dnspython reads them
+    # whole, linear in the size (~1.6 µs a byte here): at most ~100 ms for the largest.
+    small, large = _dns_message(0x8180, 430), _dns_message(0x8180, 4300)
+    parse_response(small)
+    assert _cpu(parse_response, large) < max(2.0, 30 * _cpu(parse_response, small))
