@@ -163,7 +163,7 @@ class Outcome:
     corpus: int = 0
     crashes: list[str] = field(default_factory=list)
     engine: str = ""
-    error: str = ""
+    notes: list[str] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -285,34 +285,75 @@ _CRASH_LINE = re.compile(
 
 
 def fuzz_atheris(name: str, runs: int, args: argparse.Namespace) -> Outcome:
-    cmd = [
-        sys.executable, str(Path(__file__).resolve()), "--worker", name, "--runs", str(runs),
-        "--corpus", str(args.corpus), "--crashes", str(args.crashes),
-        "--timeout-ms", str(args.timeout_ms), "--hang-s", str(args.hang_s),
-        "--rss-mb", str(args.rss_mb), "--seed", str(args.seed or 0),
-    ]  # fmt: skip
+    """`runs` inputs of target `name` in atheris worker processes. Instrumentation makes code
+    several times slower, so a worker only screens for slow inputs (at `--slowdown` times the
+    bound); each one it reports is replayed here, uninstrumented, against the real bound. One
+    that is fast here is logged as a false alarm and the worker is restarted for the inputs
+    left (the corpus carries over); any other crash ends the target."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))}  # fmt: skip
     log = Path(args.crashes) / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    with log.open("wb") as sink:  # written as it runs: `tail -f` shows libFuzzer's progress
-        proc = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, check=False)
-    end = time.time()
-    output = log.read_bytes()
-    began = _START.search(output)
-    out = Outcome(name, engine="atheris", seconds=end - (float(began.group(1)) if began else start))
-    m = _DONE.search(output)
-    out.inputs = int(m.group(1)) if m else 0
+    log.write_bytes(b"")
+    out = Outcome(name, engine="atheris")
+    left = runs
+    for _restart in range(20):
+        cmd = [
+            sys.executable, str(Path(__file__).resolve()), "--worker", name, "--runs", str(left),
+            "--corpus", str(args.corpus), "--crashes", str(args.crashes),
+            "--timeout-ms", str(args.timeout_ms * args.slowdown), "--hang-s", str(args.hang_s),
+            "--rss-mb", str(args.rss_mb), "--seed", str((args.seed or 0) + _restart),
+        ]  # fmt: skip
+        start = time.time()
+        with log.open("ab") as sink:  # written as it runs: `tail -f` shows libFuzzer's progress
+            at = sink.tell()
+            proc = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env,
+                                  check=False)  # fmt: skip
+        end = time.time()
+        with log.open("rb") as f:
+            f.seek(at)
+            output = f.read()
+        began = _START.search(output)
+        out.seconds += end - (float(began.group(1)) if began else start)
+        m = _DONE.search(output)
+        done = int(m.group(1)) if m else 0
+        out.inputs += done
+        left -= done
+        if proc.returncode == 0 or left <= 0:
+            break
+        summary = _exception_summary(output)
+        paths = [p.decode() for p in _ARTIFACT.findall(output)]
+        if summary.startswith("SlowInput") and paths and done:
+            ms = replay_ms(name, Path(paths[0]), args.timeout_ms / 1000)
+            if ms is None:
+                alarm = Path(paths[0]).with_name("instrumented-slow-" + Path(paths[0]).name)
+                Path(paths[0]).rename(alarm)
+                out.notes.append(f"slow only under instrumentation: {alarm}")
+                continue
+            summary += f" (uninstrumented: {ms:.0f} ms)"
+        kind = _CRASH_LINE.search(output)
+        summary = summary or (kind.group(1).decode() if kind else f"exit {proc.returncode}")
+        out.crashes.append(f"{summary} -> {', '.join(paths) or '-'} (log {log})")
+        break
     corpus = Path(args.corpus) / name
     out.corpus = sum(1 for _ in corpus.iterdir()) if corpus.is_dir() else 0
-    if proc.returncode != 0:
-        kind = _CRASH_LINE.search(output)
-        summary = _exception_summary(output) or (kind.group(1).decode() if kind else "")
-        paths = [p.decode() for p in _ARTIFACT.findall(output)] or ["-"]
-        out.crashes.append(f"{summary or f'exit {proc.returncode}'} -> {', '.join(paths)}"
-                           f" (log {log})")  # fmt: skip
     return out
+
+
+def replay_ms(name: str, path: Path, bound: float) -> float | None:
+    """Replay a slow input in this (uninstrumented) process: its CPU ms when it is slow here
+    too (over `bound`, twice), else None."""
+    target = _targets()[name]
+    one = guarded(target.run, target.allowed, bound)
+    data = path.read_bytes()
+    start = time.thread_time()
+    try:
+        one(data)
+    except SlowInput:
+        return (time.thread_time() - start) * 1000 / 2
+    except Exception:
+        return None  # not slow: an exception here is a different crash, reported as such
+    return None
 
 
 def _exception_summary(output: bytes) -> str:
@@ -343,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crashes", default=str(DEFAULT_CRASHES))
     p.add_argument("--engine", choices=("atheris", "mutate"))
     p.add_argument("--timeout-ms", type=float, default=100.0, help="CPU bound per input")
+    p.add_argument("--slowdown", type=float, default=3.0,
+                   help="atheris: screen at this many times the bound (instrumented code is "
+                        "slower); what it finds is replayed uninstrumented")  # fmt: skip
     p.add_argument("--hang-s", type=int, default=10, help="wall-clock bound per input (atheris)")
     p.add_argument("--rss-mb", type=int, default=2048, help="memory bound (atheris)")
     p.add_argument("--jobs", type=int, default=1, help="targets run at once (atheris)")
@@ -398,13 +442,17 @@ def main(argv: list[str] | None = None) -> int:
     crashed = [o for o in outcomes if o.crashes]
     wall = time.perf_counter() - started
     print(f"total: {total} inputs in {wall:.0f} s, {len(crashed)} target(s) with crashes")
+    for o in outcomes:
+        for note in o.notes:
+            print(f"note {o.name}: {note}")
     for o in crashed:
         for c in o.crashes:
             print(f"CRASH {o.name}: {c}")
     if args.json:
         Path(args.json).write_text(json.dumps([
             {"target": o.name, "engine": o.engine, "inputs": o.inputs, "seconds": o.seconds,
-             "inputs_per_s": o.rate, "corpus": o.corpus, "crashes": o.crashes}
+             "inputs_per_s": o.rate, "corpus": o.corpus, "crashes": o.crashes,
+             "notes": o.notes}
             for o in outcomes
         ], indent=1))  # fmt: skip
     return 1 if crashed else 0
