@@ -12,12 +12,13 @@ in `--crashes`/<target>/ (default bench/fuzz/crashes) and the run exits 1.
 
 A crash is: an exception other than the target's documented error types, a broken invariant the
 target asserts, an input whose parse takes more than `--timeout-ms` of CPU (default 100; measured
-twice, so a GC pause alone is not one), a hang past `--hang-s` (default 10 s), or memory past
-`--rss-mb` (default 2048; atheris only).
+twice, so a GC pause alone is not one; atheris workers screen at `--slowdown` times that, since
+instrumented code is slower, and each slow input is replayed uninstrumented before it counts), a
+hang past `--hang-s` (default 10 s), or memory past `--rss-mb` (default 2048; atheris only).
 
 Engines: atheris (libFuzzer, coverage-guided over ztun, dnspython and PyYAML; the default when it
 is installed: `pip install atheris`, a wheel exists for CPython 3.11-3.13 on Linux x86_64) or, when
-it is not, `mutate`: a small random mutator of the seeds and corpus in this process. It is not
+it is not, `mutate`: a small random mutator of the seeds in this process. It is not
 coverage-guided, so it finds less, but it needs nothing and is what the default suite's smoke test
 uses (tests/unit/test_fuzz_harness.py).
 
