@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -20,7 +22,7 @@ from ztun.dns.message import (
     parse_response,
 )
 from ztun.errors import ConfigError, ProtocolError, ZtunError
-from ztun.route.ruleset import parse_source
+from ztun.route.ruleset import MAX_YAML_DEPTH, parse_clash, parse_source
 
 
 def _cpu(fn: Callable[..., object], *args: object) -> float:
@@ -96,3 +98,38 @@ def test_deeply_nested_yaml_flow_collections_are_refused_in_linear_time(text: st
 def test_yaml_flow_nesting_up_to_the_limit_still_loads() -> None:
     loaded = load_config_text("log: {level: " + "[" * 99 + "x" + "]" * 99 + "}")
     assert loaded.data["log"]["level"] is not None
+
+
+_CLASH_DEEP = {
+    "flow": "'payload: ' + '[' * 40000",
+    "block": "'payload:\\n' + '- ' * 50000 + 'x'",
+    "items": "'payload: ' + '[a, ' * 40000",
+}
+
+
+@pytest.mark.parametrize("expr", _CLASH_DEEP.values(), ids=_CLASH_DEEP.keys())
+def test_deeply_nested_clash_yaml_is_refused_not_a_segfault(expr: str) -> None:
+    # found by the fuzz run (ruleset): libyaml's composer recurses in C, and a 40-100 KB
+    # provider of nested `[` or `- ` killed the process (SIGSEGV), so in a child process here
+    code = (
+        "import time\n"
+        "from ztun.route.ruleset import RuleSetError, parse_clash\n"
+        f"text = {expr}\n"
+        "start = time.thread_time()\n"
+        "try:\n"
+        "    parse_clash(text)\n"
+        "except RuleSetError as exc:\n"
+        "    print(exc, time.thread_time() - start)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-500:])
+    message, seconds = proc.stdout.rsplit(" ", 1)
+    assert "YAML nested too deeply" in message
+    assert float(seconds) < 0.1
+
+
+def test_clash_yaml_nesting_up_to_the_limit_still_loads() -> None:
+    assert MAX_YAML_DEPTH == 100
+    parsed = parse_clash("payload:\n  - DOMAIN,a.example\n" + "x: " + "[" * 99 + "]" * 99)
+    assert parsed.rules
