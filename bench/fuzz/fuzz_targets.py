@@ -760,7 +760,7 @@ TARGETS: dict[str, Target] = {
                what="IPv4 fragment reassembly"),
         Target("tun_stack", run_tun_stack, (), seeds_tun_stack,
                what="TunStack.receive/receive_vnet over packet sequences"),
-        Target("ruleset", run_ruleset, (RuleSetError, ConfigError), seeds_ruleset, max_len=16384,
+        Target("ruleset", run_ruleset, (RuleSetError, ConfigError), seeds_ruleset, max_len=131072,
                what="rule-set files (source, clash, domains) parsed and compiled"),
         Target("ruleset_source", run_ruleset_source, (RuleSetError, ConfigError),
                seeds_ruleset_source, max_len=16384,
