@@ -244,7 +244,7 @@ def repeat_chunk(rng: random.Random, data: bytes, max_size: int) -> bytes:
 def _atheris_worker(args: argparse.Namespace) -> None:
     import atheris
 
-    with atheris.instrument_imports(include=["ztun", "dns", "yaml"]):
+    with atheris.instrument_imports(include=args.instrument.split(",")):
         table = _targets()
     target = table[args.worker]
     for seed in seed_inputs(target.name):  # warm-up, untimed
@@ -304,6 +304,7 @@ def fuzz_atheris(name: str, runs: int, args: argparse.Namespace) -> Outcome:
             "--corpus", str(args.corpus), "--crashes", str(args.crashes),
             "--timeout-ms", str(args.timeout_ms * args.slowdown), "--hang-s", str(args.hang_s),
             "--rss-mb", str(args.rss_mb), "--seed", str((args.seed or 0) + _restart),
+            "--instrument", args.instrument,
         ]  # fmt: skip
         start = time.time()
         with log.open("ab") as sink:  # written as it runs: `tail -f` shows libFuzzer's progress
@@ -391,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hang-s", type=int, default=10, help="wall-clock bound per input (atheris)")
     p.add_argument("--rss-mb", type=int, default=2048, help="memory bound (atheris)")
     p.add_argument("--jobs", type=int, default=1, help="targets run at once (atheris)")
+    p.add_argument("--instrument", default="ztun,dns,yaml",
+                   help="packages whose coverage guides atheris (comma-separated)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--list", action="store_true", help="list the targets and exit")
     p.add_argument("--write-seeds", action="store_true")

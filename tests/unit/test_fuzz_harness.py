@@ -72,10 +72,10 @@ def test_a_crash_is_reported_and_saved(tmp_path: Path) -> None:
 def test_a_slow_input_is_a_crash() -> None:
     def slow(data: bytes) -> None:
         x = 0
-        for i in range(10**7):  # several hundred ms of CPU
+        for i in range(10**6):  # tens of ms of CPU
             x += i
 
-    one = fuzz_run.guarded(slow, (), 0.01)
+    one = fuzz_run.guarded(slow, (), 0.002)
     with pytest.raises(fuzz_run.SlowInput):
         one(b"")
 
@@ -84,7 +84,8 @@ def test_atheris_engine_end_to_end(tmp_path: Path) -> None:
     need(importlib.util.find_spec("atheris"), "atheris (in .[test] on Linux x86_64)")
     proc = subprocess.run(
         [sys.executable, str(FUZZ / "run.py"), "--inputs", "400", "--target", "socks_server",
-         "--corpus", str(tmp_path / "corpus"), "--crashes", str(tmp_path / "crashes")],
+         "--corpus", str(tmp_path / "corpus"), "--crashes", str(tmp_path / "crashes"),
+         "--instrument", "ztun.proto"],  # instrumenting all of ztun takes seconds
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
