@@ -133,3 +133,14 @@ def test_clash_yaml_nesting_up_to_the_limit_still_loads() -> None:
     assert MAX_YAML_DEPTH == 100
     parsed = parse_clash("payload:\n  - DOMAIN,a.example\n" + "x: " + "[" * 99 + "]" * 99)
     assert parsed.rules
+
+
+@pytest.mark.parametrize(
+    "name", ["cycl" * 1300 + "e_a.yaml", "a" * 5000, "/" + "c" * 300 + ".yaml"],
+    ids=["fuzzer-input", "profile-name", "absolute"],
+)
+def test_include_of_an_overlong_file_name_is_a_config_error(name: str) -> None:
+    # found by the fuzzer (config): ENAMETOOLONG from is_file() escaped as a traceback
+    with pytest.raises(ConfigError, match="include"):
+        load_config_text(f"include: [{name}]")
+

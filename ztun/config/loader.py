@@ -198,6 +198,15 @@ def list_profiles(directory: Path | None = None) -> list[tuple[str, str, Path]]:
 # --- loading --------------------------------------------------------------------------------------
 
 
+def _is_file(path: Path) -> bool:
+    """`path.is_file()`, False also where that raises (a name over the system's length limit:
+    found by the fuzz run, it escaped as a traceback)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _fail(message: str, mark: Mark | None, path: ConfigPath = ()) -> ConfigError:
     return ConfigError([Diagnostic(message, path, mark)])
 
@@ -328,7 +337,7 @@ class _Loader:
     def _find_include(self, name: str, here: Path, mark: Mark) -> tuple[Path, str]:
         if _PROFILE_NAME.fullmatch(name):
             target = PROFILE_DIR / f"{name}.yaml"
-            if not target.is_file():
+            if not _is_file(target):
                 known = ", ".join(p.stem for p in sorted(PROFILE_DIR.glob("*.yaml"))) or "none"
                 raise _fail(
                     f"include {name!r}: no shipped profile of that name (profiles: {known}); "
@@ -339,7 +348,7 @@ class _Loader:
             return target, str(target)
         target = Path(name) if Path(name).is_absolute() else here / name
         shown = posixpath.normpath(str(target))
-        if not target.is_file():
+        if not _is_file(target):
             raise _fail(f"include {name!r}: no such file {shown}", mark, ("include",))
         return target, shown
 
