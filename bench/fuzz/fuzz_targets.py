@@ -19,7 +19,7 @@ import ipaddress
 import json
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import dns.message
@@ -76,7 +76,6 @@ class Target:
     #: longest input the engines generate (QUIC needs 1200-byte datagrams, configs are long)
     max_len: int = 4096
     what: str = ""
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 class Reader:
