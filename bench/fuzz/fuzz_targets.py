@@ -76,6 +76,9 @@ class Target:
     #: longest input the engines generate (QUIC needs 1200-byte datagrams, configs are long)
     max_len: int = 4096
     what: str = ""
+    #: how much slower the target runs under atheris' instrumentation, about: its worker
+    #: screens for slow inputs at this many times the bound (pure-Python parsers slow most)
+    slowdown: float = 3.0
 
 
 class Reader:
@@ -764,7 +767,7 @@ TARGETS: dict[str, Target] = {
         Target("ruleset_source", run_ruleset_source, (RuleSetError, ConfigError),
                seeds_ruleset_source, max_len=16384,
                what="sing-box source JSON parsed and compiled"),
-        Target("config", run_config, (ConfigError,), seeds_config, max_len=8192,
+        Target("config", run_config, (ConfigError,), seeds_config, max_len=8192, slowdown=10,
                what="YAML config loader, schema validation, rule compilation, options"),
         Target("dns_wire", run_dns_wire, (), seeds_dns_wire, max_len=16384,
                what="ztun/dns/wire.py fast path, checked against dnspython"),

@@ -298,11 +298,12 @@ def fuzz_atheris(name: str, runs: int, args: argparse.Namespace) -> Outcome:
     log.write_bytes(b"")
     out = Outcome(name, engine="atheris")
     left = runs
+    slowdown = args.slowdown or _targets()[name].slowdown
     for _restart in range(20):
         cmd = [
             sys.executable, str(Path(__file__).resolve()), "--worker", name, "--runs", str(left),
             "--corpus", str(args.corpus), "--crashes", str(args.crashes),
-            "--timeout-ms", str(args.timeout_ms * args.slowdown), "--hang-s", str(args.hang_s),
+            "--timeout-ms", str(args.timeout_ms * slowdown), "--hang-s", str(args.hang_s),
             "--rss-mb", str(args.rss_mb), "--seed", str((args.seed or 0) + _restart),
             "--instrument", args.instrument,
         ]  # fmt: skip
@@ -334,7 +335,8 @@ def fuzz_atheris(name: str, runs: int, args: argparse.Namespace) -> Outcome:
                 continue
             summary += f" (uninstrumented: {ms:.0f} ms)"
         kind = _CRASH_LINE.search(output)
-        summary = summary or (kind.group(1).decode() if kind else f"exit {proc.returncode}")
+        summary = summary or (kind.group(1).decode() if kind else "")
+        summary += f" (exit {proc.returncode})"
         out.crashes.append(f"{summary} -> {', '.join(paths) or '-'} (log {log})")
         break
     corpus = Path(args.corpus) / name
@@ -386,9 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crashes", default=str(DEFAULT_CRASHES))
     p.add_argument("--engine", choices=("atheris", "mutate"))
     p.add_argument("--timeout-ms", type=float, default=100.0, help="CPU bound per input")
-    p.add_argument("--slowdown", type=float, default=3.0,
+    p.add_argument("--slowdown", type=float,
                    help="atheris: screen at this many times the bound (instrumented code is "
-                        "slower); what it finds is replayed uninstrumented")  # fmt: skip
+                        "slower; default per target, 3 or 10); what it finds is replayed "
+                        "uninstrumented")  # fmt: skip
     p.add_argument("--hang-s", type=int, default=10, help="wall-clock bound per input (atheris)")
     p.add_argument("--rss-mb", type=int, default=2048, help="memory bound (atheris)")
     p.add_argument("--jobs", type=int, default=1, help="targets run at once (atheris)")
