@@ -327,7 +327,7 @@ def fuzz_atheris(name: str, runs: int, args: argparse.Namespace) -> Outcome:
         summary = _exception_summary(output)
         paths = [p.decode() for p in _ARTIFACT.findall(output)]
         if summary.startswith("SlowInput") and paths and done:
-            ms = replay_ms(name, Path(paths[0]), args.timeout_ms / 1000)
+            ms = _replay_in_child(name, Path(paths[0]), args.timeout_ms, env)
             if ms is None:
                 alarm = Path(paths[0]).with_name("instrumented-slow-" + Path(paths[0]).name)
                 Path(paths[0]).rename(alarm)
@@ -342,6 +342,18 @@ def fuzz_atheris(name: str, runs: int, args: argparse.Namespace) -> Outcome:
     corpus = Path(args.corpus) / name
     out.corpus = sum(1 for _ in corpus.iterdir()) if corpus.is_dir() else 0
     return out
+
+
+def _replay_in_child(name: str, path: Path, timeout_ms: float, env: dict[str, str]) -> float | None:
+    """`replay_ms` in a fresh uninstrumented process: a slow input may also be a large one
+    (one took 800 MB), and this process's memory peak would show in every later worker."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--replay", f"{name}:{path}",
+         "--timeout-ms", str(timeout_ms)],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    text = proc.stdout.strip()
+    return float(text) if proc.returncode == 0 and text and text != "fast" else None
 
 
 def replay_ms(name: str, path: Path, bound: float) -> float | None:
@@ -402,11 +414,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-seeds", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--runs", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--replay", help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the per-target figures to this file")
     args = p.parse_args(argv)
 
     if args.worker:
         _atheris_worker(args)
+        return 0
+    if args.replay:
+        name, _, path = args.replay.partition(":")
+        ms = replay_ms(name, Path(path), args.timeout_ms / 1000)
+        print("fast" if ms is None else f"{ms:.1f}")
         return 0
     table = _targets()
     if args.list:
