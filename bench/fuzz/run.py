@@ -279,7 +279,9 @@ def _atheris_worker(args: argparse.Namespace) -> None:
 
 _START = re.compile(rb"fuzz-start ([0-9.]+)")
 _DONE = re.compile(rb"stat::number_of_executed_units:\s*(\d+)")
-_ARTIFACT = re.compile(rb"Test unit written to (\S+)")
+#: crash-, timeout-, oom-, leak- files; not slow-unit- (libFuzzer's wall-clock report, which a
+#: busy machine triggers: the CPU bound is checked by the target itself)
+_ARTIFACT = re.compile(rb"Test unit written to (\S*/(?:crash|timeout|oom|leak)-\S+)")
 _CRASH_LINE = re.compile(
     rb"^(=== Uncaught Python exception: ===|==\d+== ERROR: libFuzzer: .*)$", re.M
 )
