@@ -41,6 +41,8 @@ RULE_LISTS: frozenset[ConfigPath] = frozenset({("route", "rules"), ("dns", "rule
 
 # Upper bound on values built from one file, so alias bombs ("billion laughs") stop early.
 _MAX_VALUES = 1_000_000
+#: Flow collections ([…], {…}) nested deeper than this are refused (found by the fuzz run).
+_MAX_FLOW_NESTING = 100
 _PROFILE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _VAR_BODY = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>.*))?", re.S)
 #: The only variables a shipped profile may read (see the module docstring).
@@ -90,6 +92,14 @@ class _YAMLLoader(yaml.SafeLoader):
     """A SafeLoader that tags every plain scalar with one marker tag, so ztun resolves it itself."""
 
     yaml_implicit_resolvers: ClassVar[dict[Any, list[tuple[str, re.Pattern[str]]]]] = {}
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        # PyYAML's scanner walks every open flow level for each token: `[[[[…` is quadratic
+        # (3000 levels: ~1 s, 14 s under the fuzzer), so deep flow nesting is refused early.
+        if self.flow_level >= _MAX_FLOW_NESTING:
+            problem = f"[ and {{ nested too deeply (over {_MAX_FLOW_NESTING})"
+            raise yaml.scanner.ScannerError(None, None, problem, self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
 
 
 _YAMLLoader.add_implicit_resolver(_PLAIN_TAG, re.compile(r".*", re.S), None)
@@ -193,6 +203,15 @@ def list_profiles(directory: Path | None = None) -> list[tuple[str, str, Path]]:
 
 
 # --- loading --------------------------------------------------------------------------------------
+
+
+def _is_file(path: Path) -> bool:
+    """`path.is_file()`, False also where that raises (a name over the system's length limit:
+    found by the fuzz run, it escaped as a traceback)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _fail(message: str, mark: Mark | None, path: ConfigPath = ()) -> ConfigError:
@@ -327,7 +346,7 @@ class _Loader:
     def _find_include(self, name: str, here: Path, mark: Mark) -> tuple[Path, str]:
         if _PROFILE_NAME.fullmatch(name):
             target = PROFILE_DIR / f"{name}.yaml"
-            if not target.is_file():
+            if not _is_file(target):
                 known = ", ".join(p.stem for p in sorted(PROFILE_DIR.glob("*.yaml"))) or "none"
                 raise _fail(
                     f"include {name!r}: no shipped profile of that name (profiles: {known}); "
@@ -338,7 +357,7 @@ class _Loader:
             return target, str(target)
         target = Path(name) if Path(name).is_absolute() else here / name
         shown = posixpath.normpath(str(target))
-        if not target.is_file():
+        if not _is_file(target):
             raise _fail(f"include {name!r}: no such file {shown}", mark, ("include",))
         return target, shown
 

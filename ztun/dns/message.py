@@ -55,6 +55,10 @@ __all__ = [
 
 #: The largest DNS message (the TCP length prefix is 16 bits).
 MAX_MESSAGE = 65535
+#: Records a query may carry besides its question (an OPT, a TSIG or SIG(0), an IXFR's SOA):
+#: a client's 64 KB "query" of thousands of records would cost ~100 ms of dnspython's CPU on
+#: the event loop before it could be refused (found by the fuzz run, bench/fuzz).
+MAX_QUERY_RECORDS = 4
 #: Negative answers are kept no longer than this (RFC 2308 suggests hours; a name that starts
 #: to exist should not stay missing for long behind ztun).
 NEGATIVE_TTL_CAP = 300
@@ -134,6 +138,10 @@ def _from_wire(wire: bytes, what: str) -> dns.message.Message:
 
 def parse_query(wire: bytes) -> dns.message.Message:
     """A query with exactly one question and opcode QUERY; RemoteProtocolError otherwise."""
+    if isinstance(wire, bytes | bytearray | memoryview) and 12 <= len(wire) <= MAX_MESSAGE:
+        records = sum(int.from_bytes(wire[i : i + 2], "big") for i in (6, 8, 10))
+        if records > MAX_QUERY_RECORDS:
+            raise RemoteProtocolError(f"DNS query with {records} records besides its question")
     msg = _from_wire(wire, "query")
     if msg.flags & _QR:
         raise RemoteProtocolError("DNS query has the response flag set")
