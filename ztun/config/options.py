@@ -615,9 +615,22 @@ class CacheFileOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ClashApiOptions:
+    #: "host:port"; empty: no API
+    external_controller: str = ""
+    #: a dashboard directory of the user's, served at /ui instead of the built-in page
+    external_ui: str = ""
+    secret: str = ""
+    default_mode: str = "Rule"
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExperimentalOptions:
     cache_file: CacheFileOptions = field(
         default_factory=CacheFileOptions, metadata={"convert": _one(CacheFileOptions)}
+    )
+    clash_api: ClashApiOptions = field(
+        default_factory=ClashApiOptions, metadata={"convert": _one(ClashApiOptions)}
     )
 
 
