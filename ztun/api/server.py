@@ -429,7 +429,7 @@ class ApiServer:
         async def reader() -> None:
             # Reading keeps control frames (ping, close) answered; nothing else is expected.
             async for msg in ws:
-                if msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
+                if msg.type is WSMsgType.CLOSE or msg.type is WSMsgType.ERROR:
                     break
 
         reading = asyncio.ensure_future(reader())

@@ -367,6 +367,8 @@ HeadlessRuleOptions = DefaultHeadlessRuleOptions | LogicalHeadlessRuleOptions
 @dataclass(frozen=True, kw_only=True)
 class DefaultRuleOptions(_RouteActionFields, _RouteRuleFields, _MatchFields):
     type: Literal["default"] = "default"
+    #: the Clash API's mode this rule needs (route rules only: DNS rules lack it so far)
+    clash_mode: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
