@@ -5,6 +5,10 @@ open flows finish with FIN for a bounded grace period, then close the rest and e
 second signal put back what the inbounds changed on the host (`Inbound.abort`: auto_route's
 routes) and exit at once), the event loop choice (uvloop when installed), and logging setup.
 
+With `experimental.clash_api`, the Clash API (ztun.api.server) starts after the inbounds and
+stops after the flows' grace period, and a tracker lists the flows for it; without it, nothing
+is tracked.
+
 Every way out restores the host: the signals are handled from before the first inbound starts
 (a signal during start-up stops ztun as soon as start-up ends), an exception in start-up or
 while running stops every inbound that started before it goes on, and what still escapes is
