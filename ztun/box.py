@@ -5,6 +5,10 @@ open flows finish with FIN for a bounded grace period, then close the rest and e
 second signal put back what the inbounds changed on the host (`Inbound.abort`: auto_route's
 routes) and exit at once), the event loop choice (uvloop when installed), and logging setup.
 
+With `experimental.clash_api`, the Clash API (ztun.api.server) starts after the inbounds and
+stops after the flows' grace period, and a tracker lists the flows for it; without it, nothing
+is tracked.
+
 Every way out restores the host: the signals are handled from before the first inbound starts
 (a signal during start-up stops ztun as soon as start-up ends), an exception in start-up or
 while running stops every inbound that started before it goes on, and what still escapes is
@@ -23,7 +27,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ztun.config.options import LogOptions, Options
 from ztun.config.validate import DEFAULT_AUTO_ROUTE_MARK
@@ -35,6 +39,10 @@ from ztun.outbound.registry import build_outbound
 from ztun.route.action import HijackDNS
 from ztun.runtime import dial
 from ztun.runtime.dispatch import Dispatcher, RouterLike, wait_closed
+from ztun.runtime.tracker import Tracker
+
+if TYPE_CHECKING:
+    from ztun.api.server import ApiServer
 
 log = logging.getLogger("ztun")
 
@@ -111,12 +119,26 @@ class Box:
         #: the DNS module, None without dns.servers or a hijack-dns rule
         self.dns = build_dns(options, outbounds, dns_router, base_dir,
                              hijack=_hijacks_dns(router))  # fmt: skip
+        api = options.experimental.clash_api
+        #: the open flows, tracked only when the Clash API is there to show them
+        self.tracker: Tracker | None = None
+        if api.external_controller:
+            self.tracker = Tracker(inbound_types={o.tag: o.type for o in options.inbounds})
         self.dispatcher = Dispatcher(
             router,
             outbounds,
             dns_hijack=self.dns.hijack if self.dns is not None else None,
             names=self.dns.names if self.dns is not None and self.dns.gives_names else None,
+            tracker=self.tracker,
         )
+        self.api: ApiServer | None = None
+        if self.tracker is not None:
+            # Imported here: aiohttp costs start-up time that a config without the API skips.
+            from ztun.api.server import ApiContext, ApiServer
+
+            context = ApiContext(options, router, self.tracker, self.dns,
+                                 Path(base_dir) if base_dir is not None else None)  # fmt: skip
+            self.api = ApiServer(api, context)
         self.inbounds: list[Inbound] = [
             build_inbound(o, self.dispatcher, options.route) for o in options.inbounds
         ]
@@ -149,12 +171,17 @@ class Box:
             for inbound in self.inbounds:
                 await inbound.start()  # a start that fails undoes what it did itself
                 started.append(inbound)
+            if self.api is not None:
+                await self.api.start()
             return await self._run()
         except GeneratorExit:
             raise  # the coroutine is being closed: nothing may be awaited any more
         except BaseException:
             # Start-up failed, or something escaped while running or stopping: every inbound
             # that started puts back what it changed before the error goes on.
+            if self.api is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.api.stop(), ABORT_STOP_TIMEOUT)
             for inbound in reversed(started):
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(inbound.stop(), ABORT_STOP_TIMEOUT)
@@ -182,6 +209,8 @@ class Box:
         clean = await wait_closed(tasks, self.grace)
         if not clean:
             log.info("grace period over: closed the remaining flows")
+        if self.api is not None:
+            await self.api.stop()
         await self.dispatcher.close()
         if self.dns is not None:
             await self.dns.close()

@@ -310,6 +310,117 @@ def run(
     raise typer.Exit(run_box(config, log_level))
 
 
+ApiOpt = Annotated[
+    str | None,
+    typer.Option("--api", help="The API's host:port (default: the config's "
+                 "external_controller, else 127.0.0.1:9090).", show_default=False),
+]
+SecretOpt = Annotated[
+    str | None,
+    typer.Option("--secret", envvar="ZTUN_API_SECRET", show_default=False,
+                 help="The API's secret (default: the config's, or $ZTUN_API_SECRET)."),
+]
+ApiConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", show_default=False,
+                 help="Read the API's address and secret from this config."),
+]
+
+
+def _api_client(api: str | None, secret: str | None, config: Path | None) -> Any:
+    from ztun.api.client import ApiClient
+
+    controller, config_secret = "127.0.0.1:9090", ""
+    if config is not None:
+        from ztun.config.loader import load_config
+
+        data = load_config(config).data
+        clash = ((data.get("experimental") or {}).get("clash_api") or {}) if isinstance(
+            data, dict) else {}  # fmt: skip
+        controller = str(clash.get("external_controller") or controller)
+        config_secret = str(clash.get("secret") or "")
+    if api is not None:
+        controller = api
+    if controller.startswith(":"):
+        controller = "127.0.0.1" + controller
+    return ApiClient(controller, secret if secret is not None else config_secret)
+
+
+@app.command()
+def status(
+    api: ApiOpt = None, secret: SecretOpt = None, config: ApiConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """Show a running ztun's flows, totals per outbound and DNS counters (via its API)."""
+    from ztun.api.console import status_text
+
+    found = _api_client(api, secret, config).get("/ztun/status")
+    typer.echo(json.dumps(found, indent=2) if as_json else status_text(found))
+
+
+@app.command()
+def top(
+    api: ApiOpt = None, secret: SecretOpt = None, config: ApiConfigOpt = None,
+    interval: Annotated[float, typer.Option(help="Seconds between screens.", min=0.1)] = 1.0,
+    count: Annotated[int, typer.Option(help="Stop after this many screens (0: never).",
+                                       min=0)] = 0,
+) -> None:  # fmt: skip
+    """A live view of a running ztun's connections, busiest first (via its API)."""
+    import shutil
+
+    from ztun.api.console import Top
+
+    client = _api_client(api, secret, config)
+    view = Top()
+    tty = sys.stdout.isatty()
+    with _keys() as pressed:
+        shown = 0
+        while True:
+            connections = client.get("/connections")
+            found = client.get("/ztun/status")
+            size = shutil.get_terminal_size((120, 40))
+            screen = view.screen(connections, found, interval, size.columns, size.lines)
+            # Plain ANSI: home and clear, then the screen (no curses, no dependency).
+            typer.echo(("\x1b[H\x1b[2J" if tty else "") + screen)
+            shown += 1
+            if count and shown >= count:
+                return
+            if pressed(interval) == "q":
+                return
+
+
+class _keys:
+    """While `top` runs on a terminal: keys without Enter (cbreak), restored on exit; the
+    context gives `pressed(timeout)`, the key pressed within `timeout`, or None."""
+
+    def __enter__(self) -> Any:
+        import select
+        import time
+
+        self.saved = None
+        if sys.stdin.isatty():
+            import termios
+            import tty
+
+            self.saved = termios.tcgetattr(sys.stdin)
+            tty.setcbreak(sys.stdin)
+
+        def pressed(timeout: float) -> str | None:
+            if self.saved is None:
+                time.sleep(timeout)
+                return None
+            ready, _, _ = select.select([sys.stdin], [], [], timeout)
+            return sys.stdin.read(1) if ready else None
+
+        return pressed
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is not None:
+            import termios
+
+            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, self.saved)
+
+
 @app.command()
 def version() -> None:
     """Print ztun's version."""

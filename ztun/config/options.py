@@ -367,6 +367,8 @@ HeadlessRuleOptions = DefaultHeadlessRuleOptions | LogicalHeadlessRuleOptions
 @dataclass(frozen=True, kw_only=True)
 class DefaultRuleOptions(_RouteActionFields, _RouteRuleFields, _MatchFields):
     type: Literal["default"] = "default"
+    #: the Clash API's mode this rule needs (route rules only: DNS rules lack it so far)
+    clash_mode: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -615,9 +617,22 @@ class CacheFileOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ClashApiOptions:
+    #: "host:port"; empty: no API
+    external_controller: str = ""
+    #: a dashboard directory of the user's, served at /ui instead of the built-in page
+    external_ui: str = ""
+    secret: str = ""
+    default_mode: str = "Rule"
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExperimentalOptions:
     cache_file: CacheFileOptions = field(
         default_factory=CacheFileOptions, metadata={"convert": _one(CacheFileOptions)}
+    )
+    clash_api: ClashApiOptions = field(
+        default_factory=ClashApiOptions, metadata={"convert": _one(ClashApiOptions)}
     )
 
 

@@ -5,7 +5,7 @@ Owns the translation of schema errors into one clear Diagnostic each, placed at 
 sing-box's own `check` misses: references to missing tags, duplicate tags, a config without
 outbounds, DNS defaults that cannot work, TUN prefixes too small for the system stack, a
 `routing_mark` that auto_route would send back into the TUN, and a mixed inbound that would be
-an open proxy beyond loopback.
+an open proxy beyond loopback, and a Clash API beyond loopback without a secret.
 
 Value-level checks (CIDR parsing, regex compiling, port-range bounds, GeoIP files) belong to the
 rule compiler. `validate` never raises, whatever shape the data has.
@@ -71,6 +71,7 @@ def validate(loaded: LoadedConfig) -> list[Diagnostic]:
         _looping_marks,
         _unmarked_resolver,
         _open_proxies,
+        _open_api,
         _credential_bytes,
     )
     for check in checks:
@@ -654,6 +655,45 @@ def _open_proxies(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
             f"inbound to allow it",
             "error",
         )
+
+
+def split_controller(text: str) -> tuple[str, int] | None:
+    """`external_controller` ("127.0.0.1:9090", "[::1]:9090", ":9090") → (host, port); an
+    empty host means every address. None when it is not host:port."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) <= 65535:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        return None  # an IPv6 address needs brackets
+    return host, int(port)
+
+
+def _open_api(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
+    """The Clash API can close flows and switch modes: beyond loopback it needs a secret."""
+    del loaded
+    api = _get(data, ("experimental", "clash_api"))
+    if not isinstance(api, dict) or not isinstance(api.get("external_controller"), str):
+        return
+    path: ConfigPath = ("experimental", "clash_api", "external_controller")
+    controller = api["external_controller"]
+    parsed = split_controller(controller)
+    if parsed is None:
+        yield (path, f"{format_path(path)}: {controller!r} is not host:port "
+               "(such as 127.0.0.1:9090 or [::1]:9090)", "error")  # fmt: skip
+        return
+    host = parsed[0]
+    if host == "localhost" or (host and _is_loopback(host)) or api.get("secret"):
+        return
+    where = host or "every address"
+    yield (
+        path,
+        f"{format_path(path)}: {where} is reachable from other hosts and the API has no "
+        "secret: anyone who reaches it could read every connection, close them and switch "
+        "the mode. Set experimental.clash_api.secret, or listen on 127.0.0.1",
+        "error",
+    )
 
 
 #: RFC 1929: ULEN and PLEN are one byte each.

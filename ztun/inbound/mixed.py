@@ -462,8 +462,9 @@ class UdpAssociation:
             max_flows=MAX_UDP_FLOWS,
         )
         self.tasks: set[asyncio.Task[None]] = set()
+        tracker = getattr(self.dispatcher, "tracker", None)
         self.runner = UdpSessionRunner(self.core, self.loop, self.tasks, self._on_reply,
-                                       self._drain)  # fmt: skip
+                                       self._drain, tracker)  # fmt: skip
         self.closed = False
         #: when a datagram last passed either way (the association's idle clock)
         self.last_active = self.loop.time()

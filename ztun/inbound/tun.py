@@ -147,7 +147,8 @@ class TunInbound:
 
         loop = self._loop = asyncio.get_running_loop()
         self._udp = UdpSessionRunner(self.stack.udp, loop, self.tasks, self._udp_reply,
-                                     self._run_commands)  # fmt: skip
+                                     self._run_commands,
+                                     getattr(self.dispatcher, "tracker", None))  # fmt: skip
         offload = os.environ.get(OFFLOAD_ENV, "1").strip().lower() not in ("0", "false", "off")
         self.device = TunDevice.open(self.interface_name, self.address, self.mtu, offload)
         atexit.register(self.abort)

@@ -10,7 +10,7 @@ asked of the I/O layer as commands.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any, Generic, TypeVar
 
 from ztun.address import Address, ip_or_none
@@ -212,6 +212,8 @@ class UdpSessions:
         self._next_ident = 0
         #: datagrams dropped: queue full while a session opened, or inside a retry delay
         self.dropped = 0
+        #: told of every flow that is not refused as it is added (the I/O layer's tracker)
+        self.on_flow: Callable[[UdpFlow], None] | None = None
 
     def __len__(self) -> int:
         return len(self.flows)
@@ -233,6 +235,8 @@ class UdpSessions:
         for gone in self.flows.put(key, uf, now):
             self._end(gone, "evicted")
         if refused is None:
+            if self.on_flow is not None:
+                self.on_flow(uf)
             self._members.setdefault(session_key, {})[key] = None
             host = _host_key(uf)
             hosts = self._hosts.setdefault(session_key, {})

@@ -23,6 +23,7 @@ __all__ = [
     "PROFILE_DIR",
     "RULE_SET_DIR",
     "SCHEMA_PATH",
+    "UI_DIR",
     "examples",
 ]
 
@@ -45,6 +46,8 @@ EXAMPLE_DIR = _on_disk("examples")
 RULE_SET_DIR = _on_disk("rule-sets")
 #: Data files the profiles reference (the sample GeoIP database).
 DATA_DIR = _on_disk("data")
+#: The built-in status page the Clash API serves at /ui.
+UI_DIR = _on_disk("ui")
 
 
 def examples() -> list[Path]:

@@ -31,6 +31,8 @@ from ztun.route.action import (
     Sniff,
 )
 from ztun.route.items import (
+    ClashMode,
+    ClashModeItem,
     DomainItem,
     DomainKeywordItem,
     DomainRegexItem,
@@ -81,6 +83,8 @@ class _Compiler:
     diagnostics: list[Diagnostic] = field(default_factory=list)
     #: the "google-re2 is missing" warning is given once per compile
     regex_fallback_warned: bool = False
+    #: the Clash API's mode, shared by every `clash_mode` item of the router
+    mode: ClashMode = field(default_factory=ClashMode)
 
     def error(self, message: str, path: ConfigPath) -> None:
         self.diagnostics.append(Diagnostic(message, path))
@@ -189,6 +193,9 @@ class _Compiler:
                            ("auth_user", "user")):  # fmt: skip
             if values := as_list(rule.get(name)):
                 groups.other.append(FieldInItem(name, attr, [str(v) for v in values]))
+        if isinstance(mode := rule.get("clash_mode"), str) and mode and not headless:
+            self.mode.add(mode)
+            groups.other.append(ClashModeItem(mode, self.mode))
         if "ip_version" in rule:
             version = rule["ip_version"]
             if version not in (4, 6):
@@ -444,6 +451,7 @@ def compile_router(
     if not isinstance(route, Mapping):
         return None, [Diagnostic("'route' must be a mapping", ("route",))]
     compiler = _Compiler({}, geoip, report_references, geoip_failed)
+    compiler.mode = ClashMode(_default_mode(data))
     compiler.rule_sets = _compile_sets(compiler, route, rule_sets)
 
     outbounds = [o for o in as_list(data.get("outbounds")) if isinstance(o, Mapping)]
@@ -472,8 +480,16 @@ def compile_router(
                       ("route", "final"))  # fmt: skip
 
     errors = [d for d in compiler.diagnostics if d.severity == "error"]
-    router = None if errors else Router(rules, str(final), outbound_types)
+    router = None if errors else Router(rules, str(final), outbound_types, compiler.mode)
     return router, compiler.diagnostics
+
+
+def _default_mode(data: Mapping[str, Any]) -> str:
+    """experimental.clash_api.default_mode, "Rule" (sing-box's default) when absent."""
+    experimental = data.get("experimental")
+    api = experimental.get("clash_api") if isinstance(experimental, Mapping) else None
+    mode = api.get("default_mode") if isinstance(api, Mapping) else None
+    return mode if isinstance(mode, str) and mode else "Rule"
 
 
 def compile_dns_router(

@@ -469,6 +469,51 @@ class FieldInItem:
         return f"{self._name}={_preview(sorted(str(v) for v in self._values))}"
 
 
+class ClashMode:
+    """The Clash API's mode: one cell shared by a router's `clash_mode` items, set at run time
+    (`PATCH /configs`). Modes compare case-insensitively, as in sing-box."""
+
+    __slots__ = ("current", "known")
+
+    def __init__(self, current: str = "Rule", known: Iterable[str] = ()) -> None:
+        self.current = current
+        #: the modes the rules name, after the default one (the API's "mode-list")
+        self.known: list[str] = [current]
+        for mode in known:
+            self.add(mode)
+
+    def add(self, mode: str) -> None:
+        if all(mode.lower() != m.lower() for m in self.known):
+            self.known.append(mode)
+
+    def set(self, mode: str) -> str | None:
+        """Switch to `mode` (spelled as the rules spell it); None when no rule names it."""
+        for known in self.known:
+            if known.lower() == mode.lower():
+                self.current = known
+                return known
+        return None
+
+
+class ClashModeItem:
+    """`clash_mode`: the Clash API's current mode is this one."""
+
+    __slots__ = ("_cell", "_mode")
+
+    def __init__(self, mode: str, cell: ClashMode) -> None:
+        self._mode = mode.lower()
+        self._cell = cell
+
+    def match(self, meta: FlowMeta, state: MatchState) -> bool:
+        return self._cell.current.lower() == self._mode
+
+    def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
+        return f"clash_mode {self._cell.current}" if self.match(meta, state) else None
+
+    def __str__(self) -> str:
+        return f"clash_mode={self._mode}"
+
+
 class OutboundItem:
     """`outbound` of a DNS rule: the outbound the flow behind the query was routed to; the
     value `any` matches every query that has one (sing-box's meaning)."""

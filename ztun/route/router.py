@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ztun.route.action import Decision, Route, RouteOptionsAction, Sniff
+from ztun.route.items import ClashMode
 from ztun.route.metadata import FlowMeta
 from ztun.route.rule import DefaultRule, LogicalRule, MatchState
 
@@ -28,12 +29,18 @@ class Explanation:
 class Router:
     """Compiled rules plus the final outbound. Thread-safe: a match keeps its state local."""
 
-    __slots__ = ("_final_decision", "_plain", "final", "outbound_types", "rules")
+    __slots__ = ("_final_decision", "_plain", "final", "mode", "outbound_types", "rules")
 
     def __init__(
-        self, rules: Sequence[Rule], final: str, outbound_types: dict[str, str] | None = None
+        self,
+        rules: Sequence[Rule],
+        final: str,
+        outbound_types: dict[str, str] | None = None,
+        mode: ClashMode | None = None,
     ) -> None:
         self.rules = list(rules)
+        #: the Clash API's mode, which `clash_mode` items read (the API switches it)
+        self.mode = mode if mode is not None else ClashMode()
         self.final = final
         #: outbound tag → type (direct, socks, block), for callers that print decisions
         self.outbound_types = dict(outbound_types or {})

@@ -22,6 +22,7 @@ from ztun.route.action import Decision, HijackDNS, Reject, Route, Sniff
 from ztun.route.metadata import FlowMeta, parse_ip
 from ztun.runtime.netio import Handover, Waiter
 from ztun.runtime.relay import RelayResult, relay
+from ztun.runtime.tracker import Tracker
 from ztun.stack.flow import Flow, Refused, SniffFirst
 
 log = logging.getLogger("ztun.flow")
@@ -133,8 +134,11 @@ class Dispatcher:
         udp_idle_timeout: float = UDP_IDLE_TIMEOUT,
         dns_hijack: Outbound | None = None,
         names: NameLookup | None = None,
+        tracker: Tracker | None = None,
     ) -> None:
         self.router = router
+        #: the open flows the API lists and closes (None: nothing tracks them)
+        self.tracker = tracker
         self.outbounds = dict(outbounds)
         self.tcp_idle_timeout = tcp_idle_timeout
         self.udp_idle_timeout = udp_idle_timeout
@@ -254,6 +258,9 @@ class Dispatcher:
         """Relay until both sides end (or idle, or cancel); logs the flow line. The watches
         are handshake Waiters for the relay to take over (see `relay`)."""
         result = RelayResult()
+        tracker = self.tracker
+        entry = (tracker.add(flow, "tcp", result.moved, result.close)
+                 if tracker is not None else None)  # fmt: skip
         try:
             await relay(
                 client,
@@ -265,6 +272,8 @@ class Dispatcher:
                 remote_watch=remote_watch,
             )
         finally:
+            if tracker is not None:
+                tracker.remove(entry)
             flow.up, flow.down = result.up, result.down
             flow.end = result.reason
             flow.error = result.error

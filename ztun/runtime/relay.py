@@ -51,9 +51,27 @@ class RelayResult:
 
     up: int = 0
     down: int = 0
-    #: "eof" (both sides finished), "idle", "reset", "error" or "cancelled"
+    #: "eof" (both sides finished), "idle", "reset", "error", "cancelled" or "closed"
     reason: str = "eof"
     error: str | None = None
+    #: the running relay (for `moved` and `close`), None before it starts and after it ends
+    live: _Relay | None = None
+    #: `close` was asked for before the relay started: it ends as soon as it would start
+    close_asked: bool = False
+
+    def moved(self) -> tuple[int, int]:
+        """(up, down) so far: the pumps' own counts while the relay runs (no extra work per
+        chunk), the final ones after."""
+        r = self.live
+        if r is None:
+            return self.up, self.down
+        return r.base_up + r.up.count, r.base_down + r.down.count
+
+    def close(self) -> None:
+        """End the relay now (both sockets left to send RST when the caller closes them)."""
+        self.close_asked = True
+        if self.live is not None:
+            self.live.close()
 
 
 def _new_pipe() -> tuple[int, int, int]:
@@ -297,6 +315,8 @@ class _Relay:
         self.ended = False
         self.idle_ticks = 0
         self.clock: _IdleClock | None = None
+        #: bytes sent before the pumps started (`initial_up`/`initial_down`)
+        self.base_up = self.base_down = 0
         self.up = _Direction(self, client, remote, splice)
         try:
             self.down = _Direction(self, remote, client, splice)
@@ -339,6 +359,12 @@ class _Relay:
         if self.up.done and self.down.done:
             self._end()
 
+    def close(self) -> None:
+        """Closed from outside (the API): both sides get RST, as from a reset peer."""
+        if not self.ended:
+            self.result.reason = "closed"
+            self._end(reset=True)
+
     def fail(self, exc: OSError) -> None:
         if self.ended:
             return
@@ -355,8 +381,9 @@ class _Relay:
         self.down.stop()
         if self.clock is not None:
             self.clock.relays.discard(self)
-        self.result.up = self.up.count
-        self.result.down = self.down.count
+        self.result.up = self.base_up + self.up.count
+        self.result.down = self.base_down + self.down.count
+        self.result.live = None
         if reset:
             # One side reset: reset the other too rather than pretend a clean end (RST, not FIN).
             for s in (self.client, self.remote):
@@ -420,14 +447,15 @@ async def relay(
             if w is not None:
                 w.close()
         raise
+    r.base_up, r.base_down = extra_up, extra_down
+    res.live = r
     r.start(client_watch, remote_watch)
+    if res.close_asked:
+        r.close()
     try:
         await r.future
     except asyncio.CancelledError:
         r.result.reason = "cancelled"
         r._end()
         raise
-    finally:
-        r.result.up += extra_up
-        r.result.down += extra_down
     return r.result

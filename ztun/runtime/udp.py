@@ -15,9 +15,10 @@ from collections.abc import Callable, Hashable
 
 from ztun.address import Address
 from ztun.log import LIMITER, limited
-from ztun.nat.udp import UdpSessions
+from ztun.nat.udp import UdpFlow, UdpSessions
 from ztun.outbound.base import Outbound, OutboundError, UdpSession
 from ztun.runtime.dispatch import log_flow
+from ztun.runtime.tracker import Tracked, Tracker
 from ztun.stack.commands import (
     CloseUdpSession,
     Command,
@@ -40,6 +41,7 @@ class UdpSessionRunner:
         tasks: set[asyncio.Task[None]],
         on_reply: ReplyHandler,
         drain: Callable[[], None],
+        tracker: Tracker | None = None,
     ) -> None:
         self.core = core
         self.loop = loop
@@ -49,6 +51,26 @@ class UdpSessionRunner:
         self.drain = drain
         #: the open sessions: session key -> (ident, session)
         self.sessions: dict[Hashable, tuple[int, UdpSession]] = {}
+        #: the API's table of open flows; this runner's entries by id(flow) (the core's flow
+        #: table bounds them: each leaves at its FlowEnded)
+        self.tracker = tracker
+        self._tracked: dict[int, Tracked] = {}
+        if tracker is not None:
+            core.on_flow = self._track
+
+    def _track(self, uf: UdpFlow) -> None:
+        assert self.tracker is not None
+        flow, key = uf.flow, uf.key
+        entry = self.tracker.add(flow, "udp", lambda: (flow.up, flow.down),
+                                 lambda: self._close(key))  # fmt: skip
+        if entry is not None:
+            self._tracked[id(flow)] = entry
+
+    def _close(self, key: Hashable) -> None:
+        """Closed through the API: the core ends the flow (and its session when it was the
+        last one on it), as if it had gone idle."""
+        self.core.end(key, "closed")
+        self.drain()
 
     def execute(self, c: Command) -> None:
         if isinstance(c, SendDatagram):
@@ -57,6 +79,10 @@ class UdpSessionRunner:
                 held[1].send(c.dest, c.payload)
         elif isinstance(c, FlowEnded):
             f = c.flow
+            if self._tracked:
+                entry = self._tracked.pop(id(f), None)
+                if entry is not None:
+                    self.tracker.remove(entry)  # type: ignore[union-attr]
             if (f.end == "evicted" or (f.error or "").endswith("table is full")) and (
                 LIMITER.allow((f.end, f.meta.inbound)) is None
             ):
@@ -108,4 +134,8 @@ class UdpSessionRunner:
         for _ident, session in self.sessions.values():
             session.close()
         self.sessions.clear()
+        if self.tracker is not None:
+            for entry in self._tracked.values():
+                self.tracker.remove(entry)
+        self._tracked.clear()
 
