@@ -48,6 +48,7 @@ deleted (start-up says so and uses the TUN path).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import ipaddress
 import logging
@@ -294,10 +295,9 @@ class AutoRedirect:
             raise NftablesError(f"auto_redirect: the kernel refused ztun's nftables table: {err}")
         self.handle = table_handle()
         if self.handle is not None:
-            try:
+            # If this fails the first file (no handle) stays: cleanup then deletes by name.
+            with contextlib.suppress(state.StateError):
                 self._write_state()
-            except state.StateError:
-                pass  # the first file (no handle) stays: cleanup then deletes by name
         log.info("auto_redirect: nftables table %s %s added (TCP to %s redirected to %s)",
                  FAMILY, TABLE, self.plan.interface,
                  ", ".join(f"IPv{v} :{p}" for v, p in sorted(self.plan.ports.items())))  # fmt: skip
