@@ -232,8 +232,10 @@ class TunInbound:
             listener.close()
             self.redirect = None
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            log.warning("inbound %s: auto_redirect is off (%s); TCP goes through the TUN",
-                        self.tag, why.removeprefix("auto_redirect: "))  # fmt: skip
+            # A missing library is what `ztun check` (and so run's start) already warned about.
+            level = logging.INFO if isinstance(e, nftables.NftablesUnavailable) else logging.WARNING
+            log.log(level, "inbound %s: auto_redirect is off (%s); TCP goes through the TUN",
+                    self.tag, why.removeprefix("auto_redirect: "))  # fmt: skip
             return
         self.redirect_listener = listener
 

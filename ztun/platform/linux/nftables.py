@@ -214,15 +214,11 @@ def library() -> Any:
         return _library
     module = _load_module()
     if module is None:
-        raise NftablesUnavailable(
-            "nftables' Python module is missing (apt-get install python3-nftables)"
-        )
+        raise NftablesUnavailable("python3-nftables is not installed")
     try:
         nft = module.Nftables()
     except OSError:
-        raise NftablesUnavailable(
-            "libnftables is missing (apt-get install nftables python3-nftables)"
-        ) from None
+        raise NftablesUnavailable("libnftables is not installed") from None
     nft.set_json_output(True)
     nft.set_handle_output(True)
     _library = nft
