@@ -7,10 +7,12 @@ accepted (`serve`: sniffing when a rule asks, the outbound, the splice relay), s
 differ only in how the flow's destination is learned. One difference the application can see:
 the TUN routes a flow on its SYN, so a refused one gets its RST before the handshake
 (ECONNREFUSED); a redirected flow is routed once the kernel accepted it, so a refused one is
-reset just after (ECONNRESET on the first read or write), as with sing-box's auto_redirect.
+reset just after (ECONNRESET, from connect() itself or the first read or write), as with
+sing-box's auto_redirect.
 
 A connection to the listener that nftables did not redirect (a local program connecting to the
-port itself) has no original destination and is reset.
+port itself) is reset: conntrack gives it an "original destination" all the same, the
+listener's own address, and routing that would connect the listener to itself again and again.
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ class RedirectListener:
                 ls.listen(BACKLOG)
                 ls.setblocking(False)
                 ports[version] = ls.getsockname()[1]
-                loop.add_reader(ls.fileno(), self._on_accept, ls, fam)
+                own = (socket.inet_pton(fam, ls.getsockname()[0]), ports[version])
+                loop.add_reader(ls.fileno(), self._on_accept, ls, fam, own)
         except BaseException:
             self.close()
             raise
@@ -118,7 +121,9 @@ class RedirectListener:
             ls.close()
         self._listeners.clear()
 
-    def _on_accept(self, ls: socket.socket, family: int) -> None:
+    def _on_accept(self, ls: socket.socket, family: int, own: tuple[bytes, int]) -> None:
+        """`own`: the listener's packed address and port, what a connection that was not
+        redirected reports as its original destination."""
         loop = self._loop
         assert loop is not None
         for _ in range(ACCEPT_BATCH):
@@ -134,7 +139,7 @@ class RedirectListener:
                 reset(conn)
                 continue
             dest = original_destination(conn, family)
-            if dest is None:
+            if dest is None or dest == own:
                 self.not_redirected += 1
                 reset(conn)
                 continue

@@ -12,8 +12,8 @@ else (Docker's, firewalld's and the user's tables are never read or touched):
             meta mark <own mark> return          ztun's own sockets (runtime/dial.py)
             ip daddr @exclude4 return            route_exclude_address
             ip6 daddr @exclude6 return
-            oifname "<tun>" meta nfproto ipv4 meta l4proto tcp redirect to :<port4>
-            oifname "<tun>" meta nfproto ipv6 meta l4proto tcp redirect to :<port6>
+            oifname "<tun>" meta nfproto ipv4 meta l4proto tcp counter redirect to :<port4>
+            oifname "<tun>" meta nfproto ipv6 meta l4proto tcp counter redirect to :<port6>
         }
     }
 
@@ -134,6 +134,8 @@ class RedirectPlan:
                 _match({"meta": {"key": "oifname"}}, self.interface),
                 _match({"meta": {"key": "nfproto"}}, "ipv4" if version == 4 else "ipv6"),
                 _match({"meta": {"key": "l4proto"}}, "tcp"),
+                # How many connections took this way: `nft list table inet ztun` shows it.
+                {"counter": None},
                 {"redirect": {"port": port}},
             ])  # fmt: skip
         for expr in rules:
