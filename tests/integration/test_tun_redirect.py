@@ -45,10 +45,17 @@ pytestmark = [pytest.mark.netns, pytest.mark.singbox]
 ECHO_SERVER = Path(__file__).parent / "tun_server.py"
 EXCLUDED4, EXCLUDED6 = "203.0.113.40", "2001:db8:2::40"
 
+SNIFFED_BLOCK = "blocked.example"
+#: test_tun_linux's config with auto_redirect, excluded prefixes, and a sniff rule first: a flow
+#: whose HTTP Host is SNIFFED_BLOCK is blocked, whatever its address.
 REDIRECT_CONFIG = CONFIG.replace(
     "    auto_route: true\n",
     "    auto_route: true\n    auto_redirect: true\n"
     f'    route_exclude_address: [{EXCLUDED4}/32, "{EXCLUDED6}/128"]\n',
+).replace(
+    "  rules:\n",
+    "  rules:\n    - {{action: sniff}}\n"
+    f"    - {{{{domain: [{SNIFFED_BLOCK}], outbound: block}}}}\n",
 ).format(socks=SERVER4, socks_port=SOCKS_PORT, proxy4=PROXY4, proxy6=PROXY6, block4=BLOCK4,
          block6=BLOCK6)  # fmt: skip
 
@@ -171,13 +178,19 @@ def test_only_ztuns_table_is_added(env: Env) -> None:
 def test_curl_100mb_sha256_through_the_redirect(env: Env, target: str, outbound: str) -> None:
     family = "ipv6" if ":" in target else "ipv4"
     before = redirected(env.t)[family]
+    seen = len([f for f in flow_lines(env.ztun.text()) if target in f.get("destination", "")
+                and f.get("end") == "eof" and int(f.get("down", 0)) > BIG])  # fmt: skip
     assert curl_sha(env, target) == env.sha
     # One connection more took the redirect; the SOCKS5 server's connection (ztun's own, with
     # its mark) did not, or it would have looped back into ztun.
     assert redirected(env.t)[family] == before + 1
-    lines = [f for f in flow_lines(env.ztun.text()) if target in f.get("destination", "")]
-    assert lines and lines[-1]["outbound"] == outbound and lines[-1]["end"] == "eof", lines
-    assert int(lines[-1]["down"]) > BIG
+
+    def done() -> list[dict[str, str]]:  # the line comes once ztun saw both sides close
+        return [f for f in flow_lines(env.ztun.text()) if target in f.get("destination", "")
+                and f.get("end") == "eof" and int(f.get("down", 0)) > BIG]  # fmt: skip
+
+    assert wait_until(lambda: len(done()) > seen, 5), env.ztun.text()[-2000:]
+    assert done()[-1]["outbound"] == outbound
 
 
 #: Connects, sends, and prints how the connection ended: "echo", "reset" or another result.
@@ -206,10 +219,13 @@ def test_rules_apply_per_flow(env: Env, allowed: str, blocked: str) -> None:
     # Routed once the kernel accepted it: the block rule resets it after the handshake.
     assert probe(env.t, blocked) == "reset"
     assert redirected(env.t)[family] == before + 2
-    lines = flow_lines(env.ztun.text())
-    ok = [f for f in lines if allowed in f.get("destination", "") and f.get("end") == "eof"]
-    refused = [f for f in lines if blocked in f.get("destination", "")]
-    assert ok and ok[-1]["outbound"] == "direct"
+    def ended(host: str) -> list[dict[str, str]]:
+        return [f for f in flow_lines(env.ztun.text()) if host in f.get("destination", "")
+                and f.get("end") in ("eof", "blocked")]  # fmt: skip
+
+    assert wait_until(lambda: ended(allowed) and ended(blocked), 5)
+    ok, refused = ended(allowed), ended(blocked)
+    assert ok[-1]["outbound"] == "direct" and ok[-1]["end"] == "eof"
     assert refused and refused[-1]["end"] == "blocked" and refused[-1]["outbound"] == "block"
 
 
@@ -219,6 +235,21 @@ def test_route_exclude_address_is_not_redirected(env: Env, target: str) -> None:
     assert probe(env.t, target) == "echo"
     assert redirected(env.t) == before
     assert not [f for f in flow_lines(env.ztun.text()) if target in f.get("destination", "")]
+
+
+@pytest.mark.parametrize("target", [DIRECT4, DIRECT6])
+def test_sniffed_domain_is_routed(env: Env, target: str) -> None:
+    """Sniffing works on a redirected flow as on a TUN flow: the Host header decides."""
+    r = in_ns(env.t.client, "curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w",
+              "%{http_code}", "-H", f"Host: {SNIFFED_BLOCK}", url(target, ""),
+              check=False)  # fmt: skip
+    assert r.returncode != 0 and r.stdout in ("", "000"), r
+    lines = [f for f in flow_lines(env.ztun.text()) if f.get("domain") == SNIFFED_BLOCK and
+             target in f.get("destination", "")]  # fmt: skip
+    assert lines and lines[-1]["end"] == "blocked", lines
+    r = in_ns(env.t.client, "curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w",
+              "%{http_code}", "-H", "Host: allowed.example", url(target, ""))  # fmt: skip
+    assert r.stdout == "200"
 
 
 def test_a_direct_connection_to_the_listener_is_reset(env: Env) -> None:
@@ -288,6 +319,50 @@ def test_a_table_ztun_did_not_make_is_left_alone_and_tcp_uses_the_tun(tmp_path: 
             assert probe(t, DIRECT4) == "echo"  # through the TUN
             code, _ = stop(z, signal.SIGTERM)
             assert code == 0, z.text()
+        finally:
+            echo.stop()
+        assert snapshot(t) == before
+
+
+STRICT = """\
+log: {{level: info}}
+inbounds:
+  - type: tun
+    tag: tun-in
+    interface_name: ztun0
+    address: [198.18.0.1/30]
+    auto_route: true
+    auto_redirect: true
+    strict_route: {strict}
+outbounds:
+  - {{type: direct, tag: direct}}
+"""
+
+
+def test_strict_route_keeps_its_meaning(tmp_path: Path) -> None:
+    """Without strict_route the LAN's own route wins, so a connection to the LAN is not
+    redirected; with it the LAN goes through ztun, redirected like the rest."""
+    require_nftables()
+    with topology() as t:
+        before = snapshot(t)
+        echo = Proc(["ip", "netns", "exec", t.server, sys.executable, str(ECHO_SERVER)],
+                    tmp_path / "echo.log")  # fmt: skip
+        try:
+            wait_tcp(t.server, "127.0.0.1", 7)
+            for strict in (False, True):
+                z = start_ztun(t, tmp_path, f"ztun-strict-{strict}",
+                               config=STRICT.format(strict=str(strict).lower()))  # fmt: skip
+                try:
+                    assert probe(t, SERVER4) == "echo"
+                    assert probe(t, DIRECT4) == "echo"
+                    assert redirected(t)["ipv4"] == (2 if strict else 1)
+                    wait_until(lambda: f"{DIRECT4}:7" in z.text() and (  # noqa: B023
+                        not strict or f"{SERVER4}:7" in z.text()), 5)  # noqa: B023
+                    through = [f["destination"] for f in flow_lines(z.text())]
+                    assert (f"{SERVER4}:7" in through) == strict, through
+                finally:
+                    code, _ = stop(z, signal.SIGTERM)
+                assert code == 0, z.text()
         finally:
             echo.stop()
         assert snapshot(t) == before
