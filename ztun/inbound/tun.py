@@ -2,8 +2,10 @@
 
 Owns: the TUN device and its read loop, the kernel listeners that terminate every TCP flow
 (the system stack: see ztun.nat.tcp), the outbound sockets and UDP sessions the stack asks
-for, auto_route, and the orderly shutdown (no new flows, FIN every TCP flow while the TUN
-still carries the FINs, end UDP sessions, remove routes, close the TUN). Every per-packet
+for, auto_route (and auto_redirect: its nftables table and the loopback listener of
+ztun.inbound.redirect, whose flows join the TUN's at `_serve`), and the orderly shutdown (no
+new flows, FIN every TCP flow while the TUN still carries the FINs, end UDP sessions, remove
+the table and the routes, close the TUN). Every per-packet
 decision is the stack's: this module reads, writes back what the stack forwarded in place,
 and carries out the commands it queued (ztun.stack.commands).
 
