@@ -303,6 +303,23 @@ def test_ruleset_and_routes_restored_after_sigkill_and_restart(tmp_path: Path) -
         assert snapshot(t) == before
 
 
+def test_exit_without_stop_removes_the_table(tmp_path: Path) -> None:
+    """The abort path (what a second signal and the interpreter's exit without stop() run)
+    deletes the table as well as the routes."""
+    require_nftables()
+    with topology() as t:
+        with_foreign_table(t)
+        before = snapshot(t)
+        env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(tmp_path / "state"))
+        r = subprocess.run(["ip", "netns", "exec", t.client, sys.executable,
+                            str(Path(__file__).parent / "atexit_redirect.py")],
+                           capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split("\n")[:2] == ["redirect installed", "exiting"], r.stdout + r.stderr
+        assert snapshot(t) == before, r.stderr
+        assert not list((tmp_path / "state").glob("*.json"))
+
+
 def test_a_table_ztun_did_not_make_is_left_alone_and_tcp_uses_the_tun(tmp_path: Path) -> None:
     """A table named like ztun's but not recorded by ztun is never deleted: ztun says so in
     one line and TCP goes through the TUN."""
