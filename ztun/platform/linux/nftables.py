@@ -221,6 +221,10 @@ def library() -> Any:
         nft = module.Nftables()
     except OSError:
         raise NftablesUnavailable("libnftables is not installed") from None
+    except (AttributeError, TypeError):  # a module called nftables that is not this one
+        raise NftablesUnavailable(
+            f"the module `nftables` at {getattr(module, '__file__', '?')} is not python3-nftables"
+        ) from None
     nft.set_json_output(True)
     nft.set_handle_output(True)
     _library = nft
