@@ -131,6 +131,29 @@ def _place(loaded: LoadedConfig | None, diagnostics: list[Diagnostic]) -> list[D
     return sorted(placed, key=order)
 
 
+def _redirect_unavailable(data: Any) -> list[Diagnostic]:
+    """auto_redirect where this machine has no nftables: one warning per tun inbound asking
+    for it (`ztun run` then keeps TCP on the TUN)."""
+    inbounds = data.get("inbounds") if isinstance(data, dict) else None
+    wanted = [i for i, ib in enumerate(inbounds if isinstance(inbounds, list) else [])
+              if isinstance(ib, dict) and ib.get("type") == "tun"
+              and ib.get("auto_redirect") is True and ib.get("auto_route") is True]  # fmt: skip
+    if not wanted:
+        return []
+    from ztun.platform.linux.nftables import unavailable
+
+    why = unavailable()
+    if why is None:
+        return []
+    out = []
+    for i in wanted:
+        path = ("inbounds", i, "auto_redirect")
+        message = (f"{format_path(path)}: nftables cannot be used here ({why}), so `ztun run` "
+                   "keeps TCP on the TUN")  # fmt: skip
+        out.append(Diagnostic(message, path, severity="warning"))
+    return out
+
+
 def check_file(path: str | Path, *, offline: bool = True) -> CheckResult:
     """Every diagnostic for the config at `path`, and its router when there are no errors.
 
@@ -146,6 +169,7 @@ def check_file(path: str | Path, *, offline: bool = True) -> CheckResult:
     diagnostics.extend(
         Diagnostic(message, path, severity="warning") for path, message in not_executed(loaded.data)
     )
+    diagnostics.extend(_redirect_unavailable(loaded.data))
     errors_before = len(diagnostics)
     geoip = _open_geoip(loaded, diagnostics)
     geoip_failed = len(diagnostics) > errors_before

@@ -211,6 +211,7 @@ class TunInboundOptions:
     address: tuple[Interface, ...] = _conv(_interfaces, ())
     mtu: int = DEFAULT_TUN_MTU
     auto_route: bool = False
+    auto_redirect: bool = False
     strict_route: bool = False
     route_address: tuple[Network, ...] = _conv(_networks, ())
     route_exclude_address: tuple[Network, ...] = _conv(_networks, ())

@@ -67,6 +67,7 @@ def validate(loaded: LoadedConfig) -> list[Diagnostic]:
         _dns_defaults,
         _dns_legacy_servers,
         _tun_prefixes,
+        _auto_redirect_needs_route,
         _listen_clashes,
         _looping_marks,
         _unmarked_resolver,
@@ -519,6 +520,22 @@ def _tun_prefixes(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
                     f"{first_host}/{network.prefixlen}",
                     "error",
                 )
+
+
+def _auto_redirect_needs_route(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
+    """auto_redirect redirects what auto_route sends into the TUN: without it, nothing."""
+    del loaded
+    for index, inbound in enumerate(_list(_get(data, ("inbounds",)))):
+        if not isinstance(inbound, dict) or inbound.get("type") != "tun":
+            continue
+        if inbound.get("auto_redirect") is True and inbound.get("auto_route") is not True:
+            path: ConfigPath = ("inbounds", index, "auto_redirect")
+            yield (
+                path,
+                f"{format_path(path)}: auto_redirect needs auto_route: true (it redirects the "
+                "TCP that auto_route sends into the TUN)",
+                "error",
+            )
 
 
 def _listen_clashes(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:

@@ -2,8 +2,10 @@
 
 Owns: the TUN device and its read loop, the kernel listeners that terminate every TCP flow
 (the system stack: see ztun.nat.tcp), the outbound sockets and UDP sessions the stack asks
-for, auto_route, and the orderly shutdown (no new flows, FIN every TCP flow while the TUN
-still carries the FINs, end UDP sessions, remove routes, close the TUN). Every per-packet
+for, auto_route (and auto_redirect: its nftables table and the loopback listener of
+ztun.inbound.redirect, whose flows join the TUN's at `_serve`), and the orderly shutdown (no
+new flows, FIN every TCP flow while the TUN still carries the FINs, end UDP sessions, remove
+the table and the routes, close the TUN). Every per-packet
 decision is the stack's: this module reads, writes back what the stack forwarded in place,
 and carries out the commands it queued (ztun.stack.commands).
 
@@ -111,6 +113,7 @@ class TunInbound:
         self.strict_route = options.strict_route
         self.route_address = list(options.route_address)
         self.route_exclude_address = list(options.route_exclude_address)
+        self.auto_redirect = options.auto_redirect and options.auto_route
         self.udp_timeout = udp_timeout = options.udp_timeout
         self.icmp = options.icmp
         self.mark = route.default_mark
@@ -119,6 +122,9 @@ class TunInbound:
         self.tasks: set[asyncio.Task[None]] = set()
         self.device: Any = None
         self.routes: Any = None
+        #: auto_redirect: the nftables table and its loopback listener (inbound/redirect.py)
+        self.redirect: Any = None
+        self.redirect_listener: Any = None
         # Every per-packet decision; its NATs are set in start(), once the listeners are bound.
         self.stack = TunStack(tag, dispatcher.route, nat4=None, nat6=None,
                               udp_timeout=udp_timeout, icmp=options.icmp,
@@ -175,15 +181,17 @@ class TunInbound:
                 loop.add_reader(ls.fileno(), self._on_accept, ls, nat)
             if self.auto_route:
                 await self._setup_routes()
+            self._setup_redirect()
         except BaseException:
             self._teardown()
             raise
         vnet = self.device.vnet_hdr
         loop.add_reader(self.device.fd, self._on_tun_vnet if vnet else self._on_tun)
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
-        log.info("inbound %s (tun) on %s: %s, mtu %d, offload %s%s", self.tag, self.device.name,
-                 ", ".join(map(str, self.address)), self.mtu, "on" if vnet else "off",
-                 ", auto_route" if self.auto_route else "")  # fmt: skip
+        log.info("inbound %s (tun) on %s: %s, mtu %d, offload %s%s%s", self.tag,
+                 self.device.name, ", ".join(map(str, self.address)), self.mtu,
+                 "on" if vnet else "off", ", auto_route" if self.auto_route else "",
+                 ", auto_redirect" if self.redirect is not None else "")  # fmt: skip
 
     async def _setup_routes(self) -> None:
         from ztun.platform.linux import routes
@@ -204,6 +212,36 @@ class TunInbound:
         self.routes = routes.AutoRoute(p)
         self.routes.apply()
 
+    def _setup_redirect(self) -> None:
+        """auto_redirect: TCP that the routes send into the TUN goes to a loopback listener
+        instead; where nftables cannot do it, one warning and TCP stays on the TUN. A table a
+        killed run left is deleted either way."""
+        from ztun.inbound.redirect import RedirectListener
+        from ztun.platform.linux import nftables
+
+        if not self.auto_redirect:
+            with contextlib.suppress(ZtunError):
+                nftables.cleanup_leftovers()
+            return
+        versions = [v for v, pair in ((4, self.v4), (6, self.v6)) if pair is not None]
+        listener = RedirectListener(self.tag, self.dispatcher.route, self._serve)
+        try:
+            ports = listener.open(versions)
+            p = nftables.plan(interface=self.device.name, ports=ports, mark=dial.own_mark(),
+                              route_exclude_address=self.route_exclude_address)  # fmt: skip
+            self.redirect = nftables.AutoRedirect(p)
+            self.redirect.apply()
+        except (nftables.NftablesError, OSError) as e:
+            listener.close()
+            self.redirect = None
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            # A missing library is what `ztun check` (and so run's start) already warned about.
+            level = logging.INFO if isinstance(e, nftables.NftablesUnavailable) else logging.WARNING
+            log.log(level, "inbound %s: auto_redirect is off (%s); TCP goes through the TUN",
+                    self.tag, why.removeprefix("auto_redirect: "))  # fmt: skip
+            return
+        self.redirect_listener = listener
+
     async def stop(self) -> None:
         """No new flows; FIN every TCP flow and drain; end UDP sessions; remove routes, TUN.
         The routes go whatever happens on the way (an error, a cancellation)."""
@@ -221,6 +259,8 @@ class TunInbound:
 
     async def _drain(self) -> None:
         self.stack.accepting = False
+        if self.redirect_listener is not None:
+            self.redirect_listener.close()
         loop = asyncio.get_running_loop()
         for ls, _ in self._listeners:
             with contextlib.suppress(ValueError, OSError):
@@ -254,12 +294,16 @@ class TunInbound:
                     loop.remove_reader(ls.fileno())
             ls.close()
         self._listeners.clear()
+        if self.redirect_listener is not None:
+            self.redirect_listener.close()
         for c in list(self._conns):
             with contextlib.suppress(OSError):
                 c.close()
         if self.device is not None and loop is not None:
             with contextlib.suppress(Exception):
                 loop.remove_reader(self.device.fd)
+        if self.redirect is not None:
+            self.redirect.remove()
         if self.routes is not None:
             self.routes.remove()
         if self.device is not None:
@@ -272,6 +316,8 @@ class TunInbound:
         """Put the routes back and close the TUN now, without draining: for an exit that
         skips stop() (a second signal; the interpreter's exit, through atexit, if the loop
         died without stop()). Synchronous; safe at any point and more than once."""
+        if self.redirect is not None:
+            self.redirect.remove()
         if self.routes is not None:
             self.routes.remove()
         if self.device is not None:
@@ -406,12 +452,15 @@ class TunInbound:
             if found is None:
                 _reset(conn)
                 continue
-            flow, outbound = found
-            conn.setblocking(False)
-            self._conns.add(conn)
-            task = loop.create_task(self._tcp_flow(conn, flow, outbound))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self._serve(conn, *found)
+
+    def _serve(self, conn: socket.socket, flow: Flow, outbound: Outbound | SniffFirst) -> None:
+        """Connect and relay an accepted flow (the TUN's kernel listener or auto_redirect's)."""
+        conn.setblocking(False)
+        self._conns.add(conn)
+        task = self._loop.create_task(self._tcp_flow(conn, flow, outbound))  # type: ignore[union-attr]
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _tcp_flow(
         self, conn: socket.socket, flow: Flow, outbound: Outbound | SniffFirst
