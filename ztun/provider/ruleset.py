@@ -44,6 +44,7 @@ from ztun import __version__
 from ztun.config.duration import parse_duration
 from ztun.errors import ConfigPath, Diagnostic
 from ztun.route.ruleset import RuleSetError, parse_rule_set
+from ztun.route.srs import is_binary, parse_binary
 from ztun.runtime.dial import OWN
 
 #: Larger rule-set files are refused (local and remote).
@@ -54,11 +55,7 @@ DOWNLOAD_TIMEOUT = 10.0
 DEFAULT_UPDATE_INTERVAL = 86400.0
 USER_AGENT = f"ztun/{__version__}"
 log = logging.getLogger("ztun.provider")
-BINARY_HINT = (
-    "binary .srs rule sets are not supported; use `sing-box rule-set decompile` to get the "
-    "source JSON"
-)
-FORMATS = ("source", "clash", "domains")
+FORMATS = ("source", "binary", "clash", "domains")
 BEHAVIORS = ("domain", "ipcidr", "classical")
 
 HeadlessRules = list[dict[str, Any]]
@@ -193,12 +190,8 @@ class _RuleSetLoader:
         if fmt is None:
             # sing-box picks the format from the extension; .json and anything else is source.
             fmt = "binary" if _extension(location) == ".srs" else "source"
-        if fmt == "binary":
-            key = "format" if "format" in entry else location_key
-            self.error(BINARY_HINT, (*where, key))
-            return
         if fmt not in FORMATS:
-            self.error(f"'{fmt}' is not a rule-set format (source, clash or domains)",
+            self.error(f"'{fmt}' is not a rule-set format (source, binary, clash or domains)",
                        (*where, "format"))  # fmt: skip
             return
         behavior = entry.get("behavior", "classical")
@@ -430,8 +423,10 @@ class RuleSetRefresher:
 
 
 def _parse_bytes(data: bytes, fmt: str, behavior: str) -> Any:
-    if data.startswith(b"SRS"):
-        raise RuleSetError(BINARY_HINT)
+    if fmt == "binary":
+        return parse_binary(data)
+    if is_binary(data):
+        raise RuleSetError("this is a sing-box binary rule set (.srs): set `format: binary`")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
