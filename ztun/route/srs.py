@@ -399,6 +399,8 @@ class _Reader:
         self.decoded = decoded
         entries = []
         for key in found:
+            if not key:
+                raise self.fail(path, "the domain set holds an empty entry")
             if not key.isascii():
                 try:
                     key = key.encode("latin-1").decode("utf-8")
@@ -492,7 +494,7 @@ def _domain_entries(keys: list[str], path: str) -> tuple[list[str], list[str], l
             del exact[entry[1:]]
             del dotted[entry]
             suffixes.append(entry[1:])
-    return list(exact), sorted(suffixes + list(dotted)), regexes
+    return sorted(exact), sorted(suffixes + list(dotted)), regexes
 
 
 def _adguard_entries(keys: list[str], path: str) -> tuple[list[str], list[str], list[str]]:
