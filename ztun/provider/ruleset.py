@@ -422,6 +422,32 @@ class RuleSetRefresher:
                 return
 
 
+def guess_format(location: str, data: bytes = b"") -> str:
+    """The format sing-box assumes for a file: binary for a .srs name (or bytes starting with
+    `SRS`), source otherwise."""
+    return "binary" if _extension(location) == ".srs" or is_binary(data) else "source"
+
+
+def read_rule_set_file(path: Path) -> bytes:
+    """A rule-set file's bytes, refusing one larger than `MAX_RULE_SET_BYTES`.
+    Raises RuleSetError naming the file."""
+    try:
+        with Path(path).expanduser().open("rb") as f:
+            data = f.read(MAX_RULE_SET_BYTES + 1)
+    except OSError as exc:
+        raise RuleSetError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_RULE_SET_BYTES:
+        raise RuleSetError(f"{path} is larger than {_size(MAX_RULE_SET_BYTES)}")
+    return data
+
+
+def parse_rule_set_bytes(data: bytes, fmt: str, behavior: str = "classical") -> Any:
+    """A file's bytes in format `fmt` → `ParsedRuleSet`; RuleSetError when it does not parse."""
+    if fmt not in FORMATS:
+        raise RuleSetError(f"'{fmt}' is not a rule-set format (source, binary, clash or domains)")
+    return _parse_bytes(data, fmt, behavior)
+
+
 def _parse_bytes(data: bytes, fmt: str, behavior: str) -> Any:
     if fmt == "binary":
         return parse_binary(data)

@@ -117,6 +117,8 @@ class BinaryRuleSet:
 
     version: int
     rules: list[dict[str, Any]] = field(default_factory=list)
+    #: AdGuard patterns were read (and turned into domain, domain_suffix and domain_regex)
+    adguard: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +155,7 @@ def read_srs(data: bytes) -> BinaryRuleSet:
     for i in range(count):
         rules.append(reader.rule(f"rules[{i}]", 0))
     # sing-box stops reading after the last rule; bytes after it are ignored there too.
-    return BinaryRuleSet(version, rules)
+    return BinaryRuleSet(version, rules, reader.adguard)
 
 
 def _inflate(compressed: bytes) -> bytes:
@@ -177,6 +179,7 @@ class _Reader:
         self.pos = 0
         self.version = version
         self.decoded = 0  # characters the tries have expanded into so far
+        self.adguard = False
 
     def fail(self, where: str, message: str) -> SrsError:
         return SrsError(f"{where}: {message}")
@@ -302,6 +305,7 @@ class _Reader:
             suffixes += s
             regexes += r
         if _ADGUARD in items:
+            self.adguard = True
             d, s, r = _adguard_entries(items[_ADGUARD], f"{where}.adguard_domain")
             domains += d
             suffixes += s
