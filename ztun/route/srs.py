@@ -64,8 +64,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import zlib
-from collections import deque
+import re
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import chain, compress, repeat
+from collections import Counter
+from operator import add, itemgetter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +108,9 @@ _SUBDOMAINS = "\r"  # a dotted domain_suffix; in an AdGuard pattern: any start
 _AND_SUBDOMAINS = "\n"  # a domain_suffix without the dot; AdGuard: `||`
 _OPEN_END = "\b"  # AdGuard: no closing `^`
 _REGEX_SPECIAL = frozenset("\\.^$|?*+()[]{}")
+#: Control bytes other than the three markers never occur in a trie's labels.
+_BAD_LABEL = re.compile(rb"[\x00-\x07\x09\x0b\x0c\x0e-\x1f\x7f]")
+_BIT_BYTES = bytes.maketrans(b"01", b"\x00\x01")
 
 
 class SrsError(RuleSetError):
@@ -339,7 +345,10 @@ class _Reader:
     # -- payloads -------------------------------------------------------------------------------
 
     def prefix(self, path: str) -> str:
-        address = _address(self.take(self.count(path, 1), path), path)
+        raw = self.take(self.count(path, 1), path)
+        if len(raw) not in (4, 16):
+            raise self.fail(path, f"an address of {len(raw)} bytes (expected 4 or 16)")
+        address = _address(int.from_bytes(raw, "big"), len(raw))
         bits = self.byte(path)
         if bits > address.max_prefixlen:
             raise self.fail(path, f"prefix length {bits} is too long for {address}")
@@ -349,57 +358,76 @@ class _Reader:
         if self.byte(path) != 1:
             raise self.fail(path, "unknown address-set layout (expected 1)")
         n = int.from_bytes(self.take(8, path), "big")
-        if n * 10 > len(self.data) - self.pos:  # each range holds at least 2 × (1 + 4) bytes
+        data, pos, end = self.data, self.pos, len(self.data)
+        if n * 10 > end - pos:  # each range holds at least 2 × (1 + 4) bytes
             raise self.fail(path, f"claims {n} address ranges, more than the file holds")
         prefixes: list[str] = []
+        # Inlined (no method call per address): a country's set has tens of thousands of ranges.
+        # Each address is its length as a one-byte uvarint (4 or 16) and its bytes.
         for _ in range(n):
-            first = self.take(self.count(path, 1), path)
-            last = self.take(self.count(path, 1), path)
-            if len(first) != len(last) or len(first) not in (4, 16):
+            size = data[pos] if pos < end else 0
+            if size != 4 and size != 16 or pos + 2 + 2 * size > end or data[pos + 1 + size] != size:
+                if pos + 2 + 2 * size > end and size in (4, 16):
+                    raise self.fail(path, "the file ends in the middle of a rule")
                 raise self.fail(path, "an address range must be two IPv4 or two IPv6 addresses")
-            lo = int.from_bytes(first, "big")
-            hi = int.from_bytes(last, "big")
+            lo = int.from_bytes(data[pos + 1 : pos + 1 + size], "big")
+            pos += 2 + size
+            hi = int.from_bytes(data[pos : pos + size], "big")
+            pos += size
             if lo > hi:
-                raise self.fail(path, f"address range {_address(first, path)}–"
-                                      f"{_address(last, path)} runs backwards")  # fmt: skip
-            prefixes += _range_prefixes(lo, hi, len(first) * 8)
+                raise self.fail(path, f"address range {_address(lo, size)}–"
+                                      f"{_address(hi, size)} runs backwards")  # fmt: skip
+            prefixes += _range_prefixes(lo, hi, size * 8)
+        self.pos = pos
         if not prefixes:
             raise self.fail(path, "an empty address set (sing-box never writes one)")
         return prefixes
 
     def trie_keys(self, path: str) -> list[str]:
-        """A succinct trie → its keys, each turned back to front (entries with their marker)."""
+        """A succinct trie → its keys, each turned back to front (entries with their marker).
+
+        Level by level: the keys of one level all have the same length, and the next level's
+        are this level's, each repeated once per child, plus the children's labels — built
+        with map/zip over whole levels instead of a Python step per node (three times faster
+        on a 120 000-entry set).
+        """
         self.byte(path)  # the trie's own version byte: sing-box ignores it
         leaves = self.take(8 * self.count(path, 8), path)
         bitmap = self.take(8 * self.count(path, 8), path)
         labels = self.take(self.count(path, 1), path)
-        leaf_bits = _bit_string(leaves)
         bits = _bit_string(bitmap)
         runs = bits.split("1")  # runs[n]: one "0" per child of node n; the last is padding
         nodes = len(runs) - 1
         if nodes < 1 or nodes != len(labels) + 1 or len(bits) - nodes != len(labels):
             raise self.fail(path, "the domain set is malformed (its bitmap and labels disagree)")
+        if _BAD_LABEL.search(labels):
+            raise self.fail(path, "the domain set holds control characters")
+        counts = list(map(len, runs[:nodes]))
+        leaf_flags = _bit_string(leaves)[:nodes].encode("ascii").translate(_BIT_BYTES)
         text = labels.decode("latin-1")  # byte n is character n; UTF-8 is decoded per key
-        queue: deque[str] = deque([""])
         found: list[str] = []
-        at = 0
+        level = [""]
+        start = at = 0
         decoded = self.decoded
-        leaf_count = len(leaf_bits)
-        try:
-            for node in range(nodes):
-                key = queue.popleft()
-                if node < leaf_count and leaf_bits[node] == "1":
-                    found.append(key)
-                children = len(runs[node])
-                if children:
-                    queue.extend(map(key.__add__, text[at : at + children]))
-                    at += children
-                    decoded += children * (len(key) + 1)
-                    if decoded > MAX_DECODED_CHARS:
-                        raise self.fail(path, "the domain sets expand to more than "
-                                              f"{MAX_DECODED_CHARS >> 20} MiB of text")  # fmt: skip
-        except IndexError:
-            raise self.fail(path, "the domain set is malformed (a node has no parent)") from None
+        depth = 0
+        while level:
+            end = start + len(level)
+            found += compress(level, leaf_flags[start:end])
+            children = counts[start:end]
+            total = sum(children)
+            if total > len(text) - at:
+                raise self.fail(path, "the domain set is malformed (a node has no parent)")
+            depth += 1
+            decoded += total * depth
+            if decoded > MAX_DECODED_CHARS:
+                raise self.fail(path, "the domain sets expand to more than "
+                                      f"{MAX_DECODED_CHARS >> 20} MiB of text")  # fmt: skip
+            parents = chain.from_iterable(map(repeat, level, children))
+            level = list(map(add, parents, text[at : at + total]))
+            at += total
+            start = end
+        if start != nodes:
+            raise self.fail(path, "the domain set is malformed (unreachable nodes)")
         self.decoded = decoded
         entries = []
         for key in found:
@@ -437,12 +465,8 @@ def _bit_string(words: bytes) -> str:
     return format(value, "b")[::-1] if value else ""
 
 
-def _address(raw: bytes, path: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    if len(raw) == 4:
-        return ipaddress.IPv4Address(raw)
-    if len(raw) == 16:
-        return ipaddress.IPv6Address(raw)
-    raise SrsError(f"{path}: an address of {len(raw)} bytes (expected 4 or 16)")
+def _address(value: int, size: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.IPv4Address(value) if size == 4 else ipaddress.IPv6Address(value)
 
 
 def _range_prefixes(lo: int, hi: int, width: int) -> list[str]:
@@ -463,7 +487,8 @@ def _range_prefixes(lo: int, hi: int, width: int) -> list[str]:
 
 
 def _check_entry(entry: str, path: str) -> None:
-    if not entry or any(c < " " for c in entry):
+    # Control characters other than the markers were refused with the labels.
+    if not entry or "\r" in entry or "\n" in entry or "\b" in entry:
         raise SrsError(f"{path}: a malformed domain entry {json.dumps(entry)}")
 
 
@@ -514,7 +539,7 @@ def _adguard_entries(keys: list[str], path: str) -> tuple[list[str], list[str], 
         open_end = body.endswith(_OPEN_END)
         if open_end:
             body = body[:-1]
-        if any(c < " " for c in body):
+        if "\r" in body or "\n" in body or "\b" in body:
             raise SrsError(f"{path}: a malformed AdGuard pattern {json.dumps(key)}")
         if body and "*" not in body and not open_end and start != _SUBDOMAINS:
             (suffixes if start == _AND_SUBDOMAINS else domains).append(body)
@@ -669,45 +694,45 @@ def _domain_keys(domains: list[str], suffixes: list[str], version: int) -> list[
 
 
 def _trie_bytes(keys: list[bytes]) -> bytes:
-    """Sorted, distinct keys → the succinct trie layout (breadth first, as described above)."""
+    """Sorted, distinct keys → the succinct trie layout (breadth first, as described above).
+
+    Built a level at a time: in breadth-first order the nodes of one level are the distinct
+    prefixes of that length in sorted order, so each level is a few map/dict passes over the
+    keys still long enough (about ten times faster than grouping keys node by node).
+    """
+    keyset = set(keys)
     leaves: list[int] = []
     bits: list[str] = []
     labels = bytearray()
-    queue: deque[tuple[int, int, int]] = deque([(0, len(keys), 0)])
+    level: list[bytes] = [b""]
+    alive = [k for k in keys if k]
     node = 0
-    while queue:
-        start, end, column = queue.popleft()
-        if len(keys[start]) == column:
-            leaves.append(node)
-            start += 1
-        j = start
-        while j < end:
-            label = keys[j][column]
-            k = j + 1
-            while k < end and keys[k][column] == label:
-                k += 1
-            queue.append((j, k, column + 1))
-            labels.append(label)
-            bits.append("0")
-            j = k
-        bits.append("1")
-        node += 1
+    depth = 0
+    while level:
+        leaves += compress(range(node, node + len(level)), map(keyset.__contains__, level))
+        node += len(level)
+        depth += 1
+        following = list(dict.fromkeys(map(itemgetter(slice(0, depth)), alive)))
+        children = Counter(map(itemgetter(slice(0, depth - 1)), following))
+        bits += ["0" * children.get(p, 0) + "1" for p in level]
+        labels += bytes(map(itemgetter(-1), following))
+        alive = [k for k in alive if len(k) > depth]
+        level = following
     out = bytearray([0])
-    leaf_value = 0
+    leaf_bits = bytearray(b"0" * (leaves[-1] + 1 if leaves else 0))
     for n in leaves:
-        leaf_value |= 1 << n
-    out += _words(leaf_value, leaves[-1] + 1 if leaves else 0)
-    bitmap = "".join(bits)
-    out += _words(int(bitmap[::-1], 2), len(bitmap))
+        leaf_bits[n] = 0x31  # "1"
+    out += _words(leaf_bits.decode("ascii"))
+    out += _words("".join(bits))
     _put_uvarint(out, len(labels))
     out += labels
     return bytes(out)
 
 
-def _words(value: int, nbits: int) -> bytes:
-    """An integer's low `nbits` bits as a uvarint word count and big-endian 64-bit words."""
-    count = (nbits + 63) // 64
-    little = value.to_bytes(8 * count, "little")
+def _words(bits: str) -> bytes:
+    """'0'/'1' characters (bit 0 first) as a uvarint word count and big-endian 64-bit words."""
+    count = (len(bits) + 63) // 64
+    little = (int(bits[::-1], 2) if bits else 0).to_bytes(8 * count, "little")
     big = bytearray(len(little))
     for k in range(8):
         big[k::8] = little[7 - k :: 8]
@@ -716,11 +741,26 @@ def _words(value: int, nbits: int) -> bytes:
     return bytes(out + big)
 
 
+_IPV4_PREFIX = re.compile(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?:/(\d{1,2}))?")
+
+
 def _ip_set_bytes(prefixes: list[str], where: str) -> bytes:
     ranges: dict[int, list[list[int]]] = {4: [], 6: []}
     for text in prefixes:
+        text = str(text)
+        # IPv4 without ipaddress objects: ten times faster for a country's list.
+        m = _IPV4_PREFIX.fullmatch(text)
+        if m is not None:
+            a, b, c, d, bits = m.groups()
+            length = 32 if bits is None else int(bits)
+            octets = (int(a), int(b), int(c), int(d))
+            if max(octets) <= 255 and length <= 32 and (len(a) == 1 or a[0] != "0"):
+                value = (octets[0] << 24) | (octets[1] << 16) | (octets[2] << 8) | octets[3]
+                host = (1 << (32 - length)) - 1
+                ranges[4].append([value & ~host, value | host])
+                continue
         try:
-            net = ipaddress.ip_network(str(text), strict=False)
+            net = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise SrsError(f"{where}: '{text}' is not an IP address or CIDR prefix") from None
         ranges[net.version].append([int(net.network_address), int(net.broadcast_address)])
