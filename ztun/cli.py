@@ -323,9 +323,7 @@ FormatOpt = Annotated[
     typer.Option("--format", "-f", help="source, binary, clash or domains (default: binary for "
                  ".srs files, else source).", show_default=False),
 ]  # fmt: skip
-BehaviorOpt = Annotated[
-    str, typer.Option(help="For --format clash: domain, ipcidr or classical.")
-]
+BehaviorOpt = Annotated[str, typer.Option(help="For --format clash: domain, ipcidr or classical.")]
 OutputOpt = Annotated[
     Path | None,
     typer.Option("--output", "-o", help="Output file ('-': standard output).", show_default=False),
@@ -389,9 +387,11 @@ def rule_set_compile(
     fmt: FormatOpt = None,
     behavior: BehaviorOpt = "classical",
     srs_version: Annotated[
-        int, typer.Option("--version", help="Binary version: 2, or 1 for sing-box before 1.10.",
-                          min=1, max=2)
-    ] = 2,  # fmt: skip
+        int,
+        typer.Option(
+            "--version", help="Binary version: 2, or 1 for sing-box before 1.10.", min=1, max=2
+        ),
+    ] = 2,
 ) -> None:
     """Write the set as sing-box's binary .srs (default: the input's name with .srs)."""
     from ztun.ruleset_tool import default_output, to_binary

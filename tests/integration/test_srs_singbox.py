@@ -54,7 +54,9 @@ def answers(rules: list[dict[str, Any]], queries: list[str]) -> dict[str, set[in
     return {q: {i for i, m in enumerate(matchers) if m.match(_meta(q))} for q in queries}
 
 
-def compiled_by_singbox(singbox: Path, tmp: Path, rules: list[dict[str, Any]], version: int) -> bytes:
+def compiled_by_singbox(
+    singbox: Path, tmp: Path, rules: list[dict[str, Any]], version: int
+) -> bytes:
     source = tmp / f"set-v{version}.json"
     source.write_text(json.dumps({"version": version, "rules": rules}))
     out = tmp / f"set-v{version}.srs"

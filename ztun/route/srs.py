@@ -63,13 +63,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import zlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from itertools import chain, compress, repeat
+import zlib
 from collections import Counter
-from operator import add, itemgetter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, compress, repeat
+from operator import add, itemgetter
 from typing import Any
 
 from ztun.route.ruleset import MAX_DEPTH, ParsedRuleSet, RuleSetError, normalize_headless_rules
@@ -366,8 +366,8 @@ class _Reader:
         # Each address is its length as a one-byte uvarint (4 or 16) and its bytes.
         for _ in range(n):
             size = data[pos] if pos < end else 0
-            if size != 4 and size != 16 or pos + 2 + 2 * size > end or data[pos + 1 + size] != size:
-                if pos + 2 + 2 * size > end and size in (4, 16):
+            if size not in (4, 16) or pos + 2 + 2 * size > end or data[pos + 1 + size] != size:
+                if size in (4, 16) and pos + 2 + 2 * size > end:
                     raise self.fail(path, "the file ends in the middle of a rule")
                 raise self.fail(path, "an address range must be two IPv4 or two IPv6 addresses")
             lo = int.from_bytes(data[pos + 1 : pos + 1 + size], "big")

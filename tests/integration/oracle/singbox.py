@@ -63,7 +63,7 @@ def match_once(binary: Path, set_path: Path, query: str, fmt: str = "source") ->
     done = subprocess.run(
         # "--": a query such as "-b.example.com" must not be read as a flag
         [str(binary), "--disable-color", "rule-set", "match", "-f", fmt, "--", str(set_path),
-         query],  # fmt: skip
+         query],
         capture_output=True,
         text=True,
         timeout=30,
