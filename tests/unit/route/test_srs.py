@@ -284,3 +284,30 @@ def test_malformed_tries_are_refused() -> None:
     # labels and bitmap that disagree
     with pytest.raises(SrsError, match="malformed"):
         srs._Reader(b"\x00\x00\x01" + (1).to_bytes(8, "big") + b"\x02ab", 2).trie_keys("d")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 2**64 - 1), max_size=3), st.lists(st.integers(0, 2**64 - 1),
+       max_size=3), st.binary(max_size=200))  # fmt: skip
+def test_arbitrary_trie_arrays_raise_only_the_readers_error(
+    leaves: list[int], bitmap: list[int], labels: bytes
+) -> None:
+    raw = bytearray([0])
+    for words in (leaves, bitmap):
+        srs._put_uvarint(raw, len(words))
+        raw += b"".join(w.to_bytes(8, "big") for w in words)
+    srs._put_uvarint(raw, len(labels))
+    raw += labels
+    with contextlib.suppress(SrsError):
+        for key in srs._Reader(bytes(raw), 2).trie_keys("domain"):
+            assert isinstance(key, str)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet="ab.*\r\n\b\x00é", min_size=1, max_size=6), min_size=1,
+                max_size=8))  # fmt: skip
+def test_any_trie_keys_become_entries_or_the_readers_error(keys: list[str]) -> None:
+    for convert in (srs._domain_entries, srs._adguard_entries):
+        with contextlib.suppress(SrsError):
+            domains, suffixes, regexes = convert(keys, "domain")
+            assert all(isinstance(e, str) and e for e in domains + suffixes + regexes)
