@@ -648,7 +648,9 @@ def _write_rule(out: bytearray, rule: Mapping[str, Any], version: int, where: st
                        ("port", _PORT), ("port_range", _PORT_RANGE)):  # fmt: skip
         if values := _listed(rule, name):
             if item in (_SOURCE_PORT, _PORT):
-                _put_uint16s(out, item, [int(v) for v in values])
+                if not all(isinstance(v, int) and 0 <= v <= 65535 for v in values):
+                    raise SrsError(f"{where}.{name}: ports are integers 0 to 65535")
+                _put_uint16s(out, item, values)
             else:
                 _put_strings(out, item, values)
     out.append(_FINAL)

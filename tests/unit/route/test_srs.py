@@ -311,3 +311,8 @@ def test_any_trie_keys_become_entries_or_the_readers_error(keys: list[str]) -> N
         with contextlib.suppress(SrsError):
             domains, suffixes, regexes = convert(keys, "domain")
             assert all(isinstance(e, str) and e for e in domains + suffixes + regexes)
+
+
+def test_unchecked_ports_are_refused_by_the_writer() -> None:
+    with pytest.raises(SrsError, match=r"rules\[0\].port: ports are integers 0 to 65535"):
+        write_srs([{"port": [70000]}])
