@@ -421,6 +421,134 @@ class _keys:
             termios.tcsetattr(sys.stdin, termios.TCSADRAIN, self.saved)
 
 
+rule_set_app = typer.Typer(
+    no_args_is_help=True,
+    help="Rule-set files: match a name or IP, compile to and decompile from sing-box's binary "
+    ".srs, convert Clash rule providers and domain lists.",
+)
+app.add_typer(rule_set_app, name="rule-set")
+
+SetArg = Annotated[Path, typer.Argument(help="The rule-set file.", show_default=False)]
+FormatOpt = Annotated[
+    str | None,
+    typer.Option("--format", "-f", help="source, binary, clash or domains (default: binary for "
+                 ".srs files, else source).", show_default=False),
+]  # fmt: skip
+BehaviorOpt = Annotated[str, typer.Option(help="For --format clash: domain, ipcidr or classical.")]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", help="Output file ('-': standard output).", show_default=False),
+]
+
+
+def _load_set(path: Path, fmt: str | None, behavior: str) -> Any:
+    from ztun.ruleset_tool import load
+
+    loaded = load(path, fmt, behavior)
+    for warning in loaded.warnings:
+        typer.echo(f"ztun: warning: {path}: {warning}", err=True)
+    return loaded
+
+
+def _write_output(output: Path, data: bytes, *, what: str) -> None:
+    if str(output) == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return
+    try:
+        output.write_bytes(data)
+    except OSError as exc:
+        raise _fail(f"cannot write {output}: {exc.strerror or exc}") from None
+    typer.echo(f"wrote {what} {output}", err=True)
+
+
+@rule_set_app.command("match")
+def rule_set_match(
+    path: SetArg,
+    query: Annotated[str, typer.Argument(help="A domain or an IP address.", show_default=False)],
+    fmt: FormatOpt = None,
+    behavior: BehaviorOpt = "classical",
+    port: Annotated[int, typer.Option(help="Destination port.", min=0, max=65535)] = 0,
+    network: Annotated[str, typer.Option(help="tcp, udp or icmp.")] = "tcp",
+    as_json: JsonOpt = False,
+) -> None:
+    """Print every top-level rule of the set that QUERY matches (each rule on its own)."""
+    from ztun.query import QueryError
+    from ztun.ruleset_tool import describe, match
+
+    loaded = _load_set(path, fmt, behavior)
+    try:
+        hits = match(loaded, query, port=port, network=network)
+    except QueryError as exc:
+        raise _fail(str(exc), 2) from None
+    if as_json:
+        typer.echo(json.dumps({"query": query, "matches": [
+            {"index": i, "rule": loaded.rules[i]} for i in hits]}, indent=2))  # fmt: skip
+        return
+    for index in hits:
+        typer.echo(f"match rules[{index}]: {describe(loaded.rules[index])}")
+    if not hits:
+        typer.echo(f"no rule of {path} matches {query}", err=True)
+
+
+@rule_set_app.command("compile")
+def rule_set_compile(
+    path: SetArg,
+    output: OutputOpt = None,
+    fmt: FormatOpt = None,
+    behavior: BehaviorOpt = "classical",
+    srs_version: Annotated[
+        int,
+        typer.Option(
+            "--version", help="Binary version: 2, or 1 for sing-box before 1.10.", min=1, max=2
+        ),
+    ] = 2,
+) -> None:
+    """Write the set as sing-box's binary .srs (default: the input's name with .srs)."""
+    from ztun.ruleset_tool import default_output, to_binary
+
+    loaded = _load_set(path, fmt, behavior)
+    data = to_binary(loaded.rules, srs_version)
+    _write_output(output or default_output(path, ".srs"), data, what="binary rule set")
+
+
+@rule_set_app.command("decompile")
+def rule_set_decompile(path: SetArg, output: OutputOpt = None) -> None:
+    """Write a binary .srs set as sing-box source JSON (default: the input's name with .json)."""
+    from ztun.ruleset_tool import decompile, default_output
+
+    text, warnings = decompile(path)
+    for warning in warnings:
+        typer.echo(f"ztun: warning: {path}: {warning}", err=True)
+    _write_output(output or default_output(path, ".json"), text.encode("utf-8"),
+                  what="source rule set")  # fmt: skip
+
+
+@rule_set_app.command("convert")
+def rule_set_convert(
+    path: SetArg,
+    source_type: Annotated[
+        str, typer.Option("--type", "-t", help="clash (a rule provider) or domains (a list).")
+    ],
+    behavior: BehaviorOpt = "classical",
+    output: OutputOpt = None,
+    binary: Annotated[bool, typer.Option("--binary", help="Write binary .srs, not JSON.")] = False,
+) -> None:
+    """Convert a Clash rule provider or a plain domain list to a sing-box rule set."""
+    from ztun.ruleset_tool import default_output, to_binary, to_source
+
+    if source_type not in ("clash", "domains"):
+        raise _fail(f"--type: '{source_type}' is not clash or domains", 2)
+    loaded = _load_set(path, source_type, behavior)
+    if binary:
+        data = to_binary(loaded.rules)
+        _write_output(output or default_output(path, ".srs"), data, what="binary rule set")
+    else:
+        text = to_source(loaded.rules)
+        _write_output(output or default_output(path, ".json"), text.encode("utf-8"),
+                      what="source rule set")  # fmt: skip
+
+
 @app.command()
 def version() -> None:
     """Print ztun's version."""

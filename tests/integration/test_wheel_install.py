@@ -150,6 +150,18 @@ def test_route_answers(installed: Installed) -> None:
     assert direct.returncode == 0 and "outbound: direct" in direct.stdout
 
 
+def test_rule_set_convert_match_decompile(installed: Installed) -> None:
+    (installed.cwd / "ads.txt").write_text("ads.example\n+.track.example\n")
+    made = installed.ztun("rule-set", "convert", "ads.txt", "-t", "domains", "--binary")
+    assert made.returncode == 0, made.stderr
+    hit = installed.ztun("rule-set", "match", "ads.srs", "x.track.example")
+    assert hit.returncode == 0 and hit.stdout.startswith("match rules[0]:"), hit.stderr
+    assert installed.ztun("rule-set", "decompile", "ads.srs").returncode == 0
+    assert json.loads((installed.cwd / "ads.json").read_text())["rules"] == [
+        {"domain": "ads.example", "domain_suffix": "track.example"}
+    ]
+
+
 def test_run_proxies_one_connection_and_stops_on_sigterm(installed: Installed) -> None:
     example = _example_paths(installed)["local-proxy"]
     port = free_port()

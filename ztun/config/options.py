@@ -431,7 +431,7 @@ class InlineRuleSetOptions:
 class LocalRuleSetOptions:
     type: Literal["local"] = "local"
     tag: str
-    format: Literal["source", "clash", "domains"] = "source"
+    format: Literal["source", "binary", "clash", "domains"] = "source"
     path: str
     behavior: Literal["domain", "ipcidr", "classical"] = "classical"
 
@@ -440,7 +440,7 @@ class LocalRuleSetOptions:
 class RemoteRuleSetOptions:
     type: Literal["remote"] = "remote"
     tag: str
-    format: Literal["source", "clash", "domains"] = "source"
+    format: Literal["source", "binary", "clash", "domains"] = "source"
     url: str
     update_interval: float = _conv(_duration, 86400.0)
     download_detour: str | None = None

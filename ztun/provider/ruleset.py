@@ -44,6 +44,7 @@ from ztun import __version__
 from ztun.config.duration import parse_duration
 from ztun.errors import ConfigPath, Diagnostic
 from ztun.route.ruleset import RuleSetError, parse_rule_set
+from ztun.route.srs import is_binary, parse_binary
 from ztun.runtime.dial import OWN
 
 #: Larger rule-set files are refused (local and remote).
@@ -54,11 +55,7 @@ DOWNLOAD_TIMEOUT = 10.0
 DEFAULT_UPDATE_INTERVAL = 86400.0
 USER_AGENT = f"ztun/{__version__}"
 log = logging.getLogger("ztun.provider")
-BINARY_HINT = (
-    "binary .srs rule sets are not supported; use `sing-box rule-set decompile` to get the "
-    "source JSON"
-)
-FORMATS = ("source", "clash", "domains")
+FORMATS = ("source", "binary", "clash", "domains")
 BEHAVIORS = ("domain", "ipcidr", "classical")
 
 HeadlessRules = list[dict[str, Any]]
@@ -193,12 +190,8 @@ class _RuleSetLoader:
         if fmt is None:
             # sing-box picks the format from the extension; .json and anything else is source.
             fmt = "binary" if _extension(location) == ".srs" else "source"
-        if fmt == "binary":
-            key = "format" if "format" in entry else location_key
-            self.error(BINARY_HINT, (*where, key))
-            return
         if fmt not in FORMATS:
-            self.error(f"'{fmt}' is not a rule-set format (source, clash or domains)",
+            self.error(f"'{fmt}' is not a rule-set format (source, binary, clash or domains)",
                        (*where, "format"))  # fmt: skip
             return
         behavior = entry.get("behavior", "classical")
@@ -429,9 +422,37 @@ class RuleSetRefresher:
                 return
 
 
+def guess_format(location: str, data: bytes = b"") -> str:
+    """The format sing-box assumes for a file: binary for a .srs name (or bytes starting with
+    `SRS`), source otherwise."""
+    return "binary" if _extension(location) == ".srs" or is_binary(data) else "source"
+
+
+def read_rule_set_file(path: Path) -> bytes:
+    """A rule-set file's bytes, refusing one larger than `MAX_RULE_SET_BYTES`.
+    Raises RuleSetError naming the file."""
+    try:
+        with Path(path).expanduser().open("rb") as f:
+            data = f.read(MAX_RULE_SET_BYTES + 1)
+    except OSError as exc:
+        raise RuleSetError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_RULE_SET_BYTES:
+        raise RuleSetError(f"{path} is larger than {_size(MAX_RULE_SET_BYTES)}")
+    return data
+
+
+def parse_rule_set_bytes(data: bytes, fmt: str, behavior: str = "classical") -> Any:
+    """A file's bytes in format `fmt` → `ParsedRuleSet`; RuleSetError when it does not parse."""
+    if fmt not in FORMATS:
+        raise RuleSetError(f"'{fmt}' is not a rule-set format (source, binary, clash or domains)")
+    return _parse_bytes(data, fmt, behavior)
+
+
 def _parse_bytes(data: bytes, fmt: str, behavior: str) -> Any:
-    if data.startswith(b"SRS"):
-        raise RuleSetError(BINARY_HINT)
+    if fmt == "binary":
+        return parse_binary(data)
+    if is_binary(data):
+        raise RuleSetError("this is a sing-box binary rule set (.srs): set `format: binary`")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -58,11 +58,12 @@ def version(binary: Path) -> str:
     return first.removeprefix("sing-box version ").strip()
 
 
-def match_once(binary: Path, set_path: Path, query: str) -> set[int]:
-    """Indexes of the top-level rules of `set_path` that match `query`."""
+def match_once(binary: Path, set_path: Path, query: str, fmt: str = "source") -> set[int]:
+    """Indexes of the top-level rules of `set_path` (in format `fmt`) that match `query`."""
     done = subprocess.run(
         # "--": a query such as "-b.example.com" must not be read as a flag
-        [str(binary), "--disable-color", "rule-set", "match", "--", str(set_path), query],
+        [str(binary), "--disable-color", "rule-set", "match", "-f", fmt, "--", str(set_path),
+         query],
         capture_output=True,
         text=True,
         timeout=30,

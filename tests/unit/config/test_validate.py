@@ -223,9 +223,9 @@ def test_action_fields_belong_to_their_action() -> None:
     ]
 
 
-def test_unsupported_binary_rule_sets_are_explained() -> None:
-    d = one(MINIMAL, "route:\n  rule_set: [{type: local, tag: x, path: x.srs, format: binary}]\n")
-    assert "binary .srs files are not supported" in d.message
+def test_rule_set_formats() -> None:
+    d = one(MINIMAL, "route:\n  rule_set: [{type: local, tag: x, path: x.srs, format: srs}]\n")
+    assert "use source, binary, clash or domains" in d.message
     assert d.path == ("route", "rule_set", 0, "format")
 
 

@@ -15,6 +15,7 @@ import pytest
 from ztun.errors import Diagnostic
 from ztun.provider import ruleset as provider
 from ztun.provider.ruleset import default_cache_dir, load_rule_sets
+from ztun.route.srs import write_srs
 
 SOURCE_A = json.dumps({"version": 2, "rules": [{"domain_suffix": "a.example"}]}).encode()
 SOURCE_B = json.dumps({"version": 2, "rules": [{"domain_suffix": "b.example"}]}).encode()
@@ -153,7 +154,7 @@ def test_local_problems(tmp_path: Path) -> None:
             {"tag": "missing", "type": "local", "path": "nope.json"},
             {"tag": "bad", "type": "local", "path": "bad.json"},
             {"tag": "srs", "type": "local", "path": "x.srs"},
-            {"tag": "binfmt", "type": "local", "path": "x.json", "format": "binary"},
+            {"tag": "binfmt", "type": "local", "path": "bad.json", "format": "binary"},
             {"tag": "magic", "type": "local", "path": "bin.json"},
             {"tag": "latin1", "type": "local", "path": "latin1.txt", "format": "domains"},
             {"tag": "fmt", "type": "local", "path": "bad.json", "format": "yaml"},
@@ -165,10 +166,10 @@ def test_local_problems(tmp_path: Path) -> None:
     assert "cannot read rule-set file" in errors[("route", "rule_set", 0, "path")]
     assert "No such file" in errors[("route", "rule_set", 0, "path")]
     assert 'rules[0].port: "x" is not a port' in errors[("route", "rule_set", 1, "path")]
-    hint = "binary .srs rule sets are not supported; use `sing-box rule-set decompile`"
-    assert hint in errors[("route", "rule_set", 2, "path")]
-    assert hint in errors[("route", "rule_set", 3, "format")]
-    assert hint in errors[("route", "rule_set", 4, "path")]
+    # A .srs name means format: binary; a missing .srs file is just missing.
+    assert "cannot read rule-set file" in errors[("route", "rule_set", 2, "path")]
+    assert "not a sing-box binary rule set" in errors[("route", "rule_set", 3, "path")]
+    assert "set `format: binary`" in errors[("route", "rule_set", 4, "path")]
     assert "not UTF-8" in errors[("route", "rule_set", 5, "path")]
     assert "'yaml' is not a rule-set format" in errors[("route", "rule_set", 6, "format")]
     assert "needs 'path'" in errors[("route", "rule_set", 7, "path")]
@@ -310,9 +311,14 @@ def test_remote_formats_and_srs(server: Server, tmp_path: Path) -> None:
     server.site.body = b"payload:\n  - '+.c.example'\n"
     result = load([remote(server.url("/c.yaml"), format="clash", behavior="domain")], tmp_path)
     assert result.sets == {"r": [{"domain_suffix": ["c.example"]}]}
+    # A URL whose path ends in .srs is read as format: binary.
+    server.site.body = write_srs([{"domain_suffix": ["d.example"], "ip_cidr": ["198.51.100.0/24"]}])
     srs = load([remote(server.url("/geoip-cn.srs?x=1"))], tmp_path)
-    assert "binary .srs" in messages(srs.diagnostics, "error")[0]
-    assert len(server.site.requests) == 1  # the .srs URL was never fetched
+    assert srs.diagnostics == []
+    assert srs.sets == {"r": [{"domain_suffix": ["d.example"], "ip_cidr": ["198.51.100.0/24"]}]}
+    server.site.body = b"SRS\x02not zlib"
+    broken = load([remote(server.url("/broken.srs"))], tmp_path)
+    assert "compressed body is damaged" in messages(broken.diagnostics, "error")[0]
 
 
 def test_remote_entry_problems(tmp_path: Path) -> None:
