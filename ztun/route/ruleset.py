@@ -41,6 +41,7 @@ MAX_DEPTH = 32
 _STRING_FIELDS = frozenset({
     "domain", "domain_suffix", "domain_keyword", "domain_regex", "geoip", "source_geoip",
     "port_range", "source_port_range", "network", "protocol", "auth_user",
+    "process_name", "process_path", "process_path_regex",
 })  # fmt: skip
 _CIDR_FIELDS = frozenset({"ip_cidr", "source_ip_cidr"})
 _PORT_FIELDS = frozenset({"port", "source_port"})
@@ -48,7 +49,7 @@ _BOOL_FIELDS = frozenset({"ip_is_private", "source_ip_is_private", "invert"})
 _NETWORKS = frozenset({"tcp", "udp", "icmp"})
 #: Fields sing-box accepts in a headless rule that ztun cannot evaluate.
 _SINGBOX_ONLY_FIELDS = frozenset({
-    "process_name", "process_path", "process_path_regex", "package_name", "package_name_regex",
+    "package_name", "package_name_regex",
     "wifi_ssid", "wifi_bssid", "network_type", "network_is_expensive", "network_is_constrained",
     "network_interface_address", "default_interface_address",
 })  # fmt: skip
@@ -102,7 +103,7 @@ def parse_source(text: str) -> ParsedRuleSet:
 
     Comments (`//`, `/* */`, `#`) and trailing commas are accepted, as sing-box accepts them.
     Unknown fields are errors, as in sing-box; fields sing-box knows but ztun cannot evaluate
-    (process_name, wifi_ssid, ...) are errors too, because dropping them would widen a rule.
+    (package_name, wifi_ssid, ...) are errors too, because dropping them would widen a rule.
     """
     try:
         data = json.loads(_strip_json_extensions(text))

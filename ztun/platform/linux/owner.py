@@ -1,0 +1,318 @@
+"""Who owns a flow's source socket: its user (uid) and, when asked, its process.
+
+For the rule items `user`, `user_id`, `process_name`, `process_path`, `process_path_regex`.
+`OwnerFinder.find(network, src_ip, src_port, dst_ip, dst_port)` is the one call every inbound
+makes (the 5-tuple as the local application's socket sees it: its own address first):
+
+1. netlink `sock_diag` names the socket: its inode and uid, in one exact lookup (6 µs; done on
+   the caller's thread, since the kernel answers inside `send`). The uid alone serves `user`
+   and `user_id`.
+2. Only when a rule needs the process: /proc is searched for the fd that links to
+   `socket:[inode]` — in a worker thread, with a deadline. The search looks first at the
+   processes that owned recent flows, then at the other processes of the socket's uid only
+   (newest first), and remembers every socket inode it passes (bounded), so a process that
+   opens many flows is found in its own few fds. The path is /proc/PID/exe.
+
+Whatever fails (no such socket: gone, or in another network namespace; /proc unreadable; the
+deadline) gives `UNKNOWN` or an owner with only what was found: never an error to the flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import pwd
+import socket
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ztun.platform.linux.owner_parse import (
+    AF_INET,
+    AF_INET6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    NETLINK_SOCK_DIAG,
+    DiagAnswer,
+    diag_request,
+    parse_diag_reply,
+    parse_exe_link,
+    parse_socket_link,
+    process_name,
+)
+
+log = logging.getLogger("ztun.owner")
+
+#: How long a flow waits for its owner at most; after that it is routed as unknown.
+LOOKUP_TIMEOUT = 0.5
+#: The /proc search of one lookup stops after this long, or after this many fd links.
+SCAN_DEADLINE = 0.4
+MAX_LINKS_PER_SCAN = 50_000
+#: Lookups waiting for the worker at most; more are answered at once with the uid only.
+MAX_PENDING = 256
+#: Socket inodes remembered from searches (inode → pid), and processes tried first.
+MAX_INODES = 8192
+MAX_RECENT_PIDS = 16
+MAX_USER_NAMES = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """What is known of a flow's local owner; None fields are unknown."""
+
+    user_id: int | None = None
+    user: str | None = None
+    pid: int | None = None
+    path: str | None = None
+
+    @property
+    def name(self) -> str | None:
+        return process_name(self.path) if self.path else None
+
+
+UNKNOWN = Owner()
+
+
+class OwnerFinder:
+    """Finds the owner of local sockets; `process=False` stops at the user (no /proc)."""
+
+    def __init__(
+        self, *, process: bool, timeout: float = LOOKUP_TIMEOUT, proc: str = "/proc"
+    ) -> None:
+        self.process = process
+        self.timeout = timeout
+        self.proc = proc
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._inodes: OrderedDict[int, int] = OrderedDict()
+        self._recent: OrderedDict[int, None] = OrderedDict()
+        self._users: dict[int, str | None] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending = 0
+        self._seq = 0
+        #: lookups by outcome, for tests and the stop line
+        self.found = 0
+        self.unknown = 0
+        self.timeouts = 0
+
+    # -- the call every inbound makes ------------------------------------------------------
+
+    async def find(
+        self, network: str, src_ip: str, src_port: int, dst_ip: str, dst_port: int
+    ) -> Owner:
+        """The owner of the local socket `src_ip:src_port` talking to `dst_ip:dst_port`
+        (`network` "tcp" or "udp"), within `timeout`; `UNKNOWN` when it cannot be found."""
+        answer = self.socket_of(network, src_ip, src_port, dst_ip, dst_port)
+        if answer is None:
+            self.unknown += 1
+            return UNKNOWN
+        uid, inode = answer
+        user = self._users.get(uid, ...)
+        if not self.process and user is not ...:
+            self.found += 1
+            return Owner(uid, user)  # type: ignore[arg-type]
+        if self._pending >= MAX_PENDING:
+            self.timeouts += 1
+            return Owner(uid, None if user is ... else user)  # type: ignore[arg-type]
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="ztun-owner")
+        self._pending += 1
+        try:
+            future = asyncio.get_running_loop().run_in_executor(
+                self._executor, self.process_of, uid, inode
+            )
+            owner = await asyncio.wait_for(future, self.timeout)
+        except (TimeoutError, asyncio.TimeoutError):
+            self.timeouts += 1
+            return Owner(uid)
+        finally:
+            self._pending -= 1
+        self.found += 1
+        return owner
+
+    def lookup(
+        self, network: str, src_ip: str, src_port: int, dst_ip: str, dst_port: int
+    ) -> Owner:
+        """`find` on the caller's thread (blocking up to the scan deadline): for tests and
+        tools, never for the event loop."""
+        answer = self.socket_of(network, src_ip, src_port, dst_ip, dst_port)
+        if answer is None:
+            return UNKNOWN
+        return self.process_of(*answer)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    # -- step 1: the socket, through sock_diag ---------------------------------------------
+
+    def socket_of(
+        self, network: str, src_ip: str, src_port: int, dst_ip: str, dst_port: int
+    ) -> tuple[int, int] | None:
+        """(uid, inode) of the local socket, or None. An IPv4 flow of a dual-stack IPv6
+        socket is found too: the kernel's lookup by IPv4 address covers those."""
+        try:
+            src = ipaddress.ip_address(src_ip)
+            dst = ipaddress.ip_address(dst_ip)
+        except ValueError:
+            return None
+        if src.version != dst.version:
+            return None
+        family = AF_INET if src.version == 4 else AF_INET6
+        if network == "tcp":
+            request = (IPPROTO_TCP, src.packed, src_port, dst.packed, dst_port)
+        elif network == "udp":
+            # The UDP lookup is by the datagram that would reach the socket: remote first.
+            request = (IPPROTO_UDP, dst.packed, dst_port, src.packed, src_port)
+        else:
+            return None
+        answer = self._ask(family, *request)
+        if answer is None or answer.errno or answer.inode == 0:
+            return None
+        return answer.uid, answer.inode
+
+    def _ask(
+        self, family: int, protocol: int, src: bytes, sport: int, dst: bytes, dport: int
+    ) -> DiagAnswer | None:
+        sock = getattr(self._local, "sock", None)
+        try:
+            if sock is None:
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                     NETLINK_SOCK_DIAG)  # fmt: skip
+                sock.bind((0, 0))
+                self._local.sock = sock
+            self._seq = seq = (self._seq + 1) & 0x7FFFFFFF
+            sock.send(diag_request(family, protocol, src, sport, dst, dport, seq))
+            # An exact request is answered inside send(): the reply is queued already, so
+            # this never waits (MSG_DONTWAIT makes sure of it).
+            for _ in range(4):
+                answer = parse_diag_reply(sock.recv(8192, socket.MSG_DONTWAIT))
+                if answer is not None and answer.seq == seq:
+                    return answer
+        except OSError as e:
+            log.debug("sock_diag: %s", e)
+            if sock is not None:
+                sock.close()
+                self._local.sock = None
+        return None
+
+    # -- step 2: the process, through /proc (worker thread) --------------------------------
+
+    def process_of(self, uid: int, inode: int) -> Owner:
+        """The owner of socket `inode` of user `uid`: its user name, and its process unless
+        `process` is off or the search finds none by the deadline."""
+        user = self._user_name(uid)
+        if not self.process:
+            return Owner(uid, user)
+        pid = self._pid_of(uid, inode)
+        if pid is None:
+            return Owner(uid, user)
+        try:
+            path = parse_exe_link(os.readlink(f"{self.proc}/{pid}/exe"))
+        except OSError:
+            path = None  # gone meanwhile, or a kernel thread
+        return Owner(uid, user, pid, path)
+
+    def _user_name(self, uid: int) -> str | None:
+        name = self._users.get(uid, ...)
+        if name is not ...:
+            return name  # type: ignore[return-value]
+        try:
+            found: str | None = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            found = None  # a uid with no name: `user_id` still matches
+        if len(self._users) >= MAX_USER_NAMES:
+            self._users.clear()
+        self._users[uid] = found
+        return found
+
+    def _pid_of(self, uid: int, inode: int) -> int | None:
+        with self._lock:
+            pid = self._inodes.get(inode)
+            recent = list(reversed(self._recent))
+        if pid is not None and self._has_socket(pid, inode):
+            return pid
+        deadline = time.monotonic() + SCAN_DEADLINE
+        budget = [MAX_LINKS_PER_SCAN]
+        for pid in recent:
+            if self._scan(pid, inode, deadline, budget):
+                return self._remember(pid)
+        tried = set(recent)
+        try:
+            names = os.listdir(self.proc)
+        except OSError:
+            return None
+        pids = sorted((int(n) for n in names if n.isdigit()), reverse=True)
+        for pid in pids:
+            if pid in tried:
+                continue
+            if budget[0] <= 0 or time.monotonic() > deadline:
+                return None
+            try:
+                if os.stat(f"{self.proc}/{pid}").st_uid != uid:
+                    continue  # only the socket's user's processes can hold it (as a rule)
+            except OSError:
+                continue
+            if self._scan(pid, inode, deadline, budget):
+                return self._remember(pid)
+        return None
+
+    def _has_socket(self, pid: int, inode: int) -> bool:
+        return self._scan(pid, inode, time.monotonic() + SCAN_DEADLINE, [MAX_LINKS_PER_SCAN])
+
+    def _scan(self, pid: int, inode: int, deadline: float, budget: list[int]) -> bool:
+        """Whether process `pid` has socket `inode` open; every socket inode passed on the
+        way is remembered for later lookups."""
+        fd_dir = f"{self.proc}/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            return False
+        seen: list[int] = []
+        found = False
+        for i, fd in enumerate(fds):
+            if i % 256 == 255 and time.monotonic() > deadline:
+                break
+            budget[0] -= 1
+            if budget[0] < 0:
+                break
+            try:
+                link = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            ino = parse_socket_link(link)
+            if ino is None:
+                continue
+            seen.append(ino)
+            if ino == inode:
+                found = True
+                break
+        with self._lock:
+            inodes = self._inodes
+            for ino in seen:
+                inodes[ino] = pid
+                inodes.move_to_end(ino)
+            while len(inodes) > MAX_INODES:
+                inodes.popitem(last=False)
+        return found
+
+    def _remember(self, pid: int) -> int:
+        with self._lock:
+            self._recent[pid] = None
+            self._recent.move_to_end(pid)
+            while len(self._recent) > MAX_RECENT_PIDS:
+                self._recent.popitem(last=False)
+        return pid
+
+
+def owner_finder(needs: frozenset[str] | set[str]) -> OwnerFinder | None:
+    """The finder a config's rules need ("user", "process"), or None when they need none."""
+    if not needs:
+        return None
+    return OwnerFinder(process="process" in needs)
+
