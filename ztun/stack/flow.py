@@ -117,6 +117,6 @@ def decide_datagram(decide: Decide, flow: Flow, network: str, payload: bytes) ->
 
 #: The routing step: fills `flow.decision`, `flow.outbound` (and `flow.dest` after route
 #: options) and returns the outbound to use (opaque to the cores), `Refused`, `SniffFirst`
-#: (sniff, then call it again) or `LookupFirst` (find the owner, then call it again). `network` is "tcp" or "udp": an outbound that refuses a
-#: network (block) gives `Refused` here.
+#: (sniff, then call it again) or `LookupFirst` (find the owner, then call it again).
+#: `network` is "tcp" or "udp": an outbound that refuses a network (block) gives `Refused`.
 Decide = Callable[[Flow, str], "Any | Refused | SniffFirst | LookupFirst"]

@@ -126,7 +126,7 @@ class OwnerFinder:
                 self._executor, self.process_of, uid, inode
             )
             owner = await asyncio.wait_for(future, self.timeout)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             self.timeouts += 1
             return Owner(uid)
         finally:
