@@ -42,8 +42,8 @@ pytestmark = [pytest.mark.netns]
 HTTP_PORT = 8080
 MIXED_PORT = 1080
 
-CONFIG = """\
-log: {level: debug}
+CONFIG = f"""\
+log: {{level: debug}}
 inbounds:
   - type: tun
     tag: tun-in
@@ -51,17 +51,17 @@ inbounds:
     address: [198.18.0.1/30, "fdfe:dcba:9876::1/126"]
     auto_route: true
     udp_timeout: 3s
-  - {type: mixed, tag: mixed-in, listen: 127.0.0.1, listen_port: %d}
+  - {{type: mixed, tag: mixed-in, listen: 127.0.0.1, listen_port: {MIXED_PORT}}}
 outbounds:
-  - {type: direct, tag: direct}
-  - {type: block, tag: block}
+  - {{type: direct, tag: direct}}
+  - {{type: block, tag: block}}
 route:
   rules:
-    - {user: [nobody], outbound: block}
-    - {process_name: [zt-blocked], network: tcp, outbound: block}
-    - {process_path_regex: ["/zt-blocked$"], network: udp, outbound: block}
+    - {{user: [nobody], outbound: block}}
+    - {{process_name: [zt-blocked], network: tcp, outbound: block}}
+    - {{process_path_regex: ["/zt-blocked$"], network: udp, outbound: block}}
   final: direct
-""" % MIXED_PORT
+"""
 
 #: The Python client: `NET HOST PORT MODE`; MODE "talk" echoes one message, "exit" sends and
 #: exits at once (before ztun can look it up, most of the time). Prints one JSON line.

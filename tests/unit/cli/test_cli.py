@@ -217,6 +217,7 @@ def test_route_explains_process_and_user_rules(tmp_path: Path) -> None:
     answer = json.loads(ztun("route", str(path), dest, "--process", "curl", "--process-user",
                              "alice", "--json").stdout)  # fmt: skip
     assert answer["rule"] == 1
-    assert json.loads(ztun("route", str(path), dest, "--uid", "65534", "--json").stdout)["rule"] == 2
+    answer = json.loads(ztun("route", str(path), dest, "--uid", "65534", "--json").stdout)
+    assert answer["rule"] == 2
     # No owner given: unknown, which matches no process or user item.
     assert json.loads(ztun("route", str(path), dest, "--json").stdout)["rule"] == "final"

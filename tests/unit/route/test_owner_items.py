@@ -21,8 +21,8 @@ UNKNOWN = FlowMeta()
 
 
 def router(*rules: dict[str, Any]) -> Any:
-    r, diagnostics = compile_router({"outbounds": OUTBOUNDS,
-                                     "route": {"rules": list(rules), "final": "direct"}})  # fmt: skip
+    data = {"outbounds": OUTBOUNDS, "route": {"rules": list(rules), "final": "direct"}}
+    r, diagnostics = compile_router(data)
     assert r is not None, diagnostics
     return r
 
@@ -91,7 +91,7 @@ def test_rule_set_files_take_process_items_but_not_users() -> None:
     assert parsed.rules[0]["process_name"] == ["curl"]
     for field in ("user", "user_id", "package_name"):
         try:
-            parse_source('{"version": 2, "rules": [{"%s": "x"}]}' % field)
+            parse_source(f'{{"version": 2, "rules": [{{"{field}": "x"}}]}}')
         except Exception as exc:  # a RuleSetError naming the field
             assert field in str(exc)
         else:
