@@ -14,6 +14,12 @@ namespace with auto_route and a direct outbound, and measures:
 
     python bench/bench_tun.py [--seconds 5] [--rounds 1] [--json out.json]
     python bench/bench_tun.py --only ztun --rounds 1 --profile   # py-spy over the iperf3 runs
+    python bench/bench_tun.py --process-rule [--rounds 3]        # issue 16, see below
+
+`--process-rule` measures only connections per second (and CPU-µs per connection), of ztun
+alone, with and without a `process_name` rule that matches nothing (so every flow pays for the
+owner lookup: sock_diag, the /proc search, and the route after accept), rounds alternating;
+it prints both medians and `with / without` (goal: ≥ 0.90).
 
 `--profile` needs py-spy: it samples ztun during each iperf3 run and the connection test, and
 prints where the time went (self time per line, and the share of functions with callees).
@@ -60,6 +66,12 @@ inbounds:
 outbounds:
   - {{type: direct, tag: direct}}
 """
+#: `--process-rule`: the same, with a rule every flow must look its owner up for.
+ZTUN_PROCESS_CONFIG = ZTUN_CONFIG + """\
+route:
+  rules:
+    - {process_name: [no-such-program], outbound: direct}
+"""
 
 SINGBOX_CONFIG = {
     "log": {"level": "warn"},
@@ -81,9 +93,9 @@ SINGBOX_CONFIG = {
 
 def start(name: str, t: Topology, tmp: Path) -> Proc:
     env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(tmp / "state"))
-    if name == "ztun":
-        cfg = tmp / "ztun.yaml"
-        cfg.write_text(ZTUN_CONFIG)
+    if name.startswith("ztun"):
+        cfg = tmp / f"{name}.yaml"
+        cfg.write_text(ZTUN_PROCESS_CONFIG if name == "ztun+process" else ZTUN_CONFIG)
         args = [sys.executable, "-m", "ztun", "run", str(cfg)]
     else:
         cfg = tmp / "sing-box.json"
@@ -186,6 +198,55 @@ def measure(
     return res
 
 
+def measure_conns(name: str, t: Topology, tmp: Path, seconds: float) -> dict[str, Any]:
+    """Connections per second only, and the tunnel's CPU per connection (`--process-rule`)."""
+    proc = start(name, t, tmp)
+    try:
+        c0 = cpu_seconds(proc.pid)
+        out = in_ns(t.client, sys.executable, LOAD, "rate", DIRECT4, "7", "64", str(seconds),
+                    timeout=seconds + 60).stdout  # fmt: skip
+        conn_cpu = cpu_seconds(proc.pid) - c0
+    except BaseException:
+        print(f"--- {name} log ---\n{proc.text()[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        proc.stop()
+    rate = json.loads(out)
+    total = rate["connections"]
+    return {
+        "conn_per_s": rate["per_second"],
+        "cpu_us_per_conn": conn_cpu / total * 1e6 if total else float("nan"),
+        "setup_p99_ms": rate["p99_ms"],
+        "conn_errors": rate["errors"],
+    }
+
+
+def process_rule_main(rounds: int, seconds: float, json_path: Path | None) -> None:
+    """ztun with and without a process rule, rounds alternating (issue 16's figure)."""
+    import tempfile
+
+    names = ["ztun", "ztun+process"]
+    results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for rnd in range(rounds):
+        for name in names if rnd % 2 == 0 else names[::-1]:
+            with tempfile.TemporaryDirectory(prefix="bench-tun-") as d, topology() as t:
+                tmp = Path(os.environ.get("BENCH_TMP") or d)
+                echo = Proc(["ip", "netns", "exec", t.server, sys.executable, ECHO],
+                            tmp / "echo.log")  # fmt: skip
+                try:
+                    wait_tcp(t.server, "127.0.0.1", 7)
+                    results[name].append(measure_conns(name, t, tmp, seconds))
+                finally:
+                    echo.stop()
+    median = {n: {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in rs[0]}
+              for n, rs in results.items()}  # fmt: skip
+    base, with_rule = median["ztun"]["conn_per_s"], median["ztun+process"]["conn_per_s"]
+    summary = {"median": median, "with_over_without": with_rule / base if base else float("nan")}
+    print(json.dumps(summary, indent=2))
+    if json_path is not None:
+        json_path.write_text(json.dumps({"rounds": results, **summary}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5)
@@ -193,7 +254,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--only", choices=["ztun", "sing-box"], help="measure one tunnel")
     ap.add_argument("--profile", action="store_true", help="py-spy ztun during iperf3")
+    ap.add_argument("--process-rule", action="store_true",
+                    help="conn/s of ztun with a process rule against without (issue 16)")
     args = ap.parse_args()
+    if args.process_rule:
+        process_rule_main(args.rounds, args.seconds, args.json)
+        return
     import tempfile
 
     results: dict[str, list[dict[str, Any]]] = {"ztun": [], "sing-box": []}

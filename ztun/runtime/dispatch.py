@@ -232,10 +232,8 @@ class Dispatcher:
             return
         meta = flow.meta
         if self.owners is not None and meta.source is not None and meta.destination is not None:
-            owner = await self.owners.find(
-                meta.network, str(meta.source), meta.source_port,
-                str(meta.destination), meta.destination_port,
-            )  # fmt: skip
+            owner = await self.owners.find(meta.network, meta.source, meta.source_port,
+                                           meta.destination, meta.destination_port)  # fmt: skip
             adopt_owner(flow, owner)
         flow.identified = True
 

@@ -193,6 +193,7 @@ class FakeFinder:
     async def find(self, *args: Any) -> Any:
         from ztun.platform.linux.owner import UNKNOWN
 
+        args = tuple(str(a) if hasattr(a, "packed") else a for a in args)
         self.calls.append(args)
         return self.owners.get(args[2], UNKNOWN)
 
