@@ -312,7 +312,10 @@ class Dispatcher:
 
     async def close(self) -> None:
         if self.owners is not None:
-            self.owners.close()
+            o = self.owners
+            log.debug("owner lookups: %d found, %d unknown, %d cut short by their bound",
+                      o.found, o.unknown, o.timeouts)  # fmt: skip
+            o.close()
         for ob in self.outbounds.values():
             await ob.close()
 

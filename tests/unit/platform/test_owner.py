@@ -152,3 +152,44 @@ def test_search_gives_up_by_its_deadline(monkeypatch: pytest.MonkeyPatch) -> Non
     # An inode no process has: the search ends at once instead of walking /proc.
     assert finder.process_of(os.geteuid(), 2**40).pid is None
     assert time.monotonic() - t0 < 0.5
+
+
+@linux
+def test_a_process_of_recent_flows_is_found_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After one search, the next sockets of the same process are found without the worker
+    thread (the inline probe), also as old sockets close and their fds are reused."""
+    from ztun.platform.linux.owner import OwnerFinder
+
+    finder = OwnerFinder(process=True)
+    searches: list[int] = []
+    full = finder.process_of
+
+    def counted(uid: int, inode: int) -> object:
+        searches.append(inode)
+        return full(uid, inode)
+
+    monkeypatch.setattr(finder, "process_of", counted)
+
+    async def main() -> list[int | None]:
+        pids = []
+        with socket.socket() as srv:
+            srv.bind(("127.0.0.1", 0))
+            srv.listen(64)
+            live: list[socket.socket] = []
+            for _ in range(40):
+                if len(live) >= 16:
+                    live.pop(0).close()  # the oldest closes; its fd is reused next
+                c = socket.create_connection(srv.getsockname())
+                live.append(c)
+                owner = await finder.find("tcp", *c.getsockname(), *srv.getsockname())
+                pids.append(owner.pid)
+            for c in live:
+                c.close()
+        return pids
+
+    pids = asyncio.run(main())
+    finder.close()
+    if pids[0] is None:
+        pytest.skip("sock_diag is not available here")
+    assert pids == [os.getpid()] * 40
+    assert len(searches) == 1, searches  # only the first went to the worker
