@@ -64,7 +64,7 @@ MAX_USER_NAMES = 1024
 #: fd links the inline step may read per lookup (about 3 µs each) before the worker takes over.
 INLINE_PROBES = 64
 #: A recent process's fd numbers past the highest it had that the inline step probes too.
-PROBE_PAST_MAX = 2
+PROBE_PAST_MAX = 1
 
 
 class _Process:
@@ -72,33 +72,37 @@ class _Process:
     (valid for that process only, whatever reuses its pid later) and what its fds linked to
     when last read."""
 
-    __slots__ = ("dir_fd", "fd_dir", "fds", "max_fd", "pid")
+    __slots__ = ("dir_fd", "fd_dir", "max_fd", "others", "pid", "sockets")
 
     def __init__(self, pid: int, dir_fd: int, fd_dir: int) -> None:
         self.pid = pid
         self.dir_fd = dir_fd
         self.fd_dir = fd_dir
-        #: fd → socket inode (0: not a socket), oldest reading first
-        self.fds: dict[int, int] = {}
+        #: fd → socket inode, oldest reading first; and the fds that were no socket
+        self.sockets: dict[int, int] = {}
+        self.others: set[int] = set()
         self.max_fd = -1
 
     def probe(self, inode: int, budget: int) -> tuple[bool, int]:
-        """Whether this process holds socket `inode`, reading at most `budget` fd links (its
-        free fd numbers first, then the longest-known fds, then fds it opened since its last
-        listing); and the links left."""
-        fds = self.fds
-        free = [fd for fd in range(self.max_fd + 1 + PROBE_PAST_MAX) if fd not in fds]
-        found, budget = self._read(inode, (*free, *list(fds)), budget)
+        """Whether this process holds socket `inode`, reading at most `budget` fd links: its
+        free fd numbers first (a new socket takes the lowest), then its sockets seen longest
+        ago (the likeliest to have closed and had their fd reused), then its other fds, then
+        fds it opened since its last listing; and the links left."""
+        sockets, others = self.sockets, self.others
+        free = [fd for fd in range(self.max_fd + 1 + PROBE_PAST_MAX)
+                if fd not in sockets and fd not in others]  # fmt: skip
+        found, budget = self._read(inode, (*free, *list(sockets), *list(others)), budget)
         if found or budget <= 0:
             return found, budget
         try:
             listed = [int(n) for n in os.listdir(self.fd_dir)]
         except (OSError, ValueError):
             return False, budget
-        return self._read(inode, [fd for fd in listed if fd not in fds], budget)
+        new = [fd for fd in listed if fd not in sockets and fd not in others]
+        return self._read(inode, new, budget)
 
     def _read(self, inode: int, order: Any, budget: int) -> tuple[bool, int]:
-        fds = self.fds
+        sockets, others = self.sockets, self.others
         for fd in order:
             if budget <= 0:
                 return False, 0
@@ -106,14 +110,20 @@ class _Process:
             try:
                 link = os.readlink(str(fd), dir_fd=self.fd_dir)
             except OSError:
-                fds.pop(fd, None)
+                sockets.pop(fd, None)
+                others.discard(fd)
                 continue
-            ino = parse_socket_link(link) or 0
-            if fds.get(fd) != ino:
-                fds.pop(fd, None)
-                fds[fd] = ino  # a new reading goes to the end
-                if fd > self.max_fd:
-                    self.max_fd = fd
+            if fd > self.max_fd:
+                self.max_fd = fd
+            ino = parse_socket_link(link)
+            if ino is None:
+                sockets.pop(fd, None)
+                others.add(fd)
+                continue
+            others.discard(fd)
+            if sockets.get(fd) != ino:
+                sockets.pop(fd, None)
+                sockets[fd] = ino  # a new reading goes to the end
             if ino == inode:
                 return True, budget
         return False, budget
