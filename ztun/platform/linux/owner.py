@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from ztun.platform.linux.owner_parse import (
@@ -63,6 +64,9 @@ MAX_RECENT_PIDS = 16
 MAX_USER_NAMES = 1024
 #: fd links the inline step may read per lookup (about 3 µs each) before the worker takes over.
 INLINE_PROBES = 64
+#: The inline step lists a recent process's fds (to find ones opened since) only up to this
+#: many (listing costs about 1 µs an fd); a bigger table is the worker's.
+MAX_INLINE_LISTING = 256
 #: A recent process's fd numbers past the highest it had that the inline step probes too.
 PROBE_PAST_MAX = 1
 
@@ -89,11 +93,13 @@ class _Process:
         ago (the likeliest to have closed and had their fd reused), then its other fds, then
         fds it opened since its last listing; and the links left."""
         sockets, others = self.sockets, self.others
-        free = [fd for fd in range(self.max_fd + 1 + PROBE_PAST_MAX)
-                if fd not in sockets and fd not in others]  # fmt: skip
-        found, budget = self._read(inode, (*free, *list(sockets), *list(others)), budget)
-        if found or budget <= 0:
-            return found, budget
+        # Lazily: the budget, not the size of the fd table, bounds what is looked at.
+        free = (fd for fd in range(self.max_fd + 1 + PROBE_PAST_MAX)
+                if fd not in sockets and fd not in others)  # fmt: skip
+        order = chain(free, list(sockets), list(others))
+        found, budget = self._read(inode, order, budget)
+        if found or budget <= 0 or len(sockets) + len(others) > MAX_INLINE_LISTING:
+            return found, budget  # a big fd table is listed by the worker, not inline
         try:
             listed = [int(n) for n in os.listdir(self.fd_dir)]
         except (OSError, ValueError):
