@@ -101,6 +101,31 @@ except OSError as e:
 print(json.dumps({"result": r, "port": s.getsockname()[1]}))
 """
 
+#: A SOCKS5 UDP ASSOCIATE client of the mixed inbound: `PROXY_PORT HOST PORT`; one echo.
+SOCKS_UDP = r"""
+import json, socket, struct, sys
+proxy, host, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+c = socket.create_connection(("127.0.0.1", proxy), 3)
+c.sendall(b"\x05\x01\x00")
+assert c.recv(2) == b"\x05\x00"
+c.sendall(b"\x05\x03\x00\x01" + bytes(4) + bytes(2))
+rep = c.recv(10)
+relay = (socket.inet_ntoa(rep[4:8]), struct.unpack(">H", rep[8:10])[0])
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(1.5)
+head = b"\x00\x00\x00\x01" + socket.inet_aton(host) + struct.pack(">H", port)
+r = "timeout"
+for _ in range(2):
+    u.sendto(head + b"ping", relay)
+    try:
+        data, _ = u.recvfrom(200)
+    except TimeoutError:
+        continue
+    r = "ok" if data[10:] == b"echo:ping" else "got %r" % data
+    break
+print(json.dumps({"result": r}))
+"""
+
 
 @dataclass
 class Env:
@@ -229,6 +254,18 @@ def test_mixed_inbound_by_user(env: Env) -> None:
     mixed = [f for f in log if f.get("inbound") == "mixed-in"]
     assert any(f.get("uid") == "65534" and f["outbound"] == "block" for f in mixed), mixed
     assert any(f.get("process") == "curl" and f["outbound"] == "direct" for f in mixed), mixed
+
+
+def test_mixed_inbound_udp_by_process(env: Env) -> None:
+    """A UDP ASSOCIATE's flows have the owner of the client's control connection."""
+    args = ("-c", SOCKS_UDP, str(MIXED_PORT), DIRECT4, "7")
+    r = in_ns(env.t.client, sys.executable, *args, check=False, timeout=30)
+    assert r.returncode == 0 and json.loads(r.stdout)["result"] == "ok", r.stdout + r.stderr
+    r = in_ns(env.t.client, str(env.blocked_python), *args, check=False, timeout=30)
+    assert r.returncode == 0 and json.loads(r.stdout)["result"] == "timeout", r.stdout + r.stderr
+    lines = [f for f in flow_lines(env.ztun.text())
+             if f.get("inbound") == "mixed-in" and f.get("network") == "udp"]  # fmt: skip
+    assert any(f.get("process") == "zt-blocked" and f["outbound"] == "block" for f in lines)
 
 
 @pytest.mark.parametrize("net", ["udp", "tcp"])
