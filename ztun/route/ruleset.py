@@ -511,7 +511,7 @@ def _clash_classical(entries: list[tuple[int, str]]) -> ParsedRuleSet:
         for key, values in rule.items():
             group.setdefault(key, []).extend(values)
     rules: list[dict[str, Any]] = []
-    for name in ("destination", "source", "port", "source_port", "network"):
+    for name in ("destination", "source", "port", "source_port", "network", *_PROCESS_FIELDS):
         if name in groups:
             rules.append({k: _dedupe(v) for k, v in groups[name].items()})
     rules.extend(logical)
@@ -526,9 +526,12 @@ def _group_of(rule: dict[str, Any]) -> str:
         return "source"
     if key.startswith("port"):
         return "port"
-    if key == "network":
-        return "network"
+    if key == "network" or key in _PROCESS_FIELDS:
+        return key  # each its own item in sing-box: ANDed, so a rule of its own
     return "destination"
+
+
+_PROCESS_FIELDS = ("process_name", "process_path", "process_path_regex")
 
 
 def _classical_rule(entry: str, line: int, warnings: list[str]) -> dict[str, Any]:
@@ -565,6 +568,13 @@ def _regex_rule(value: str, line: int, source: bool) -> dict[str, Any]:
         raise RuleSetError(f"'{value}' is not a regular expression ztun can match (RE2 "
                            f"syntax): {why}", line)  # fmt: skip
     return {"domain_regex": [pattern]}
+
+
+def _process_path_regex(value: str, line: int, source: bool) -> dict[str, Any]:
+    if (why := pattern_error(value)) is not None:
+        raise RuleSetError(f"'{value}' is not a regular expression ztun can match (RE2 "
+                           f"syntax): {why}", line)  # fmt: skip
+    return {"process_path_regex": [value]}
 
 
 def _plain_domain(value: str, line: int) -> str:
@@ -635,6 +645,9 @@ _CLASSICAL_BUILDERS: dict[str, _Builder] = {
     "GEOIP": _geoip,
     "SRC-GEOIP": lambda v, n, s: _geoip(v, n, True),
     "NETWORK": _network,
+    "PROCESS-NAME": lambda v, n, s: {"process_name": [v]},
+    "PROCESS-PATH": lambda v, n, s: {"process_path": [v]},
+    "PROCESS-PATH-REGEX": _process_path_regex,
 }
 
 
