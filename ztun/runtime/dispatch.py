@@ -17,6 +17,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol
 
 from ztun.address import MAX_IP_TEXT, Address, IPAddress, clip
+from ztun.log import limited
 from ztun.outbound.base import ErrorKind, Outbound, OutboundError
 from ztun.route.action import Decision, HijackDNS, Reject, Route, Sniff
 from ztun.route.metadata import FlowMeta, parse_ip
@@ -232,8 +233,12 @@ class Dispatcher:
             return
         meta = flow.meta
         if self.owners is not None and meta.source is not None and meta.destination is not None:
-            owner = await self.owners.find(meta.network, meta.source, meta.source_port,
-                                           meta.destination, meta.destination_port)  # fmt: skip
+            try:
+                owner = await self.owners.find(meta.network, meta.source, meta.source_port,
+                                               meta.destination, meta.destination_port)  # fmt: skip
+            except Exception as e:  # a bug: the flow goes on with an unknown owner
+                limited(log, logging.WARNING, "owner-lookup", "owner lookup failed: %s", e)
+                owner = None
             adopt_owner(flow, owner)
         flow.identified = True
 
@@ -244,7 +249,11 @@ class Dispatcher:
         socket is `peer` talking to ztun's `local`. None when no rule needs owners."""
         if self.owners is None:
             return None
-        return await self.owners.find(network, peer[0], peer[1], local[0], local[1])
+        try:
+            return await self.owners.find(network, peer[0], peer[1], local[0], local[1])
+        except Exception as e:  # a bug: the client goes on with an unknown owner
+            limited(log, logging.WARNING, "owner-lookup", "owner lookup failed: %s", e)
+            return None
 
     def decide(self, flow: Flow) -> Outbound:
         """`verdict` for a flow whose request already names its destination (the mixed

@@ -239,3 +239,19 @@ def test_owner_rules_ask_for_a_lookup_once_then_route_on_the_owner() -> None:
 def test_no_owner_rule_no_lookup() -> None:
     d = dispatcher([{"ip_cidr": "203.0.113.0/24", "outbound": "proxy"}])
     assert d.owners is None and d.route(flow("203.0.113.9"), "tcp") is PROXY
+
+
+def test_a_failing_lookup_is_an_unknown_owner_not_an_error() -> None:
+    d = dispatcher([{"user_id": 0, "outbound": "block"}])
+
+    class Broken:
+        async def find(self, *args: Any) -> Any:
+            raise OSError("boom")
+
+    d.owners = Broken()  # type: ignore[assignment]
+    f = flow("203.0.113.9")
+    f.meta = FlowMeta(network="tcp", destination=f.meta.destination, destination_port=443,
+                      source=ipaddress.ip_address("198.18.0.1"), source_port=1)  # fmt: skip
+    asyncio.run(d.identify(f))
+    assert f.identified and d.route(f, "tcp") is DIRECT
+    assert asyncio.run(d.owner_of_peer("tcp", ("127.0.0.1", 1), ("127.0.0.1", 2))) is None
