@@ -185,6 +185,12 @@ class OwnerFinder:
         self.unknown = 0
         self.timeouts = 0
 
+    def warm_up(self) -> None:
+        """Ask once for a socket nobody has, TCP and UDP, at start-up: the kernel may load its
+        sock_diag modules on a first request, which should not happen on the event loop."""
+        for network in ("tcp", "udp"):
+            self.socket_of(network, "127.0.0.1", 0, "127.0.0.1", 0)
+
     # -- the call every inbound makes ------------------------------------------------------
 
     async def find(
@@ -445,5 +451,7 @@ def owner_finder(needs: frozenset[str] | set[str]) -> OwnerFinder | None:
     """The finder a config's rules need ("user", "process"), or None when they need none."""
     if not needs:
         return None
-    return OwnerFinder(process="process" in needs)
+    finder = OwnerFinder(process="process" in needs)
+    finder.warm_up()
+    return finder
 
