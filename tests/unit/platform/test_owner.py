@@ -9,6 +9,7 @@ import socket
 import struct
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -193,3 +194,22 @@ def test_a_process_of_recent_flows_is_found_inline(monkeypatch: pytest.MonkeyPat
         pytest.skip("sock_diag is not available here")
     assert pids == [os.getpid()] * 40
     assert len(searches) == 1, searches  # only the first went to the worker
+
+
+@linux
+def test_an_exited_process_leaves_the_recent_list(tmp_path: Path) -> None:
+    import subprocess
+
+    from ztun.platform.linux.owner import OwnerFinder
+
+    finder = OwnerFinder(process=True)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        finder._track(child.pid)
+        assert child.pid in finder._procs
+    finally:
+        child.kill()
+        child.wait()
+    assert finder._recent_owner(0, None, 2**40) is None
+    assert child.pid not in finder._procs
+    finder.close()

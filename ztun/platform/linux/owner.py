@@ -134,6 +134,13 @@ class _Process:
                 return True, budget
         return False, budget
 
+    def alive(self) -> bool:
+        try:
+            os.stat("stat", dir_fd=self.dir_fd)
+        except OSError:
+            return False
+        return True
+
     def exe(self) -> str | None:
         try:
             return parse_exe_link(os.readlink("exe", dir_fd=self.dir_fd))
@@ -226,7 +233,7 @@ class OwnerFinder:
             owner = await asyncio.wait_for(future, self.timeout)
         except TimeoutError:
             self.timeouts += 1
-            return Owner(uid)
+            return Owner(uid, None if user is ... else user)  # type: ignore[arg-type]
         finally:
             self._pending -= 1
         self.found += 1
@@ -270,6 +277,9 @@ class OwnerFinder:
             if found:
                 self._procs.move_to_end(pid)
                 return Owner(uid, user, pid, proc.exe())
+            if not proc.sockets and not proc.others and not proc.alive():
+                del self._procs[pid]  # it exited: probing it again would only waste links
+                proc.close()
             if budget <= 0:
                 break
         return None
