@@ -334,8 +334,7 @@ def adopt_owner(flow: Flow, owner: Owner | None) -> None:
     flow.identified = True
     if owner is None or owner.user_id is None:
         return
-    flow.meta = replace(flow.meta, process_name=owner.name, process_path=owner.path,
-                        process_user=owner.user, process_user_id=owner.user_id)  # fmt: skip
+    flow.meta = flow.meta.with_owner(owner.name, owner.path, owner.user, owner.user_id)
 
 
 async def wait_closed(tasks: set[asyncio.Task[None]], grace: float) -> bool:

@@ -112,3 +112,18 @@ def test_matches_naive_model(name: str | None, uid: int | None) -> None:
     meta = FlowMeta(process_name=name, process_user_id=uid)
     expected = name in ("curl", "zt-blocked") or uid in (0, 65534)
     assert (outbound(r, meta) == "block") == expected
+
+
+def test_with_owner_keeps_every_other_field() -> None:
+    import dataclasses
+    import ipaddress
+
+    meta = FlowMeta(network="udp", destination=ipaddress.ip_address("203.0.113.9"),
+                    destination_port=53, domain="a.example", source=ipaddress.ip_address(
+                        "198.18.0.1"), source_port=5, inbound="tun-in", protocol="dns",
+                    resolved=(ipaddress.ip_address("203.0.113.1"),), user="u", query_type=1,
+                    outbound="direct")  # fmt: skip
+    want = dataclasses.replace(meta, process_name="c", process_path="/c", process_user="r",
+                               process_user_id=0)  # fmt: skip
+    assert meta.with_owner("c", "/c", "r", 0) == want
+    assert len(dataclasses.fields(FlowMeta)) == 16  # a new field must be added to with_owner
