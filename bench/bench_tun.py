@@ -22,6 +22,12 @@ has no redirect counterpart in sing-box there, so the UDP figure is left out in 
     python bench/bench_tun.py [--seconds 5] [--rounds 1] [--json out.json]
     python bench/bench_tun.py --mode redirect [--seconds 5] [--rounds 1]
     python bench/bench_tun.py --only ztun --rounds 1 --profile   # py-spy over the iperf3 runs
+    python bench/bench_tun.py --process-rule [--rounds 3]        # issue 16, see below
+
+`--process-rule` measures only connections per second (and CPU-µs per connection), of ztun
+alone, with and without a `process_name` rule that matches nothing (so every flow pays for the
+owner lookup: sock_diag, the /proc search, and the route after accept), rounds alternating;
+it prints both medians and `with / without` (goal: ≥ 0.90).
 
 `--profile` needs py-spy: it samples ztun during each iperf3 run and the connection test, and
 prints where the time went (self time per line, and the share of functions with callees).
@@ -67,6 +73,12 @@ inbounds:
      mtu: 9000, auto_route: true, stack: system}}
 outbounds:
   - {{type: direct, tag: direct}}
+"""
+#: `--process-rule`: the same, with a rule every flow must look its owner up for.
+ZTUN_PROCESS_CONFIG = ZTUN_CONFIG + """\
+route:
+  rules:
+    - {process_name: [no-such-program], outbound: direct}
 """
 
 #: ztun with auto_redirect: the same config with one more option.
@@ -116,9 +128,12 @@ SINGBOX_CONFIG = {
 def start(name: str, t: Topology, tmp: Path, mode: str = "tun") -> Proc:
     env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(tmp / "state"))
     redirect = mode == "redirect"
-    if name == "ztun":
-        cfg = tmp / "ztun.yaml"
-        cfg.write_text(ZTUN_REDIRECT_CONFIG if redirect else ZTUN_CONFIG)
+    if name.startswith("ztun"):
+        cfg = tmp / f"{name}.yaml"
+        if name == "ztun+process":
+            cfg.write_text(ZTUN_PROCESS_CONFIG)
+        else:
+            cfg.write_text(ZTUN_REDIRECT_CONFIG if redirect else ZTUN_CONFIG)
         args = [sys.executable, "-m", "ztun", "run", str(cfg)]
     else:
         cfg = tmp / "sing-box.json"
@@ -134,7 +149,7 @@ def start(name: str, t: Topology, tmp: Path, mode: str = "tun") -> Proc:
         nonlocal nft_added
         if proc.p.poll() is not None:
             raise RuntimeError(f"{name} exited: {proc.text()}")
-        if redirect and name != "ztun":
+        if redirect and not name.startswith("ztun"):
             # sing-box's redirect inbound: the redirect rule once it listens
             listening = f":{REDIRECT_PORT}" in in_ns(t.client, "ss", "-ltnH").stdout
             if listening and not nft_added:
@@ -234,6 +249,55 @@ def measure(
     return res
 
 
+def measure_conns(name: str, t: Topology, tmp: Path, seconds: float) -> dict[str, Any]:
+    """Connections per second only, and the tunnel's CPU per connection (`--process-rule`)."""
+    proc = start(name, t, tmp)
+    try:
+        c0 = cpu_seconds(proc.pid)
+        out = in_ns(t.client, sys.executable, LOAD, "rate", DIRECT4, "7", "64", str(seconds),
+                    timeout=seconds + 60).stdout  # fmt: skip
+        conn_cpu = cpu_seconds(proc.pid) - c0
+    except BaseException:
+        print(f"--- {name} log ---\n{proc.text()[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        proc.stop()
+    rate = json.loads(out)
+    total = rate["connections"]
+    return {
+        "conn_per_s": rate["per_second"],
+        "cpu_us_per_conn": conn_cpu / total * 1e6 if total else float("nan"),
+        "setup_p99_ms": rate["p99_ms"],
+        "conn_errors": rate["errors"],
+    }
+
+
+def process_rule_main(rounds: int, seconds: float, json_path: Path | None) -> None:
+    """ztun with and without a process rule, rounds alternating (issue 16's figure)."""
+    import tempfile
+
+    names = ["ztun", "ztun+process"]
+    results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for rnd in range(rounds):
+        for name in names if rnd % 2 == 0 else names[::-1]:
+            with tempfile.TemporaryDirectory(prefix="bench-tun-") as d, topology() as t:
+                tmp = Path(os.environ.get("BENCH_TMP") or d)
+                echo = Proc(["ip", "netns", "exec", t.server, sys.executable, ECHO],
+                            tmp / "echo.log")  # fmt: skip
+                try:
+                    wait_tcp(t.server, "127.0.0.1", 7)
+                    results[name].append(measure_conns(name, t, tmp, seconds))
+                finally:
+                    echo.stop()
+    median = {n: {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in rs[0]}
+              for n, rs in results.items()}  # fmt: skip
+    base, with_rule = median["ztun"]["conn_per_s"], median["ztun+process"]["conn_per_s"]
+    summary = {"median": median, "with_over_without": with_rule / base if base else float("nan")}
+    print(json.dumps(summary, indent=2))
+    if json_path is not None:
+        json_path.write_text(json.dumps({"rounds": results, **summary}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5)
@@ -244,7 +308,12 @@ def main() -> None:
     ap.add_argument("--mode", choices=["tun", "redirect"], default="tun",
                     help="tun: both TUNs; redirect: ztun's auto_redirect against sing-box's "
                     "redirect inbound behind an nftables redirect")  # fmt: skip
+    ap.add_argument("--process-rule", action="store_true",
+                    help="conn/s of ztun with a process rule against without (issue 16)")
     args = ap.parse_args()
+    if args.process_rule:
+        process_rule_main(args.rounds, args.seconds, args.json)
+        return
     import tempfile
 
     results: dict[str, list[dict[str, Any]]] = {"ztun": [], "sing-box": []}

@@ -98,6 +98,17 @@ def setup_logging(options: LogOptions | None = None, override: str | None = None
     root.setLevel(_LEVELS[name])
 
 
+def _owner_finder(router: Any, dns_router: Any) -> Any:
+    """The owner lookup, only when a route or DNS rule has a process or user item: other
+    configs never pay for it. Linux only; elsewhere such items match no flow."""
+    needs = set(getattr(router, "owner_needs", ())) | set(getattr(dns_router, "owner_needs", ()))
+    if not needs or not sys.platform.startswith("linux"):
+        return None
+    from ztun.platform.linux.owner import owner_finder
+
+    return owner_finder(needs)
+
+
 class Box:
     def __init__(
         self,
@@ -130,6 +141,7 @@ class Box:
             dns_hijack=self.dns.hijack if self.dns is not None else None,
             names=self.dns.names if self.dns is not None and self.dns.gives_names else None,
             tracker=self.tracker,
+            owners=_owner_finder(router, dns_router),
         )
         self.api: ApiServer | None = None
         if self.tracker is not None:

@@ -116,6 +116,17 @@ def route(
         list[str] | None, typer.Option(help="Address(es) a domain dest resolved to.")
     ] = None,
     user: Annotated[str | None, typer.Option(help="Authenticated user (auth_user).")] = None,
+    process: Annotated[
+        str | None,
+        typer.Option(help="The flow's local program: a name (curl) or a path (/usr/bin/curl)."),
+    ] = None,
+    process_user: Annotated[
+        str | None, typer.Option(help="The user owning the flow's socket (rule item user).")
+    ] = None,
+    uid: Annotated[
+        int | None,
+        typer.Option(help="That user's id (rule item user_id).", min=0, max=0xFFFFFFFF),
+    ] = None,
     batch: Annotated[
         str | None, typer.Option(help="File of queries 'DEST [PORT] [NETWORK]', or '-'.")
     ] = None,
@@ -136,7 +147,7 @@ def route(
     defaults = {
         "port": port, "network": network, "source": src, "source_port": src_port,
         "inbound": inbound, "protocol": protocol, "domain": domain, "ips": ip or [],
-        "user": user,
+        "user": user, "process": process, "process_user": process_user, "uid": uid,
     }  # fmt: skip
     if dest is not None:
         try:

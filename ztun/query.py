@@ -40,8 +40,14 @@ def parse_query(
     dest: str, *, port: int = 0, network: str = "tcp", source: IPAddress | None = None,
     source_port: int = 0, inbound: str | None = None, protocol: str | None = None,
     domain: str | None = None, ips: list[str] | None = None, user: str | None = None,
+    process: str | None = None, process_user: str | None = None, uid: int | None = None,
 ) -> FlowMeta:  # fmt: skip
-    """A FlowMeta for a destination given as a domain or an IP (nothing is resolved)."""
+    """A FlowMeta for a destination given as a domain or an IP (nothing is resolved).
+
+    `process` is the flow's local program: an absolute path (its name is the last part) or
+    a bare name (then `process_path` items have no path to match); `process_user`/`uid` the
+    user its socket belongs to. Left out, the owner is unknown, as for a flow whose owner
+    `ztun run` cannot find."""
     ip = parse_ip(dest)
     resolved: list[IPAddress] = []
     for text in ips or []:
@@ -64,6 +70,10 @@ def parse_query(
         protocol=protocol,
         resolved=tuple(resolved),
         user=user,
+        process_name=process.rsplit("/", 1)[-1] or None if process else None,
+        process_path=process if process and process.startswith("/") else None,
+        process_user=process_user,
+        process_user_id=uid,
     )
 
 

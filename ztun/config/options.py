@@ -301,6 +301,10 @@ class _MatchFields:
     protocol: tuple[str, ...] = _conv(_strings, ())
     ip_version: Literal[4, 6] | None = None
     auth_user: tuple[str, ...] = _conv(_strings, ())
+    # the local process that owns the flow's source socket (Linux)
+    process_name: tuple[str, ...] = _conv(_strings, ())
+    process_path: tuple[str, ...] = _conv(_strings, ())
+    process_path_regex: tuple[str, ...] = _conv(_strings, ())
     invert: bool = False
 
 
@@ -309,6 +313,9 @@ class _RouteRuleFields:
     """What a route rule can reference beyond headless fields."""
 
     inbound: tuple[str, ...] = _conv(_strings, ())
+    # the user that owns the flow's source socket (Linux; not in rule sets, as in sing-box)
+    user: tuple[str, ...] = _conv(_strings, ())
+    user_id: tuple[int, ...] = _conv(_ints, ())
     rule_set: tuple[str, ...] = _conv(_strings, ())
     rule_set_ip_cidr_match_source: bool = False
 

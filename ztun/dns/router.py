@@ -76,7 +76,7 @@ class _Options:
 class DnsRouter:
     """Compiled DNS rules plus the final server. Thread-safe: a match keeps its state local."""
 
-    __slots__ = ("_final_decision", "final", "rules", "server_types")
+    __slots__ = ("_final_decision", "final", "owner_needs", "rules", "server_types")
 
     def __init__(
         self, rules: Sequence[Rule], final: str, server_types: Mapping[str, str] | None = None
@@ -85,6 +85,8 @@ class DnsRouter:
         self.final = final
         #: server tag → type (udp, tls, fakeip, ...), for callers that print decisions
         self.server_types = dict(server_types or {})
+        #: what the rules ask of a query's local owner, as `Router.owner_needs`
+        self.owner_needs: frozenset[str] = frozenset()
         self._final_decision = DnsDecision(final, None, None, None, "final")
 
     def decide(self, meta: FlowMeta, *, allow_fakeip: bool = True) -> DnsDecision:

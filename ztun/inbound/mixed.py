@@ -24,7 +24,7 @@ import logging
 import socket
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ztun.address import Address, clip
 from ztun.config.options import MixedInboundOptions
@@ -35,11 +35,14 @@ from ztun.outbound.base import ErrorKind, OutboundError
 from ztun.proto import http_proxy, socks5
 from ztun.proto.socks5 import AuthMethod, Command, Reply
 from ztun.runtime import dial, netio
-from ztun.runtime.dispatch import Dispatcher, RejectedError, log_flow, meta_for
+from ztun.runtime.dispatch import Dispatcher, RejectedError, adopt_owner, log_flow, meta_for
 from ztun.runtime.udp import UdpSessionRunner
 from ztun.stack.auth import UserAuth
 from ztun.stack.commands import Command as StackCommand
 from ztun.stack.flow import Flow, decide_datagram
+
+if TYPE_CHECKING:
+    from ztun.platform.linux.owner import Owner
 
 log = logging.getLogger("ztun.inbound")
 
@@ -237,11 +240,14 @@ class MixedInbound:
                 return
             if req is None:
                 return
+            # The client's process, when rules ask and the client is on this host: the
+            # owner of its socket to us, for its TCP flow or every flow of its association.
+            owner = await self.dispatcher.owner_of_peer("tcp", source, _local(conn))
             if isinstance(req, _UdpAssociateRequest):
                 waiter.close()
-                await UdpAssociation(self, conn, source, req.user).run()
+                await UdpAssociation(self, conn, source, req.user, owner).run()
                 return
-            await self._tcp_flow(conn, waiter, source, req)
+            await self._tcp_flow(conn, waiter, source, req, owner)
         finally:
             waiter.close()
             conn.close()
@@ -373,10 +379,12 @@ class MixedInbound:
         waiter: netio.Waiter,
         source: tuple[str, int],
         req: _TcpRequest,
+        owner: Owner | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         meta = meta_for("tcp", req.dest, source, self.tag, req.user)
         flow = Flow(meta, req.dest, loop.time())
+        adopt_owner(flow, owner)
         # The outbound's watch on its socket comes with it, for the relay to take over.
         handover = netio.Handover()
         try:
@@ -407,6 +415,15 @@ class MixedInbound:
         finally:
             handover.release()  # still held only if the relay never got it
             remote.close()
+
+
+def _local(conn: socket.socket) -> tuple[str, int]:
+    """ztun's end of an accepted connection (host, port), whatever the family."""
+    try:
+        name = conn.getsockname()
+    except OSError:
+        return ("", 0)
+    return str(name[0]), int(name[1])
 
 
 def _bad_name_reply(kind: int) -> bytes:
@@ -445,9 +462,16 @@ class UdpAssociation:
     one outbound session per outbound serves every destination routed to it."""
 
     def __init__(
-        self, inbound: MixedInbound, conn: socket.socket, source: tuple[str, int], user: str | None
+        self,
+        inbound: MixedInbound,
+        conn: socket.socket,
+        source: tuple[str, int],
+        user: str | None,
+        owner: Owner | None = None,
     ) -> None:
         self.inbound = inbound
+        #: the client's process (the owner of its control connection), when rules ask
+        self.owner = owner
         self.dispatcher = inbound.dispatcher
         self.conn = conn
         self.source = source
@@ -568,6 +592,7 @@ class UdpAssociation:
             client = (self.client[0], self.client[1]) if self.client else None
             meta = meta_for("udp", dest, client, self.inbound.tag, self.user)
             flow = Flow(meta, dest, now)
+            adopt_owner(flow, self.owner)
             verdict = decide_datagram(self.dispatcher.route, flow, "udp", payload)
             # One outbound session per outbound, whatever the destination.
             uf = self.core.add(key, flow, verdict, flow.outbound, now)

@@ -46,7 +46,7 @@ from ztun.runtime.netio import Handover
 from ztun.runtime.sniff import sniff_and_route
 from ztun.runtime.udp import UdpSessionRunner
 from ztun.stack.commands import WritePacket
-from ztun.stack.flow import Flow, Refused, SniffFirst
+from ztun.stack.flow import Flow, LookupFirst, Refused, SniffFirst, decide_datagram
 from ztun.stack.tun import MAX_UDP_SESSIONS, TunStack
 
 log = logging.getLogger("ztun.inbound")
@@ -154,7 +154,8 @@ class TunInbound:
         loop = self._loop = asyncio.get_running_loop()
         self._udp = UdpSessionRunner(self.stack.udp, loop, self.tasks, self._udp_reply,
                                      self._run_commands,
-                                     getattr(self.dispatcher, "tracker", None))  # fmt: skip
+                                     tracker=getattr(self.dispatcher, "tracker", None),
+                                     resolve=self._route_identified)  # fmt: skip
         offload = os.environ.get(OFFLOAD_ENV, "1").strip().lower() not in ("0", "false", "off")
         self.device = TunDevice.open(self.interface_name, self.address, self.mtu, offload)
         atexit.register(self.abort)
@@ -462,14 +463,32 @@ class TunInbound:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    async def _route_identified(self, flow: Flow, ask: LookupFirst) -> Any:
+        """A flow routed once its owner is known: look it up (bounded), route it again."""
+        await self.dispatcher.identify(flow)
+        return decide_datagram(self.dispatcher.route, flow, "udp", ask.payload)
+
     async def _tcp_flow(
-        self, conn: socket.socket, flow: Flow, outbound: Outbound | SniffFirst
+        self, conn: socket.socket, flow: Flow, outbound: Outbound | SniffFirst | LookupFirst
     ) -> None:
         # The outbound's watch on its socket comes with it, for the relay to take over.
         handover = Handover()
         remote: socket.socket | None = None
         first_bytes = b""
         try:
+            if isinstance(outbound, LookupFirst):
+                # The rules need the owner: the application's socket still exists (it is
+                # connected, to us), so it is looked up now, and the flow routed again; a
+                # refusal is an RST after the handshake instead of on the SYN.
+                await self.dispatcher.identify(flow)
+                outbound = self.dispatcher.route(flow, "tcp")
+                if isinstance(outbound, Refused | LookupFirst):
+                    flow.end = "blocked"
+                    flow.error = getattr(outbound, "reason", "no owner")
+                    log_flow(flow)
+                    if not getattr(outbound, "drop", False):
+                        _reset(conn)
+                    return
             if isinstance(outbound, SniffFirst):
                 sniffed = await sniff_and_route(conn, flow, outbound, self.dispatcher.route)
                 if isinstance(sniffed.verdict, Refused):

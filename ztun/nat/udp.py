@@ -292,6 +292,33 @@ class UdpSessions:
             self.out.append(SendDatagram(session_key, dest, payload))
         return True
 
+    def routed(self, session_key: Hashable, ident: int, verdict: Any) -> bool:
+        """The flow of a session asked for with a `LookupFirst` verdict was routed once its
+        owner was known: `verdict` is its outbound (True: go on opening the session through
+        it) or `Refused` (False: the flow ends blocked, its waiting datagrams are dropped, and
+        its next ones are refused without routing it again)."""
+        s = self._sessions.get(session_key)
+        if s is None or s.ident != ident or s.state != _OPENING:
+            return False
+        members = self.members(session_key)
+        for uf in members:
+            self._forget_host(uf)
+            uf.outbound = None if isinstance(verdict, Refused) else verdict
+        if not isinstance(verdict, Refused):
+            for uf in members:
+                host = _host_key(uf)
+                hosts = self._hosts.setdefault(session_key, {})
+                hosts[host] = hosts.get(host, 0) + 1
+            return True
+        self.dropped += len(s.pending)
+        del self._sessions[session_key]
+        self._members.pop(session_key, None)
+        for uf in members:
+            uf.refused = verdict
+            uf.flow.end, uf.flow.error = "blocked", verdict.reason
+            self.out.append(FlowEnded(uf.flow))
+        return False
+
     def open_failed(self, session_key: Hashable, ident: int, error: str, now: float) -> int:
         """Opening failed: its flows end `failed`; datagrams are dropped for `retry_delay`.
         Returns how many waiting datagrams were dropped."""
@@ -347,12 +374,7 @@ class UdpSessions:
             if uf is not None:
                 self._end(uf, end, error)
 
-    def _end(self, uf: UdpFlow, end: str, error: str | None = None) -> None:
-        if uf.refused is not None:
-            return  # logged when it was refused
-        uf.flow.end, uf.flow.error = end, error
-        # Idle and closed are how nearly every UDP flow ends: those lines are at debug level.
-        self.out.append(FlowEnded(uf.flow, quiet=end in ("idle", "closed")))
+    def _forget_host(self, uf: UdpFlow) -> None:
         hosts = self._hosts.get(uf.session_key)
         if hosts is not None:
             host = _host_key(uf)
@@ -363,6 +385,14 @@ class UdpSessions:
                 hosts.pop(host, None)
                 if not hosts:
                     del self._hosts[uf.session_key]
+
+    def _end(self, uf: UdpFlow, end: str, error: str | None = None) -> None:
+        if uf.refused is not None:
+            return  # logged when it was refused
+        uf.flow.end, uf.flow.error = end, error
+        # Idle and closed are how nearly every UDP flow ends: those lines are at debug level.
+        self.out.append(FlowEnded(uf.flow, quiet=end in ("idle", "closed")))
+        self._forget_host(uf)
         members = self._members.get(uf.session_key)
         if members is not None:
             members.pop(uf.key, None)

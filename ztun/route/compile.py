@@ -42,6 +42,7 @@ from ztun.route.items import (
     IPIsPrivateItem,
     OutboundItem,
     PortItem,
+    ProcessPathRegexItem,
     RuleItem,
     RuleSetItem,
     parse_port_range,
@@ -85,6 +86,9 @@ class _Compiler:
     regex_fallback_warned: bool = False
     #: the Clash API's mode, shared by every `clash_mode` item of the router
     mode: ClashMode = field(default_factory=ClashMode)
+    #: what the rules need to know of a flow's local owner: "user" (the socket's uid is
+    #: enough) and/or "process" (its process too); empty: no flow pays for a lookup
+    owner_needs: set[str] = field(default_factory=set)
 
     def error(self, message: str, path: ConfigPath) -> None:
         self.diagnostics.append(Diagnostic(message, path))
@@ -196,6 +200,7 @@ class _Compiler:
         if isinstance(mode := rule.get("clash_mode"), str) and mode and not headless:
             self.mode.add(mode)
             groups.other.append(ClashModeItem(mode, self.mode))
+        self._owner_items(rule, path, groups)
         if "ip_version" in rule:
             version = rule["ip_version"]
             if version not in (4, 6):
@@ -225,6 +230,29 @@ class _Compiler:
                         self.error(f"unknown rule set '{tag}'", (*path, "rule_set", i))
             match_source = rule.get("rule_set_ip_cidr_match_source") is True
             groups.other.append(RuleSetItem(tags, sets, match_source=match_source))
+
+    def _owner_items(self, rule: Mapping[str, Any], path: ConfigPath, groups: ItemGroups) -> None:
+        """`process_name`, `process_path`, `process_path_regex`, `user`, `user_id`: sing-box's
+        items on the local process that owns the flow's source socket (AND with the rest)."""
+        for name, attr in (("process_name", "process_name"), ("process_path", "process_path"),
+                           ("user", "process_user")):  # fmt: skip
+            if values := as_list(rule.get(name)):
+                groups.other.append(FieldInItem(name, attr, [str(v) for v in values]))
+                self.owner_needs.add("user" if name == "user" else "process")
+        key = "process_path_regex"
+        if values := as_list(rule.get(key)):
+            if patterns := self._regexes(values, (*path, key)):
+                groups.other.append(ProcessPathRegexItem(patterns))
+            self.owner_needs.add("process")
+        if values := as_list(rule.get("user_id")):
+            ids = []
+            for i, v in enumerate(values):
+                if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 0xFFFFFFFF:
+                    ids.append(v)
+                else:
+                    self.error(f"'{v}' is not a user id (0 to 4294967295)", (*path, "user_id", i))
+            groups.other.append(FieldInItem("user_id", "process_user_id", ids))
+            self.owner_needs.add("user")
 
     # -- rules --------------------------------------------------------------------------------
 
@@ -481,6 +509,8 @@ def compile_router(
 
     errors = [d for d in compiler.diagnostics if d.severity == "error"]
     router = None if errors else Router(rules, str(final), outbound_types, compiler.mode)
+    if router is not None:
+        router.owner_needs = frozenset(compiler.owner_needs)
     return router, compiler.diagnostics
 
 
@@ -542,6 +572,7 @@ def compile_dns_router(
     router = None
     if not errors and final is not None:
         router = DnsRouter(rules, str(final), server_types)
+        router.owner_needs = frozenset(compiler.owner_needs)
     return router, compiler.diagnostics
 
 

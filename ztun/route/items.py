@@ -442,7 +442,8 @@ class PortItem:
 
 
 class FieldInItem:
-    """`network`, `inbound`, `protocol`, `auth_user`, `ip_version`: the value is in a set."""
+    """`network`, `inbound`, `protocol`, `auth_user`, `ip_version`, `process_name`,
+    `process_path`, `user`, `user_id`: the value is in a set (None, unknown, is in none)."""
 
     __slots__ = ("_attr", "_name", "_values")
 
@@ -512,6 +513,33 @@ class ClashModeItem:
 
     def __str__(self) -> str:
         return f"clash_mode={self._mode}"
+
+
+class ProcessPathRegexItem:
+    """`process_path_regex`: an unanchored RE2 search in the path of the flow's process (Go's
+    `MatchString`, as sing-box); a flow whose process is unknown matches nothing."""
+
+    __slots__ = ("_patterns", "_sources")
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self._sources = list(patterns)
+        self._patterns = RegexSet(self._sources)
+
+    def _first(self, path: str | None) -> str | None:
+        if not path:
+            return None
+        index = self._patterns.first(path)
+        return None if index is None else self._sources[index]
+
+    def match(self, meta: FlowMeta, state: MatchState) -> bool:
+        return self._first(meta.process_path) is not None
+
+    def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
+        hit = self._first(meta.process_path)
+        return None if hit is None else f"process_path_regex '{hit}' matches '{meta.process_path}'"
+
+    def __str__(self) -> str:
+        return f"process_path_regex={_preview(self._sources)}"
 
 
 class OutboundItem:

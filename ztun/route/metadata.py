@@ -39,6 +39,13 @@ class FlowMeta:
     #: for a DNS query: the outbound tag the flow that caused it was routed to, when known
     #: (matched by the `outbound` item of DNS rules only)
     outbound: str | None = None
+    #: the local process that owns the flow's source socket (Linux, `process_*` items), and
+    #: the user its socket belongs to (`user`, `user_id`); None when not known: the owner was
+    #: not looked up, is gone or is in another namespace ("unknown" matches no such item)
+    process_name: str | None = None
+    process_path: str | None = None
+    process_user: str | None = None
+    process_user_id: int | None = None
 
     def __post_init__(self) -> None:
         # An IPv4-mapped IPv6 address is the IPv4 host: rules written for v4 must match it.
@@ -59,7 +66,19 @@ class FlowMeta:
         return FlowMeta(
             self.network, self.destination, self.destination_port, domain, self.source,
             self.source_port, self.inbound, self.protocol, self.resolved, self.user,
-            query_type, self.outbound,
+            query_type, self.outbound, self.process_name, self.process_path,
+            self.process_user, self.process_user_id,
+        )  # fmt: skip
+
+    def with_owner(
+        self, name: str | None, path: str | None, user: str | None, user_id: int | None
+    ) -> FlowMeta:
+        """This flow with its local owner known (once per flow, as `for_query`, without the
+        cost of `dataclasses.replace`)."""
+        return FlowMeta(
+            self.network, self.destination, self.destination_port, self.domain, self.source,
+            self.source_port, self.inbound, self.protocol, self.resolved, self.user,
+            self.query_type, self.outbound, name, path, user, user_id,
         )  # fmt: skip
 
     @property

@@ -29,7 +29,9 @@ class Explanation:
 class Router:
     """Compiled rules plus the final outbound. Thread-safe: a match keeps its state local."""
 
-    __slots__ = ("_final_decision", "_plain", "final", "mode", "outbound_types", "rules")
+    __slots__ = (
+        "_final_decision", "_plain", "final", "mode", "outbound_types", "owner_needs", "rules",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -44,6 +46,9 @@ class Router:
         self.final = final
         #: outbound tag → type (direct, socks, block), for callers that print decisions
         self.outbound_types = dict(outbound_types or {})
+        #: what the rules ask of a flow's local owner ("user", "process"; see compile.py):
+        #: only a router with a need makes its inbounds look owners up
+        self.owner_needs: frozenset[str] = frozenset()
         # The decision of rule i when nothing matched before it is always the same object:
         # building a Decision per flow would cost as much as the match itself.
         self._plain: list[Decision | None] = []

@@ -43,6 +43,7 @@ MAX_YAML_DEPTH = 100
 _STRING_FIELDS = frozenset({
     "domain", "domain_suffix", "domain_keyword", "domain_regex", "geoip", "source_geoip",
     "port_range", "source_port_range", "network", "protocol", "auth_user",
+    "process_name", "process_path", "process_path_regex",
 })  # fmt: skip
 _CIDR_FIELDS = frozenset({"ip_cidr", "source_ip_cidr"})
 _PORT_FIELDS = frozenset({"port", "source_port"})
@@ -50,7 +51,7 @@ _BOOL_FIELDS = frozenset({"ip_is_private", "source_ip_is_private", "invert"})
 _NETWORKS = frozenset({"tcp", "udp", "icmp"})
 #: Fields sing-box accepts in a headless rule that ztun cannot evaluate.
 _SINGBOX_ONLY_FIELDS = frozenset({
-    "process_name", "process_path", "process_path_regex", "package_name", "package_name_regex",
+    "package_name", "package_name_regex",
     "wifi_ssid", "wifi_bssid", "network_type", "network_is_expensive", "network_is_constrained",
     "network_interface_address", "default_interface_address",
 })  # fmt: skip
@@ -104,7 +105,7 @@ def parse_source(text: str) -> ParsedRuleSet:
 
     Comments (`//`, `/* */`, `#`) and trailing commas are accepted, as sing-box accepts them.
     Unknown fields are errors, as in sing-box; fields sing-box knows but ztun cannot evaluate
-    (process_name, wifi_ssid, ...) are errors too, because dropping them would widen a rule.
+    (package_name, wifi_ssid, ...) are errors too, because dropping them would widen a rule.
     """
     try:
         data = json.loads(_strip_json_extensions(text))
@@ -528,7 +529,7 @@ def _clash_classical(entries: list[tuple[int, str]]) -> ParsedRuleSet:
         for key, values in rule.items():
             group.setdefault(key, []).extend(values)
     rules: list[dict[str, Any]] = []
-    for name in ("destination", "source", "port", "source_port", "network"):
+    for name in ("destination", "source", "port", "source_port", "network", *_PROCESS_FIELDS):
         if name in groups:
             rules.append({k: _dedupe(v) for k, v in groups[name].items()})
     rules.extend(logical)
@@ -543,9 +544,12 @@ def _group_of(rule: dict[str, Any]) -> str:
         return "source"
     if key.startswith("port"):
         return "port"
-    if key == "network":
-        return "network"
+    if key == "network" or key in _PROCESS_FIELDS:
+        return key  # each its own item in sing-box: ANDed, so a rule of its own
     return "destination"
+
+
+_PROCESS_FIELDS = ("process_name", "process_path", "process_path_regex")
 
 
 def _classical_rule(entry: str, line: int, warnings: list[str]) -> dict[str, Any]:
@@ -584,6 +588,13 @@ def _regex_rule(value: str, line: int, source: bool) -> dict[str, Any]:
         raise RuleSetError(f"'{value}' is not a regular expression ztun can match (RE2 "
                            f"syntax): {why}", line)  # fmt: skip
     return {"domain_regex": [pattern]}
+
+
+def _process_path_regex(value: str, line: int, source: bool) -> dict[str, Any]:
+    if (why := pattern_error(value)) is not None:
+        raise RuleSetError(f"'{value}' is not a regular expression ztun can match (RE2 "
+                           f"syntax): {why}", line)  # fmt: skip
+    return {"process_path_regex": [value]}
 
 
 def _plain_domain(value: str, line: int) -> str:
@@ -654,6 +665,9 @@ _CLASSICAL_BUILDERS: dict[str, _Builder] = {
     "GEOIP": _geoip,
     "SRC-GEOIP": lambda v, n, s: _geoip(v, n, True),
     "NETWORK": _network,
+    "PROCESS-NAME": lambda v, n, s: {"process_name": [v]},
+    "PROCESS-PATH": lambda v, n, s: {"process_path": [v]},
+    "PROCESS-PATH-REGEX": _process_path_regex,
 }
 
 

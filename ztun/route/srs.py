@@ -538,7 +538,8 @@ def _adguard_entries(keys: list[str], path: str) -> tuple[list[str], list[str], 
         open_end = body.endswith(_OPEN_END)
         if open_end:
             body = body[:-1]
-        if "\r" in body or "\n" in body or "\b" in body:
+        if not body or "\r" in body or "\n" in body or "\b" in body:
+            # (nothing left but markers would be a pattern matching every name)
             raise SrsError(f"{path}: a malformed AdGuard pattern {json.dumps(key)}")
         if body and "*" not in body and not open_end and start != _SUBDOMAINS:
             (suffixes if start == _AND_SUBDOMAINS else domains).append(body)

@@ -14,16 +14,20 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from functools import lru_cache
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ztun.address import MAX_IP_TEXT, Address, IPAddress, clip
+from ztun.log import limited
 from ztun.outbound.base import ErrorKind, Outbound, OutboundError
 from ztun.route.action import Decision, HijackDNS, Reject, Route, Sniff
 from ztun.route.metadata import FlowMeta, parse_ip
 from ztun.runtime.netio import Handover, Waiter
 from ztun.runtime.relay import RelayResult, relay
 from ztun.runtime.tracker import Tracker
-from ztun.stack.flow import Flow, Refused, SniffFirst
+from ztun.stack.flow import Flow, LookupFirst, Refused, SniffFirst
+
+if TYPE_CHECKING:
+    from ztun.platform.linux.owner import Owner, OwnerFinder
 
 log = logging.getLogger("ztun.flow")
 
@@ -75,6 +79,13 @@ def log_flow(flow: Flow, level: int = logging.INFO) -> None:
         parts.insert(1, f"user={clip(meta.user, 64)}")
     if asked != flow.dest:
         parts.insert(5 if meta.user else 4, f"target={clip(flow.dest)}")
+    if meta.process_user_id is not None:
+        # The flow's local owner (rules with process or user items): its uid, and its
+        # executable when known; a path is the local system's, clipped like the rest.
+        parts.append(f"uid={meta.process_user_id}")
+        if meta.process_path:
+            parts.append(f"process={clip(meta.process_name or '-', 64)}")
+            parts.append(f"process_path={clip(meta.process_path, 256)}")
     if flow.error:
         parts.append(f'error="{clip(flow.error, 512)}"')
     log.log(level, "flow " + " ".join(parts))
@@ -135,6 +146,7 @@ class Dispatcher:
         dns_hijack: Outbound | None = None,
         names: NameLookup | None = None,
         tracker: Tracker | None = None,
+        owners: OwnerFinder | None = None,
     ) -> None:
         self.router = router
         #: the open flows the API lists and closes (None: nothing tracks them)
@@ -145,11 +157,18 @@ class Dispatcher:
         #: where `hijack-dns` flows go: ztun's DNS module, as an outbound
         self.dns_hijack = dns_hijack
         self.names = names
+        #: finds a flow's local owner; set only when some rule has a process or user item
+        self.owners = owners
 
-    def verdict(self, flow: Flow, *, sniffing: bool = True) -> Outbound | Refused | SniffFirst:
+    def verdict(
+        self, flow: Flow, *, sniffing: bool = True
+    ) -> Outbound | Refused | SniffFirst | LookupFirst:
         """Route `flow`: fills its decision and outbound tag (and its destination, after route
         options or a FakeIP address). `SniffFirst` when a `sniff` rule matched and the flow
-        was not sniffed yet (with `sniffing=False` the walk goes on as if nothing was found)."""
+        was not sniffed yet (with `sniffing=False` the walk goes on as if nothing was found);
+        `LookupFirst` when the rules need the flow's owner and `identify` has not run."""
+        if self.owners is not None and not flow.identified:
+            return LookupFirst()
         meta = flow.meta
         if self.names is not None and meta.domain is None and meta.destination is not None:
             refused = self._name_of(flow, meta.destination)
@@ -211,20 +230,49 @@ class Dispatcher:
             flow.domain_from = "reverse"
         return None
 
+    async def identify(self, flow: Flow) -> None:
+        """Look up the local owner of the flow's source socket (the TUN: the application's
+        socket, its source and original destination in `flow.meta`), once per flow."""
+        if flow.identified:
+            return
+        meta = flow.meta
+        if self.owners is not None and meta.source is not None and meta.destination is not None:
+            try:
+                owner = await self.owners.find(meta.network, meta.source, meta.source_port,
+                                               meta.destination, meta.destination_port)  # fmt: skip
+            except Exception as e:  # a bug: the flow goes on with an unknown owner
+                limited(log, logging.WARNING, "owner-lookup", "owner lookup failed: %s", e)
+                owner = None
+            adopt_owner(flow, owner)
+        flow.identified = True
+
+    async def owner_of_peer(
+        self, network: str, peer: tuple[str, int], local: tuple[str, int]
+    ) -> Owner | None:
+        """The owner of a client connected to ztun from this host (the mixed inbound): its
+        socket is `peer` talking to ztun's `local`. None when no rule needs owners."""
+        if self.owners is None:
+            return None
+        try:
+            return await self.owners.find(network, peer[0], peer[1], local[0], local[1])
+        except Exception as e:  # a bug: the client goes on with an unknown owner
+            limited(log, logging.WARNING, "owner-lookup", "owner lookup failed: %s", e)
+            return None
+
     def decide(self, flow: Flow) -> Outbound:
         """`verdict` for a flow whose request already names its destination (the mixed
         inbound's TCP): no sniffing; raises RejectedError instead of returning `Refused`."""
         verdict = self.verdict(flow, sniffing=False)
         if isinstance(verdict, Refused):
             raise RejectedError(verdict.reason, verdict.drop)
-        assert not isinstance(verdict, SniffFirst)
+        assert not isinstance(verdict, SniffFirst | LookupFirst)  # see identify
         return verdict
 
-    def route(self, flow: Flow, network: str) -> Outbound | Refused | SniffFirst:
+    def route(self, flow: Flow, network: str) -> Outbound | Refused | SniffFirst | LookupFirst:
         """`verdict`, as the inbound cores take it (`stack.flow.Decide`): an outbound that
         refuses `network` (block) gives `Refused` too."""
         verdict = self.verdict(flow)
-        if isinstance(verdict, Refused | SniffFirst):
+        if isinstance(verdict, Refused | SniffFirst | LookupFirst):
             return verdict
         if network == "tcp" and verdict.refuses_tcp:
             verdict.counters.blocked_tcp += 1
@@ -281,8 +329,21 @@ class Dispatcher:
         return result
 
     async def close(self) -> None:
+        if self.owners is not None:
+            o = self.owners
+            log.debug("owner lookups: %d found, %d unknown, %d cut short by their bound",
+                      o.found, o.unknown, o.timeouts)  # fmt: skip
+            o.close()
         for ob in self.outbounds.values():
             await ob.close()
+
+
+def adopt_owner(flow: Flow, owner: Owner | None) -> None:
+    """Put what is known of the flow's owner into its metadata; the flow is identified."""
+    flow.identified = True
+    if owner is None or owner.user_id is None:
+        return
+    flow.meta = flow.meta.with_owner(owner.name, owner.path, owner.user, owner.user_id)
 
 
 async def wait_closed(tasks: set[asyncio.Task[None]], grace: float) -> bool:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
 
 from ztun.address import Address
 from ztun.log import LIMITER, limited
@@ -26,11 +27,15 @@ from ztun.stack.commands import (
     OpenUdpSession,
     SendDatagram,
 )
+from ztun.stack.flow import Flow, LookupFirst
 
 log = logging.getLogger("ztun.inbound")
 
 #: Called with (session key, source address, payload) for each datagram that comes back.
 ReplyHandler = Callable[[Hashable, Address, bytes], None]
+#: Routes a flow whose session was asked for with `LookupFirst`: finds its owner, routes it
+#: again, and gives its outbound or `Refused`.
+Resolve = Callable[[Flow, LookupFirst], Awaitable[Any]]
 
 
 class UdpSessionRunner:
@@ -42,6 +47,7 @@ class UdpSessionRunner:
         on_reply: ReplyHandler,
         drain: Callable[[], None],
         tracker: Tracker | None = None,
+        resolve: Resolve | None = None,
     ) -> None:
         self.core = core
         self.loop = loop
@@ -49,6 +55,7 @@ class UdpSessionRunner:
         self.on_reply = on_reply
         #: called after the core was told something, so that its new commands are carried out
         self.drain = drain
+        self.resolve = resolve
         #: the open sessions: session key -> (ident, session)
         self.sessions: dict[Hashable, tuple[int, UdpSession]] = {}
         #: the API's table of open flows; this runner's entries by id(flow) (the core's flow
@@ -101,6 +108,18 @@ class UdpSessionRunner:
     async def _open(self, c: OpenUdpSession) -> None:
         key, ident = c.key, c.ident
         outbound: Outbound = c.outbound
+        if isinstance(outbound, LookupFirst):
+            assert self.resolve is not None  # only an inbound with a resolver asks for one
+            try:
+                verdict = await self.resolve(c.flow, outbound)
+            except Exception as e:  # a bug: the flow fails, never the runner
+                self.core.open_failed(key, ident, f"routing failed: {e}", self.loop.time())
+                self.drain()
+                return
+            if not self.core.routed(key, ident, verdict):
+                self.drain()  # refused (its line is in `out`), or no longer wanted
+                return
+            outbound = verdict
         try:
             session = await outbound.open_udp(
                 c.flow.meta,

@@ -44,6 +44,8 @@ class Flow:
     #: how the flow's domain became known for an IP destination: "reverse" (an earlier DNS
     #: answer), "fakeip" (the destination is a FakeIP address) or "sniff"; None otherwise
     domain_from: str | None = None
+    #: the flow's local owner was looked up (or needs none): `LookupFirst` is not asked again
+    identified: bool = False
 
     @property
     def rule(self) -> str:
@@ -72,6 +74,15 @@ class SniffFirst:
     override_destination: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class LookupFirst:
+    """The rules need the flow's local owner (process, user): look it up off the packet path
+    (the dispatcher's `identify`), then route again. `payload` is a UDP flow's first datagram,
+    for a `sniff` rule after the lookup."""
+
+    payload: bytes = b""
+
+
 def apply_sniffed(flow: Flow, found: Sniffed | None, override_destination: bool = False) -> None:
     """Record what sniffing found (protocol, domain) for the next routing step; sniffing ran
     even when it found nothing, so the walk goes on past the sniff rule. With
@@ -95,6 +106,8 @@ def apply_sniffed(flow: Flow, found: Sniffed | None, override_destination: bool 
 def decide_datagram(decide: Decide, flow: Flow, network: str, payload: bytes) -> Any:
     """Route a UDP flow on its first datagram, sniffing that datagram when a rule asks."""
     verdict = decide(flow, network)
+    if isinstance(verdict, LookupFirst):
+        return LookupFirst(payload)
     if isinstance(verdict, SniffFirst):
         found = sniff_datagram(payload, verdict.sniffers or ALL_SNIFFERS)
         apply_sniffed(flow, found, verdict.override_destination)
@@ -103,7 +116,7 @@ def decide_datagram(decide: Decide, flow: Flow, network: str, payload: bytes) ->
 
 
 #: The routing step: fills `flow.decision`, `flow.outbound` (and `flow.dest` after route
-#: options) and returns the outbound to use (opaque to the cores), `Refused`, or `SniffFirst`
-#: (sniff, then call it again). `network` is "tcp" or "udp": an outbound that refuses a
-#: network (block) gives `Refused` here.
-Decide = Callable[[Flow, str], "Any | Refused | SniffFirst"]
+#: options) and returns the outbound to use (opaque to the cores), `Refused`, `SniffFirst`
+#: (sniff, then call it again) or `LookupFirst` (find the owner, then call it again).
+#: `network` is "tcp" or "udp": an outbound that refuses a network (block) gives `Refused`.
+Decide = Callable[[Flow, str], "Any | Refused | SniffFirst | LookupFirst"]

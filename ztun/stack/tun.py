@@ -48,7 +48,7 @@ from ztun.packet.udp import build_udp, parse_udp
 from ztun.packet.virtio import F_NEEDS_CSUM, GSO_ECN, GSO_TCPV4, GSO_TCPV6
 from ztun.route.metadata import FlowMeta
 from ztun.stack.commands import Command, FlowEnded, WritePacket
-from ztun.stack.flow import Decide, Flow, Refused, SniffFirst, decide_datagram
+from ztun.stack.flow import Decide, Flow, LookupFirst, Refused, SniffFirst, decide_datagram
 
 __all__ = ["FORWARD", "HANDLED", "TunStack"]
 
@@ -272,7 +272,11 @@ class TunStack:
             payload = pkt[u.start : u.end]
             verdict = decide_datagram(self.decide, flow, "udp", payload)
             sk = key
-            if self.udp_mapping != ADDRESS_AND_PORT_DEPENDENT:
+            # A flow routed once its owner is known has a session of its own: its outbound,
+            # which other mappings name in the session key, is not known yet.
+            if self.udp_mapping != ADDRESS_AND_PORT_DEPENDENT and not isinstance(
+                verdict, LookupFirst
+            ):
                 sk = mapped_session(self.udp_mapping, key, flow.outbound)  # type: ignore[assignment]
             uf = self.udp.add(key, flow, verdict, sk, now)
         if uf.refused is not None:

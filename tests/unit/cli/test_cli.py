@@ -196,3 +196,28 @@ def test_examples_lists_shipped_examples_with_paths(tmp_path: Path) -> None:
     assert {e["name"] for e in listed} == set(names) and all(e["description"] for e in listed)
     unknown = ztun("examples", "nope")
     assert unknown.returncode == 1 and "local-proxy" in unknown.stderr
+
+
+def test_route_explains_process_and_user_rules(tmp_path: Path) -> None:
+    path = tmp_path / "owner.yaml"
+    path.write_text(textwrap.dedent("""\
+        outbounds:
+          - {type: direct, tag: direct}
+          - {type: block, tag: block}
+        route:
+          rules:
+            - {process_path_regex: ["^/opt/"], outbound: block}
+            - {process_name: [curl], user: [alice], outbound: block}
+            - {user_id: [65534], outbound: block}
+        """))
+    assert ztun("check", str(path)).returncode == 0
+    dest = "203.0.113.5"
+    answer = json.loads(ztun("route", str(path), dest, "--process", "/opt/x/app", "--json").stdout)
+    assert answer["outbound"] == "block" and answer["rule"] == 0
+    answer = json.loads(ztun("route", str(path), dest, "--process", "curl", "--process-user",
+                             "alice", "--json").stdout)  # fmt: skip
+    assert answer["rule"] == 1
+    answer = json.loads(ztun("route", str(path), dest, "--uid", "65534", "--json").stdout)
+    assert answer["rule"] == 2
+    # No owner given: unknown, which matches no process or user item.
+    assert json.loads(ztun("route", str(path), dest, "--json").stdout)["rule"] == "final"

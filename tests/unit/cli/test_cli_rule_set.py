@@ -67,10 +67,10 @@ def test_compile_then_decompile_and_match_the_binary(tmp_path: Path) -> None:
 def test_convert_clash_and_domain_lists(tmp_path: Path) -> None:
     clash = tmp_path / "ads.yaml"
     clash.write_text("payload:\n  - DOMAIN-SUFFIX,ads.example\n  - IP-CIDR,198.51.100.0/24\n"
-                     "  - PROCESS-NAME,x\n")  # fmt: skip
+                     "  - UID,1000\n")  # fmt: skip
     proc = ztun("rule-set", "convert", str(clash), "--type", "clash")
     assert proc.returncode == 0
-    assert "skipped 'PROCESS-NAME,x'" in proc.stderr
+    assert "skipped 'UID,1000'" in proc.stderr
     assert json.loads((tmp_path / "ads.json").read_text())["rules"] == [
         {"domain_suffix": "ads.example", "ip_cidr": "198.51.100.0/24"}
     ]

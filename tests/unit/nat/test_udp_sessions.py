@@ -376,3 +376,35 @@ def test_random_runs_leak_no_session(steps: list[tuple[object, ...]], max_flows:
         apply(s.take())
     assert live == {}, "a session stayed open after every flow ended"
     assert len(s.core) == 0
+
+
+def test_a_session_waits_for_its_flow_to_be_routed_by_owner() -> None:
+    """A flow routed only once its owner is known (`LookupFirst`): its datagrams wait in the
+    opening session; then it opens through the outbound found, or ends blocked."""
+    from ztun.stack.flow import LookupFirst
+
+    for verdict in (OUTBOUNDS[PROXY], Refused("rejected by rule 0")):
+        out: list[Command] = []
+        core = UdpSessions(out, timeout=60.0, max_flows=8)
+        meta = FlowMeta(network="udp", destination=ipaddress.ip_address(A.host),
+                        destination_port=A.port)  # fmt: skip
+        flow = Flow(meta, A, 0.0)
+        ask = LookupFirst(b"q1")
+        uf = core.add(key(A), flow, ask, key(A), 0.0)
+        core.send(uf, b"q1", 0.0)
+        core.send(uf, b"q2", 0.1)
+        assert out == [OpenUdpSession(key(A), 1, flow, ask)]
+        out.clear()
+        assert core.routed(key(A), 2, verdict) is False  # not this attempt
+        if isinstance(verdict, Refused):
+            assert core.routed(key(A), 1, verdict) is False
+            assert out == [FlowEnded(flow)] and flow.end == "blocked"
+            assert uf.refused is verdict and core.dropped == 2
+            continue
+        assert core.routed(key(A), 1, verdict) is True and uf.outbound is verdict
+        assert core.opened(key(A), 1)
+        assert out == [SendDatagram(key(A), A, b"q1"), SendDatagram(key(A), A, b"q2")]
+        assert core.sent_to(key(A), A.host) or core.sent_to(key(A), "203.0.113.99")
+        out.clear()
+        core.end(key(A), "closed")
+        assert out == [FlowEnded(flow, quiet=True), CloseUdpSession(key(A), 1)]

@@ -122,7 +122,7 @@ def test_inline_rules_are_passed_through(tmp_path: Path) -> None:
 def test_local_files_in_every_format(tmp_path: Path) -> None:
     (tmp_path / "sets").mkdir()
     (tmp_path / "sets" / "s.json").write_bytes(SOURCE_A)
-    (tmp_path / "c.yaml").write_text("payload:\n  - DOMAIN,c.com\n  - PROCESS-NAME,x\n")
+    (tmp_path / "c.yaml").write_text("payload:\n  - DOMAIN,c.com\n  - GEOSITE,x\n")
     (tmp_path / "d.txt").write_text("\ufeff# list\nd.com\n.e.com\n")  # BOM is fine
     result = load(
         [
@@ -139,7 +139,7 @@ def test_local_files_in_every_format(tmp_path: Path) -> None:
     assert result.sets["d"] == [{"domain": ["d.com"], "domain_suffix": [".e.com"]}]
     (warning,) = [d for d in result.diagnostics if d.severity == "warning"]
     assert warning.path == ("route", "rule_set", 1, "path")
-    assert "c.yaml: line 3: skipped 'PROCESS-NAME,x'" in warning.message
+    assert "c.yaml: line 3: skipped 'GEOSITE,x'" in warning.message
     (error,) = [d for d in result.diagnostics if d.severity == "error"]
     assert error.path == ("route", "rule_set", 3, "path")
     assert "c.yaml: line 2:" in error.message  # DOMAIN,c.com is no domain pattern

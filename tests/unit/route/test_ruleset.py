@@ -311,19 +311,25 @@ def test_clash_classical_groups_and_logical_rules() -> None:
         {"port": [80, 443], "port_range": ["1000:2000"]},
         {"source_port": [7777]},
         {"network": ["udp"]},
+        {"process_name": ["curl"]},
         {"type": "logical", "mode": "and",
          "rules": [{"domain": ["baidu.com"]}, {"network": ["udp"]}]},
         {"type": "logical", "mode": "or",
          "rules": [{"port": [53]},
                    {"type": "logical", "mode": "and", "invert": True,
                     "rules": [{"domain_suffix": ["x.com"]}]}]},
+        {"type": "logical", "mode": "and",
+         "rules": [{"domain": ["a.com"]}, {"process_name": ["curl"]}]},
     ]  # fmt: skip
     joined = "\n".join(parsed.warnings)
-    assert "line 17: skipped 'PROCESS-NAME,curl'" in joined
     assert "line 18: skipped 'IP-SUFFIX,8.8.8.8/24'" in joined
     assert "line 19: skipped 'GEOSITE,youtube'" in joined
-    assert "line 22: skipped 'AND,((DOMAIN,a.com),(PROCESS-NAME,curl))'" in joined
-    assert len(parsed.warnings) == 4
+    assert len(parsed.warnings) == 2
+    # One process type per rule: sing-box ANDs process_name with process_path.
+    text = "PROCESS-NAME,a\nPROCESS-PATH,/usr/bin/b\nPROCESS-NAME,c\nPROCESS-PATH-REGEX,^/opt/\n"
+    assert parse_clash(text).rules == [{"process_name": ["a", "c"]},
+                                       {"process_path": ["/usr/bin/b"]},
+                                       {"process_path_regex": ["^/opt/"]}]  # fmt: skip
 
 
 def test_clash_classical_text_form() -> None:

@@ -228,7 +228,7 @@ def test_clear_messages() -> None:
         body(b"\x01\x00\x03\x01\x01\xff\xff\x00"): r"rules\[0\].domain_keyword: .*not UTF-8",
         body(b"\x01\x00\x03\x00\xff\x00"): "an empty list",
         body(b"\x01\x00\xff\x00"): "has no match fields",
-        body(b"\x01\x00\x0b\x01\x01a\xff\x00"): "sing-box's 'process_name' is not supported",
+        body(b"\x01\x00\x0d\x01\x01a\xff\x00"): "sing-box's 'package_name' is not supported",
         body(b"\x01\x00\x09\x01\x00\x50"): "ends in the middle of a rule",
     }
     for data, message in cases.items():

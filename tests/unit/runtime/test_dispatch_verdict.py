@@ -181,3 +181,77 @@ def test_override_destination_sends_the_flow_to_the_sniffed_name() -> None:
     d2.route(g, "tcp")
     apply_sniffed(g, Sniffed("tls", "www.proxied.test"))
     assert d2.route(g, "tcp") is PROXY and g.dest == Address("203.0.113.9", 443)
+
+
+class FakeFinder:
+    """An owner lookup without sockets: answers from a table, counts its calls."""
+
+    def __init__(self, owners: dict[int, Any]) -> None:
+        self.owners = owners
+        self.calls: list[tuple[Any, ...]] = []
+
+    async def find(self, *args: Any) -> Any:
+        from ztun.platform.linux.owner import UNKNOWN
+
+        args = tuple(str(a) if hasattr(a, "packed") else a for a in args)
+        self.calls.append(args)
+        return self.owners.get(args[2], UNKNOWN)
+
+    def close(self) -> None:
+        pass
+
+
+def test_owner_rules_ask_for_a_lookup_once_then_route_on_the_owner() -> None:
+    from ztun.platform.linux.owner import Owner
+    from ztun.stack.flow import LookupFirst
+
+    d = dispatcher([{"process_name": "curl", "outbound": "proxy"},
+                    {"user_id": 65534, "outbound": "block"}])  # fmt: skip
+    finder = FakeFinder({40000: Owner(0, "root", 7, "/usr/bin/curl"), 40001: Owner(65534)})
+    d.owners = finder  # type: ignore[assignment]
+
+    def with_source(port: int) -> Flow:
+        f = flow("203.0.113.9")
+        f.meta = FlowMeta(network="tcp", destination=f.meta.destination, destination_port=443,
+                          source=ipaddress.ip_address("198.18.0.1"), source_port=port)  # fmt: skip
+        return f
+
+    f = with_source(40000)
+    assert isinstance(d.route(f, "tcp"), LookupFirst)
+    asyncio.run(d.identify(f))
+    assert d.route(f, "tcp") is PROXY and f.meta.process_name == "curl"
+    asyncio.run(d.identify(f))  # cached for the life of the flow: no second lookup
+    assert finder.calls == [("tcp", "198.18.0.1", 40000, "203.0.113.9", 443)]
+    g = with_source(40001)
+    asyncio.run(d.identify(g))
+    assert isinstance(d.route(g, "tcp"), Refused)
+    # Gone, or in another namespace: unknown, routed on by the other rules, no error.
+    h = with_source(40002)
+    asyncio.run(d.identify(h))
+    assert d.route(h, "tcp") is DIRECT and h.meta.process_user_id is None
+    # A UDP flow's first datagram comes back with the lookup request, for sniffing later.
+    u = with_source(40000)
+    u.meta = FlowMeta(network="udp", destination=u.meta.destination, destination_port=53,
+                      source=u.meta.source, source_port=40000)  # fmt: skip
+    assert decide_datagram(d.route, u, "udp", b"q") == LookupFirst(b"q")
+
+
+def test_no_owner_rule_no_lookup() -> None:
+    d = dispatcher([{"ip_cidr": "203.0.113.0/24", "outbound": "proxy"}])
+    assert d.owners is None and d.route(flow("203.0.113.9"), "tcp") is PROXY
+
+
+def test_a_failing_lookup_is_an_unknown_owner_not_an_error() -> None:
+    d = dispatcher([{"user_id": 0, "outbound": "block"}])
+
+    class Broken:
+        async def find(self, *args: Any) -> Any:
+            raise OSError("boom")
+
+    d.owners = Broken()  # type: ignore[assignment]
+    f = flow("203.0.113.9")
+    f.meta = FlowMeta(network="tcp", destination=f.meta.destination, destination_port=443,
+                      source=ipaddress.ip_address("198.18.0.1"), source_port=1)  # fmt: skip
+    asyncio.run(d.identify(f))
+    assert f.identified and d.route(f, "tcp") is DIRECT
+    assert asyncio.run(d.owner_of_peer("tcp", ("127.0.0.1", 1), ("127.0.0.1", 2))) is None
