@@ -43,6 +43,9 @@ from typing import Any
 from ztun import __version__
 from ztun.config.duration import parse_duration
 from ztun.errors import ConfigPath, Diagnostic
+from ztun.provider.compiled_cache import CompiledCache
+from ztun.route.compact import pack_rules
+from ztun.route.compiled import cache_key
 from ztun.route.ruleset import RuleSetError, parse_rule_set
 from ztun.runtime.dial import OWN
 
@@ -220,14 +223,26 @@ class _RuleSetLoader:
     def _parse(
         self, data: bytes, fmt: str, behavior: str, label: str, path: ConfigPath
     ) -> HeadlessRules | None:
-        try:
-            parsed = _parse_bytes(data, fmt, behavior)
-        except RuleSetError as exc:
-            self.error(f"{label}: {exc}", path)
-            return None
-        for warning in parsed.warnings:
+        # A big set whose source did not change is read back compiled (`compiled_cache`);
+        # otherwise parsed, its big lists packed (`route.compact`), and cached for next time.
+        cache = CompiledCache(self.cache_dir)
+        key = cache_key(data, fmt, behavior) if cache.wanted(data) else None
+        hit = cache.load(key) if key is not None else None
+        if hit is not None:
+            rules, warnings = hit
+        else:
+            try:
+                parsed = _parse_bytes(data, fmt, behavior)
+            except RuleSetError as exc:
+                self.error(f"{label}: {exc}", path)
+                return None
+            rules, warnings = parsed.rules, parsed.warnings
+            pack_rules(rules)
+            if key is not None:
+                cache.store(key, rules, warnings)
+        for warning in warnings:
             self.warn(f"{label}: {warning}", path)
-        return parsed.rules
+        return rules
 
     # -- local files ----------------------------------------------------------------------------
 

@@ -40,15 +40,13 @@ import zlib
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
-from typing import Any, Union
+from typing import Any
 
 from ztun.address import MAX_NAME
 
 #: The array type codes of unsigned 32- and 64-bit integers on this machine.
 U32 = next(code for code in "IL" if array(code).itemsize == 4)
 U64 = next(code for code in "LQ" if array(code).itemsize == 8)
-#: An array of unsigned integers, in memory or over a cached file's buffer.
-IntArray = Union["array[int]", memoryview]
 
 #: Flags of one name in a DomainTable.
 DOMAIN = 1  # listed in `domain`: the name itself matches
@@ -81,7 +79,7 @@ class DomainTable:
     __slots__ = ("_blob", "_dots", "_parts", "_slots", "_starts", "counts", "preview")
 
     def __init__(
-        self, blob: bytes, starts: IntArray, slots: IntArray, *,
+        self, blob: bytes, starts: array[int], slots: array[int], *,
         counts: tuple[int, int], preview: tuple[list[str], list[str]], dots: tuple[int, int],
     ) -> None:  # fmt: skip
         n = len(starts) - 1
@@ -241,7 +239,7 @@ class DomainTable:
         if len(sections) != 3 or not isinstance(meta, dict):
             raise ValueError("a domain table has three sections")
         starts, slots = (_ints(s, 4) for s in sections[:2])
-        blob = bytes(sections[2])  # a real bytes: `startswith` compares in place
+        blob = bytes(sections[2])  # `bytes.startswith` compares in place
         counts, preview, dots = meta.get("counts"), meta.get("preview"), meta.get("dots")
         if not (_int_pair(counts) and _int_pair(dots) and isinstance(preview, list)
                 and len(preview) == 2 and all(isinstance(p, list) for p in preview)
@@ -250,9 +248,7 @@ class DomainTable:
         n = len(starts) - 1
         if n < 0 or (starts[n] & _POSITION) != len(blob) or len(slots) != _table_size(n):
             raise ValueError("domain table sections do not fit together")
-        if not any(slot == 0 for slot in slots[: min(len(slots), 64)]) and 0 not in array(
-            U32, slots
-        ):  # a probe ends at an empty slot: a table without one would never end
+        if 0 not in slots:  # a probe ends at an empty slot: a table without one would never end
             raise ValueError("domain table without empty slots")
         return cls(blob, starts, slots, counts=(counts[0], counts[1]),
                    preview=(list(preview[0]), list(preview[1])),
@@ -265,10 +261,13 @@ def _int_pair(value: Any) -> bool:
     return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
-def _ints(buffer: memoryview, size: int) -> memoryview:
+def _ints(buffer: memoryview, size: int) -> array[int]:
+    """A copy of a section as an array (the file's buffer is not kept: see compiled_cache)."""
     if len(buffer) % size:
         raise ValueError("section length is not a whole number of integers")
-    return buffer.cast("B").cast(U32 if size == 4 else U64)
+    values = array(U32 if size == 4 else U64)
+    values.frombytes(buffer)
+    return values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,12 +295,12 @@ class IPRangeSet:
             (v4 if net.version == 4 else v6).append(span)
         starts4, ends4 = _merge(v4)
         starts6, ends6 = _merge(v6)
-        self._s4: IntArray = array(U32, starts4)
-        self._e4: IntArray = array(U32, ends4)
-        self._s6h: IntArray = array(U64, (s >> 64 for s in starts6))
-        self._s6l: IntArray = array(U64, (s & _LOW for s in starts6))
-        self._e6h: IntArray = array(U64, (e >> 64 for e in ends6))
-        self._e6l: IntArray = array(U64, (e & _LOW for e in ends6))
+        self._s4: array[int] = array(U32, starts4)
+        self._e4: array[int] = array(U32, ends4)
+        self._s6h: array[int] = array(U64, (s >> 64 for s in starts6))
+        self._s6l: array[int] = array(U64, (s & _LOW for s in starts6))
+        self._e6h: array[int] = array(U64, (e >> 64 for e in ends6))
+        self._e6l: array[int] = array(U64, (e & _LOW for e in ends6))
         #: the first few prefixes as written, for messages
         self.preview = list(preview)
 
