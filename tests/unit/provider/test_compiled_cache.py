@@ -75,6 +75,26 @@ def test_round_trip_gives_the_same_answers() -> None:
         assert a.match(meta) is b.match(meta), meta
 
 
+LABELS = st.sampled_from(["a", "b", "com", "cn", "x-y", "é"])
+NAMES = st.lists(LABELS, min_size=1, max_size=4).map(".".join)
+
+
+@settings(max_examples=200)
+@given(st.lists(NAMES, max_size=8), st.lists(st.one_of(NAMES, NAMES.map("." .__add__)), max_size=8),
+       st.lists(NAMES, max_size=8))  # fmt: skip
+def test_any_table_round_trips(domains: list[str], suffixes: list[str], queries: list[str]) -> None:
+    rules: list[dict[str, Any]] = [{"domain": domains, "domain_suffix": suffixes}]
+    rules = [{k: v for k, v in rules[0].items() if v}] if domains or suffixes else []
+    plain = [dict(r) for r in rules]
+    pack_rules(rules, minimum=1)
+    back, _ = decode(memoryview(_blob(rules, KEY)), KEY)
+    if plain:
+        a, b = compile_headless_rules(plain), compile_headless_rules(back)
+        for q in [*queries, *domains, *suffixes]:
+            meta = FlowMeta(domain=q)
+            assert a.match(meta) is b.match(meta), q
+
+
 def test_the_key_names_source_format_and_behavior() -> None:
     keys = {cache_key(b"a", "source", "classical"), cache_key(b"b", "source", "classical"),
             cache_key(b"a", "clash", "classical"), cache_key(b"a", "clash", "domain")}  # fmt: skip
