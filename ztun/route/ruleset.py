@@ -306,8 +306,9 @@ def _strip_json_extensions(text: str) -> str:
         token = m.group()
         return token if token[0] == '"' else " "
 
-    # Source files of several MB are common: skip each pass when it cannot change anything.
-    if "/" in text or "#" in text:
+    # Source files of several MB are common: skip each pass when it cannot change anything
+    # (a `/` alone is every CIDR; only `//` and `/*` start a comment).
+    if "//" in text or "/*" in text or "#" in text:
         text = _JSON_COMMENTS.sub(comment, text)
     if _MAYBE_TRAILING_COMMA.search(text):
         text = _JSON_TRAILING_COMMA.sub(comma, text)

@@ -79,7 +79,7 @@ LABELS = st.sampled_from(["a", "b", "com", "cn", "x-y", "é"])
 NAMES = st.lists(LABELS, min_size=1, max_size=4).map(".".join)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(NAMES, max_size=8), st.lists(st.one_of(NAMES, NAMES.map("." .__add__)), max_size=8),
        st.lists(NAMES, max_size=8))  # fmt: skip
 def test_any_table_round_trips(domains: list[str], suffixes: list[str], queries: list[str]) -> None:
@@ -118,7 +118,7 @@ def test_foreign_other_version_and_damaged_files_are_refused() -> None:
             decode(memoryview(good[:cut]), KEY)
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_any_damage_is_refused(data: st.DataObject) -> None:
     packed = _rules(n=100)
@@ -131,7 +131,7 @@ def test_any_damage_is_refused(data: st.DataObject) -> None:
         decode(memoryview(bytes(good)), KEY)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=400))
 def test_arbitrary_bytes_are_refused(blob: bytes) -> None:
     with pytest.raises(CompiledFormatError):
@@ -144,7 +144,7 @@ def _digest_fixed(body: bytes) -> bytes:
     return body + hashlib.blake2b(body, digest_size=16).digest()
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_well_checksummed_nonsense_is_refused_or_harmless(data: st.DataObject) -> None:
     """Past the checksum (a file made to pass it): every field is still bounds-checked."""

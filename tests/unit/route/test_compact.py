@@ -44,7 +44,7 @@ def reference(domain: str, domains: list[str], suffixes: list[str]) -> bool:
     return any(".".join(labels[i:]) in under for i in range(1, len(labels)))
 
 
-@settings(max_examples=400)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(NAMES, max_size=12), st.lists(SUFFIXES, max_size=12), st.lists(NAMES, max_size=6))
 def test_domain_table_answers_as_plain_sets(
     domains: list[str], suffixes: list[str], queries: list[str]
@@ -100,7 +100,7 @@ ADDRESSES = st.one_of(
 )  # fmt: skip
 
 
-@settings(max_examples=400)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(networks(), max_size=20), st.lists(ADDRESSES, max_size=8))
 def test_range_set_answers_as_plain_networks(nets: list[Any], ips: list[Any]) -> None:
     ranges = IPRangeSet(nets)
@@ -230,7 +230,7 @@ def prefix_texts(draw: Any) -> str:
     return address + suffix
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(prefix_texts())
 def test_prefix_span_reads_as_parse_prefix(text: str) -> None:
     try:
