@@ -225,6 +225,26 @@ class DomainTable:
             return False
         return self._walk(domain.encode("utf-8", "surrogatepass"), 0) != 0
 
+    def lists(self) -> tuple[list[str], list[str]]:
+        """(`domain`, `domain_suffix`) lists that mean the same as this table: lower case, no
+        root dot, each name once, in the order first seen."""
+        domains: list[str] = []
+        suffixes: list[str] = []
+        starts, blob = self._starts, self._blob
+        for i in range(len(starts) - 1):
+            start = starts[i]
+            name = blob[start & _POSITION : starts[i + 1] & _POSITION].decode(
+                "utf-8", "surrogatepass"
+            )
+            flags = start >> _FLAG_SHIFT
+            if flags & DOMAIN:
+                domains.append(name)
+            if flags & SELF:
+                suffixes.append(name)
+            elif flags & UNDER:
+                suffixes.append("." + name)
+        return domains, suffixes
+
     def sections(self) -> list[bytes | memoryview]:
         """The raw sections `from_sections` reads back."""
         return [memoryview(self._starts).cast("B"), memoryview(self._slots).cast("B"),
@@ -358,6 +378,18 @@ class IPRangeSet:
     def __len__(self) -> int:
         return len(self._s4) + len(self._s6h)
 
+    def prefixes(self) -> list[str]:
+        """CIDRs covering exactly these ranges (the merged ranges, not the texts listed)."""
+        out: list[str] = []
+        spans = [(ipaddress.IPv4Address(a), ipaddress.IPv4Address(b))
+                 for a, b in zip(self._s4, self._e4, strict=True)]  # fmt: skip
+        spans6 = [(ipaddress.IPv6Address(sh << 64 | sl), ipaddress.IPv6Address(eh << 64 | el))
+                  for sh, sl, eh, el in zip(self._s6h, self._s6l, self._e6h, self._e6l,
+                                            strict=True)]  # fmt: skip
+        for first, last in [*spans, *spans6]:
+            out += (str(n) for n in ipaddress.summarize_address_range(first, last))  # type: ignore[type-var]
+        return out
+
     def sections(self) -> list[memoryview]:
         return [memoryview(a).cast("B") for a in (self._s4, self._e4, self._s6h, self._s6l,
                                                   self._e6h, self._e6l)]  # fmt: skip
@@ -458,6 +490,30 @@ def parse_prefix(text: str) -> _Network:
 
 # ---------------------------------------------------------------------------------------------
 # Packing a parsed rule set
+
+
+def unpack_rules(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of packed rules with plain lists again (for tools that print or convert a set):
+    names lower case and each once, CIDRs as the merged ranges' prefixes."""
+    out = []
+    for rule in rules:
+        plain: dict[str, Any] = {}
+        for key, value in rule.items():
+            if isinstance(value, DomainTable):
+                domains, suffixes = value.lists()
+                if domains:
+                    plain["domain"] = domains
+                if suffixes:
+                    plain["domain_suffix"] = suffixes
+            elif isinstance(value, IPRangeSet):
+                field = next(k for k, v in PACKED_CIDRS.items() if v == key)
+                plain[field] = value.prefixes()
+            elif key == "rules" and isinstance(value, list):
+                plain[key] = unpack_rules([r for r in value if isinstance(r, dict)])
+            else:
+                plain[key] = value
+        out.append(plain)
+    return out
 
 
 def pack_rules(rules: list[dict[str, Any]], minimum: int = PACK_MIN_ENTRIES) -> None:

@@ -22,6 +22,7 @@ from ztun.route.compact import (
     pack_rules,
     parse_prefix,
     prefix_span,
+    unpack_rules,
 )
 from ztun.route.compile import compile_headless_rules
 from ztun.route.items import DomainItem, IPCIDRItem
@@ -244,3 +245,22 @@ def test_prefix_span_reads_as_parse_prefix(text: str) -> None:
     expected = None if net is None else (net.version, int(net.network_address),
                                          int(net.broadcast_address))  # fmt: skip
     assert span == expected, text
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(NAMES, max_size=10), st.lists(SUFFIXES, max_size=10), st.lists(networks(),
+       max_size=10), st.lists(NAMES, max_size=5), st.lists(ADDRESSES, max_size=5))  # fmt: skip
+def test_unpacked_rules_mean_the_same(
+    domains: list[str], suffixes: list[str], nets: list[Any], names: list[str], ips: list[Any]
+) -> None:
+    rule: dict[str, Any] = {"domain": domains, "domain_suffix": suffixes,
+                            "ip_cidr": [str(n) for n in nets], "port": [443]}  # fmt: skip
+    rule = {k: v for k, v in rule.items() if v}
+    packed = [dict(rule)]
+    pack_rules(packed, minimum=1)
+    plain = unpack_rules(packed)
+    assert not any(k.startswith("$") for k in plain[0])
+    a, b = compile_headless_rules([rule]), compile_headless_rules(plain)
+    for meta in [*(FlowMeta(domain=n, destination_port=443) for n in [*names, *domains]),
+                 *(FlowMeta(destination=ip, destination_port=443) for ip in ips)]:  # fmt: skip
+        assert a.match(meta) is b.match(meta)
