@@ -361,7 +361,7 @@ class RuleSetRefresh:
             return None, [("error", f"cannot download {url}: the server answered 304 Not "
                            "Modified to an unconditional request")]  # fmt: skip
         try:
-            _parse_bytes(response.body, self.fmt, self.behavior)
+            parsed = _parse_bytes(response.body, self.fmt, self.behavior)
         except RuleSetError as exc:
             if cached is None:
                 return response.body, []  # the caller reports the parse error
@@ -369,6 +369,12 @@ class RuleSetRefresh:
                                   f"using the copy cached {_age(now - cached.fetched_at)} "
                                   "ago")]  # fmt: skip
         problem = self._store(response.body, now, response.etag, response.last_modified)
+        # Parsed already: compiled now, the loader (and the next start) reads it back.
+        cache = CompiledCache(self.cache.directory)
+        if cache.wanted(response.body):
+            pack_rules(parsed.rules)
+            cache.store(cache_key(response.body, self.fmt, self.behavior), parsed.rules,
+                        parsed.warnings)  # fmt: skip
         return response.body, problem
 
     def _store(self, data: bytes, now: float, etag: str | None, last_modified: str | None,

@@ -320,3 +320,26 @@ def test_loaded_tables_survive_the_file_changing(tmp_path: Path) -> None:
     matcher = compile_headless_rules(rules)
     assert matcher.match(FlowMeta(domain=_rules(n=300)[0]["domain"][0]))
     assert cache.load(KEY) is None
+
+
+def test_a_download_is_compiled_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The download is parsed to check it; that parse is what the cache keeps, so the loader
+    does not parse it a second time."""
+    body = _write_source(tmp_path).read_bytes()
+    calls = []
+    real_parse = ruleset_provider._parse_bytes
+
+    def counting_parse(*args: Any) -> Any:
+        calls.append(1)
+        return real_parse(*args)
+
+    def download(url: str, **kw: Any) -> Any:
+        return ruleset_provider._Response(200, body)
+
+    monkeypatch.setattr(ruleset_provider, "_parse_bytes", counting_parse)
+    monkeypatch.setattr(ruleset_provider, "_download", download)
+    result = load_rule_sets([{"tag": "r", "type": "remote", "url": "http://198.51.100.1/r.json"}],
+                            base_dir=tmp_path, cache_dir=tmp_path / "cache")  # fmt: skip
+    assert not [d for d in result.diagnostics if d.severity == "error"]
+    assert len(calls) == 1
+    assert isinstance(result.sets["r"][0][PACKED_DOMAINS], DomainTable)
