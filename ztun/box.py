@@ -36,6 +36,7 @@ from ztun.errors import ZtunError
 from ztun.inbound.registry import Inbound, build_inbound
 from ztun.outbound.base import Outbound
 from ztun.outbound.registry import build_outbound
+from ztun.platform.linux.memory import trim_heap
 from ztun.route.action import HijackDNS
 from ztun.runtime import dial
 from ztun.runtime.dispatch import Dispatcher, RouterLike, wait_closed
@@ -210,6 +211,7 @@ class Box:
         # exit: frozen, the collector stops walking it in every full collection, which
         # otherwise showed as multi-millisecond pauses in the p99 connection setup time.
         gc.freeze()
+        trim_heap()  # what parsing big rule sets freed goes back to the kernel
         log.info("ztun started: %d inbound(s), %d outbound(s)",
                  len(self.inbounds), len(self.dispatcher.outbounds))  # fmt: skip
         await self._stop.wait()

@@ -18,6 +18,7 @@ so the number of queries is bounded (< 400 in all) and they run two at a time.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import json
 import os
@@ -40,6 +41,7 @@ from oracle.singbox import (
 )
 
 from tests.support import need
+from ztun.route.compact import pack_rules
 from ztun.route.compile import compile_headless_rules, compile_router
 from ztun.route.metadata import FlowMeta
 
@@ -253,6 +255,10 @@ def test_random_rule_sets_agree(singbox: Path) -> None:
     assert len(case.queries) <= MAX_QUERIES
     answers = match_rule_set(singbox, case.rules, case.queries)
     matchers = [compile_headless_rules([rule]) for rule in case.rules]
+    # The packed forms a big set's lists take (route/compact.py), here on every list.
+    packed = copy.deepcopy(case.rules)
+    pack_rules(packed, minimum=1)
+    packed_matchers = [compile_headless_rules([rule]) for rule in packed]
     disagreements = []
     hits = 0
     for query in case.queries:
@@ -264,6 +270,9 @@ def test_random_rule_sets_agree(singbox: Path) -> None:
                 disagreements.append(
                     f"  {query!r} vs rules[{index}] {rule}: sing-box {theirs}, ztun {not theirs}"
                 )
+            if packed_matchers[index].match(meta) != theirs:
+                disagreements.append(f"  {query!r} vs rules[{index}] {rule} packed: sing-box "
+                                     f"{theirs}, ztun {not theirs}")  # fmt: skip
     # The generator must produce both answers in quantity, or the test proves little.
     pairs = len(case.queries) * len(case.rules)
     assert 0.02 * pairs < hits < 0.9 * pairs, (hits, pairs)
@@ -657,6 +666,9 @@ def test_singbox_fact(fact_answers: dict[int, bool], index: int) -> None:
     assert fact_answers[index] == fact.singbox, "sing-box changed its behaviour"
     if fact.ztun_differs is None:
         assert compile_headless_rules([fact.rule]).match(_meta(fact.query)) == fact.singbox
+        packed = [copy.deepcopy(fact.rule)]
+        pack_rules(packed, minimum=1)
+        assert compile_headless_rules(packed).match(_meta(fact.query)) == fact.singbox
 
 
 def test_ztun_set_rules_do_not_share_state() -> None:

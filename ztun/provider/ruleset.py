@@ -43,6 +43,9 @@ from typing import Any
 from ztun import __version__
 from ztun.config.duration import parse_duration
 from ztun.errors import ConfigPath, Diagnostic
+from ztun.provider.compiled_cache import CompiledCache
+from ztun.route.compact import pack_rules
+from ztun.route.compiled import cache_key
 from ztun.route.ruleset import RuleSetError, parse_rule_set
 from ztun.route.srs import is_binary, parse_binary
 from ztun.runtime.dial import OWN
@@ -213,14 +216,26 @@ class _RuleSetLoader:
     def _parse(
         self, data: bytes, fmt: str, behavior: str, label: str, path: ConfigPath
     ) -> HeadlessRules | None:
-        try:
-            parsed = _parse_bytes(data, fmt, behavior)
-        except RuleSetError as exc:
-            self.error(f"{label}: {exc}", path)
-            return None
-        for warning in parsed.warnings:
+        # A big set whose source did not change is read back compiled (`compiled_cache`);
+        # otherwise parsed, its big lists packed (`route.compact`), and cached for next time.
+        cache = CompiledCache(self.cache_dir)
+        key = cache_key(data, fmt, behavior) if cache.wanted(data) else None
+        hit = cache.load(key) if key is not None else None
+        if hit is not None:
+            rules, warnings = hit
+        else:
+            try:
+                parsed = _parse_bytes(data, fmt, behavior)
+            except RuleSetError as exc:
+                self.error(f"{label}: {exc}", path)
+                return None
+            rules, warnings = parsed.rules, parsed.warnings
+            pack_rules(rules)
+            if key is not None:
+                cache.store(key, rules, warnings)
+        for warning in warnings:
             self.warn(f"{label}: {warning}", path)
-        return parsed.rules
+        return rules
 
     # -- local files ----------------------------------------------------------------------------
 
@@ -339,7 +354,7 @@ class RuleSetRefresh:
             return None, [("error", f"cannot download {url}: the server answered 304 Not "
                            "Modified to an unconditional request")]  # fmt: skip
         try:
-            _parse_bytes(response.body, self.fmt, self.behavior)
+            parsed = _parse_bytes(response.body, self.fmt, self.behavior)
         except RuleSetError as exc:
             if cached is None:
                 return response.body, []  # the caller reports the parse error
@@ -347,6 +362,12 @@ class RuleSetRefresh:
                                   f"using the copy cached {_age(now - cached.fetched_at)} "
                                   "ago")]  # fmt: skip
         problem = self._store(response.body, now, response.etag, response.last_modified)
+        # Parsed already: compiled now, the loader (and the next start) reads it back.
+        cache = CompiledCache(self.cache.directory)
+        if cache.wanted(response.body):
+            pack_rules(parsed.rules)
+            cache.store(cache_key(response.body, self.fmt, self.behavior), parsed.rules,
+                        parsed.warnings)  # fmt: skip
         return response.body, problem
 
     def _store(self, data: bytes, now: float, etag: str | None, last_modified: str | None,

@@ -30,6 +30,7 @@ from ztun.route.action import (
     RouteOptionsAction,
     Sniff,
 )
+from ztun.route.compact import PACKED_CIDRS, PACKED_DOMAINS, DomainTable, IPRangeSet
 from ztun.route.items import (
     ClashMode,
     ClashModeItem,
@@ -156,6 +157,9 @@ class _Compiler:
         suffixes = [str(v) for v in as_list(rule.get("domain_suffix"))]
         if domains or suffixes:
             groups.destination_address.append(DomainItem(domains, suffixes))
+        # A rule set's big lists come packed by the loader (`ztun.route.compact.pack_rules`).
+        if isinstance(table := rule.get(PACKED_DOMAINS), DomainTable):
+            groups.destination_address.append(DomainItem(table=table))
         if keywords := as_list(rule.get("domain_keyword")):
             groups.destination_address.append(DomainKeywordItem(str(k) for k in keywords))
         if regexes := self._regexes(as_list(rule.get("domain_regex")), (*path, "domain_regex")):
@@ -164,6 +168,8 @@ class _Compiler:
             groups.destination_address.append(self._geoip(geo, (*path, "geoip"), source=False))
         if cidrs := self._prefixes(as_list(rule.get("ip_cidr")), (*path, "ip_cidr")):
             groups.destination_address.append(IPCIDRItem(cidrs, source=False))
+        if isinstance(ranges := rule.get(PACKED_CIDRS["ip_cidr"]), IPRangeSet):
+            groups.destination_address.append(IPCIDRItem(source=False, table=ranges))
         if rule.get("ip_is_private") is True:
             groups.destination_address.append(IPIsPrivateItem(source=False))
 
@@ -172,6 +178,8 @@ class _Compiler:
         src_path = (*path, "source_ip_cidr")
         if cidrs := self._prefixes(as_list(rule.get("source_ip_cidr")), src_path):
             groups.source_address.append(IPCIDRItem(cidrs, source=True))
+        if isinstance(ranges := rule.get(PACKED_CIDRS["source_ip_cidr"]), IPRangeSet):
+            groups.source_address.append(IPCIDRItem(source=True, table=ranges))
         if rule.get("source_ip_is_private") is True:
             groups.source_address.append(IPIsPrivateItem(source=True))
 

@@ -14,11 +14,11 @@ source address).
 from __future__ import annotations
 
 import ipaddress
-from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from ztun.address import MAX_NAME
+from ztun.route.compact import DOMAIN, DomainTable, IPRangeSet, parse_prefix
 from ztun.route.metadata import FlowMeta, IPAddress
 from ztun.route.regex import RegexSet
 
@@ -40,10 +40,12 @@ class RuleItem(Protocol):
     def __str__(self) -> str: ...
 
 
-def _preview(values: Sequence[object], limit: int = 3) -> str:
-    """A short list for messages: a rule set of 100k entries must not flood the terminal."""
+def _preview(values: Sequence[object], limit: int = 3, *, total: int | None = None) -> str:
+    """A short list for messages: a rule set of 100k entries must not flood the terminal.
+
+    `total`: how many values there are when `values` holds only the first few."""
     shown = ", ".join(str(v) for v in values[:limit])
-    more = len(values) - limit
+    more = (len(values) if total is None else total) - limit
     return f"[{shown}{f', …(+{more} more)' if more > 0 else ''}]"
 
 
@@ -56,11 +58,18 @@ class DomainItem:
 
     `domain_suffix: a.com` matches `a.com` and any `*.a.com`; `domain_suffix: .a.com` matches
     subdomains only. Matching is by whole labels: `a.com` never matches `xa.com`.
+
+    Small lists (a config's own rules) are two frozensets; a rule set's big lists arrive packed
+    as a `DomainTable` (`ztun.route.compact`), a few bytes per name instead of ~200.
     """
 
-    __slots__ = ("_domains", "_exact", "_suffixes", "_under")
+    __slots__ = ("_domains", "_exact", "_suffixes", "_table", "_under")
 
-    def __init__(self, domains: Iterable[str], suffixes: Iterable[str]) -> None:
+    def __init__(
+        self, domains: Iterable[str] = (), suffixes: Iterable[str] = (), *,
+        table: DomainTable | None = None,
+    ) -> None:  # fmt: skip
+        self._table = table
         self._domains = [d.lower().rstrip(".") for d in domains]
         self._suffixes = [s.lower().rstrip(".") for s in suffixes]
         # `_exact`: names matched as a whole; `_under`: names whose subdomains all match.
@@ -69,17 +78,21 @@ class DomainItem:
         )
         self._under: frozenset[str] = frozenset(s.lstrip(".") for s in self._suffixes)
 
-    def _matched(self, domain: str) -> str | None:
+    def _matched(self, domain: str) -> tuple[str, bool] | None:
+        """The listed name that covers `domain`, and whether it came from `domain`."""
         if len(domain) > MAX_NAME:
             return None
+        if self._table is not None:
+            hit = self._table.matched(domain)
+            return None if hit is None else (hit[0], bool(hit[1] & DOMAIN))
         if domain in self._exact:
-            return domain
+            return domain, domain in self._domains
         under = self._under
         i = domain.find(".")
         while i >= 0:
             parent = domain[i + 1 :]
             if parent in under:
-                return parent
+                return parent, False
             i = domain.find(".", i + 1)
         return None
 
@@ -89,6 +102,8 @@ class DomainItem:
         # name longer than any DNS name (which no parser lets through) matches nothing.
         if not domain or len(domain) > MAX_NAME:
             return False
+        if self._table is not None:
+            return self._table.match(domain)
         if domain in self._exact:
             return True
         under = self._under
@@ -102,21 +117,27 @@ class DomainItem:
     def explain(self, meta: FlowMeta, state: MatchState) -> str | None:
         if not meta.domain:
             return None
-        hit = self._matched(meta.domain)
-        if hit is None:
+        found = self._matched(meta.domain)
+        if found is None:
             return None
-        if hit == meta.domain and hit in self._domains:
+        hit, listed_as_domain = found
+        if hit == meta.domain and listed_as_domain:
             return f"domain '{hit}'"
         if hit == meta.domain:
             return f"domain_suffix '{hit}'"
         return f"domain_suffix '{hit}' covers '{meta.domain}'"
 
     def __str__(self) -> str:
+        domains, suffixes = self._domains, self._suffixes
+        n_domains, n_suffixes = len(domains), len(suffixes)
+        if self._table is not None:
+            domains, suffixes = self._table.preview
+            n_domains, n_suffixes = self._table.counts
         parts = []
-        if self._domains:
-            parts.append(f"domain={_preview(self._domains)}")
-        if self._suffixes:
-            parts.append(f"domain_suffix={_preview(self._suffixes)}")
+        if n_domains:
+            parts.append(f"domain={_preview(domains, total=n_domains)}")
+        if n_suffixes:
+            parts.append(f"domain_suffix={_preview(suffixes, total=n_suffixes)}")
         return " ".join(parts)
 
 
@@ -199,60 +220,6 @@ class DomainRegexItem(_DomainSearchItem):
 # Addresses
 
 
-class IPRangeSet:
-    """A set of IP prefixes as sorted, merged integer ranges per family; lookup by bisect."""
-
-    __slots__ = ("_ends4", "_ends6", "_starts4", "_starts6")
-
-    def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
-        v4: list[tuple[int, int]] = []
-        v6: list[tuple[int, int]] = []
-        for net in networks:
-            span = (int(net.network_address), int(net.broadcast_address))
-            (v4 if net.version == 4 else v6).append(span)
-        self._starts4, self._ends4 = self._merge(v4)
-        self._starts6, self._ends6 = self._merge(v6)
-
-    @staticmethod
-    def _merge(spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-        starts: list[int] = []
-        ends: list[int] = []
-        for start, end in sorted(spans):
-            if ends and start <= ends[-1] + 1:
-                if end > ends[-1]:
-                    ends[-1] = end
-            else:
-                starts.append(start)
-                ends.append(end)
-        return starts, ends
-
-    def __contains__(self, ip: IPAddress) -> bool:
-        value = int(ip)
-        if ip.version == 4:
-            starts, ends = self._starts4, self._ends4
-        else:
-            starts, ends = self._starts6, self._ends6
-        i = bisect_right(starts, value) - 1
-        return i >= 0 and value <= ends[i]
-
-    def __len__(self) -> int:
-        return len(self._starts4) + len(self._starts6)
-
-
-def parse_prefix(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """A CIDR, or a bare IP as a single-host prefix (sing-box accepts both); host bits allowed."""
-    text = str(text).strip()
-    if "/" not in text:
-        ip = ipaddress.ip_address(text)
-        return ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}")
-    net = ipaddress.ip_network(text, strict=False)
-    if net.version == 6 and net.prefixlen >= 96:
-        mapped = net.network_address.ipv4_mapped
-        if mapped is not None:  # ::ffff:a.b.c.d/N is the IPv4 range the kernel would see
-            return ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
-    return net
-
-
 def _addresses(meta: FlowMeta, source: bool) -> tuple[IPAddress, ...]:
     if source:
         return (meta.source,) if meta.source is not None else ()
@@ -265,11 +232,16 @@ class IPCIDRItem:
     """`ip_cidr` / `source_ip_cidr`. Inside a rule set marked `rule_set_ip_cidr_match_source`,
     a destination item checks the source address instead (sing-box semantics)."""
 
-    __slots__ = ("_ranges", "_source", "_texts")
+    __slots__ = ("_count", "_ranges", "_source", "_texts")
 
-    def __init__(self, prefixes: Sequence[str], *, source: bool) -> None:
-        self._texts = list(prefixes)
-        self._ranges = IPRangeSet(parse_prefix(p) for p in self._texts)
+    def __init__(
+        self, prefixes: Sequence[str] = (), *, source: bool, table: IPRangeSet | None = None
+    ) -> None:
+        # A rule set's big list arrives packed (`table`): its texts are not kept, and `ztun
+        # route` names the merged range that matched instead of the entry.
+        self._texts = list(prefixes) if table is None else list(table.preview)
+        self._count = len(prefixes) if table is None else None
+        self._ranges = IPRangeSet(parse_prefix(p) for p in self._texts) if table is None else table
         self._source = source
 
     def _hit(self, meta: FlowMeta, state: MatchState) -> IPAddress | None:
@@ -286,6 +258,8 @@ class IPCIDRItem:
         ip = self._hit(meta, state)
         if ip is None:
             return None
+        if self._count is None:
+            return f"{self._name()} range '{self._ranges.covering(ip)}' contains {ip}"
         net = next(p for p in self._texts if ip in parse_prefix(p))
         return f"{self._name()} '{net}' contains {ip}"
 
@@ -293,6 +267,8 @@ class IPCIDRItem:
         return "source_ip_cidr" if self._source else "ip_cidr"
 
     def __str__(self) -> str:
+        if self._count is None:
+            return f"{self._name()}={_preview(self._texts)} ({len(self._ranges)} merged ranges)"
         return f"{self._name()}={_preview(self._texts)}"
 
 

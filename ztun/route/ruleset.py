@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from ztun.errors import ZtunError
+from ztun.route.compact import prefix_span
 from ztun.route.regex import pattern_error
 
 ClashBehavior = Literal["domain", "ipcidr", "classical"]
@@ -277,7 +278,10 @@ def _check_item(key: str, item: Any, path: str) -> None:
 def _is_cidr(text: str) -> bool:
     try:
         # Host bits may be set ("10.1.2.3/8"), as sing-box (Go's netip.ParsePrefix) allows.
-        ipaddress.ip_network(text, strict=False)
+        if text == text.strip():
+            prefix_span(text)  # the same answers, without an object per entry (~5x faster)
+        else:
+            ipaddress.ip_network(text, strict=False)
     except ValueError:
         return False
     return True
@@ -305,8 +309,9 @@ def _strip_json_extensions(text: str) -> str:
         token = m.group()
         return token if token[0] == '"' else " "
 
-    # Source files of several MB are common: skip each pass when it cannot change anything.
-    if "/" in text or "#" in text:
+    # Source files of several MB are common: skip each pass when it cannot change anything
+    # (a `/` alone is every CIDR; only `//` and `/*` start a comment).
+    if "//" in text or "/*" in text or "#" in text:
         text = _JSON_COMMENTS.sub(comment, text)
     if _MAYBE_TRAILING_COMMA.search(text):
         text = _JSON_TRAILING_COMMA.sub(comma, text)
