@@ -35,6 +35,7 @@ from ztun.outbound.registry import build_outbound
 from ztun.route.action import HijackDNS
 from ztun.runtime import dial
 from ztun.runtime.dispatch import Dispatcher, RouterLike, wait_closed
+from ztun.runtime.network import NetworkFollower
 
 log = logging.getLogger("ztun")
 
@@ -122,8 +123,25 @@ class Box:
         ]
         if not self.inbounds:
             raise ZtunError("the config has no inbound to run")
+        self.monitor = self._network_monitor(options, outbounds)
         self._stop = asyncio.Event()
         self._signals = 0
+
+    def _network_monitor(self, options: Options, outbounds: dict[str, Outbound]) -> Any:
+        """The network monitor (docs/operations.md), when something follows the uplink:
+        auto_detect_interface, or a TUN's auto_route (whose UDP sessions must move along)."""
+        route = options.route
+        fixed = route.default_interface if not route.auto_detect_interface else None
+        dial.set_default_interface(fixed)
+        if not (route.auto_detect_interface or any(getattr(o, "auto_route", False)
+                                                   for o in options.inbounds)):  # fmt: skip
+            return None
+        from ztun.platform.linux.monitor import NetworkMonitor
+
+        follower = NetworkFollower(outbounds, self.inbounds,
+                                   auto_detect=route.auto_detect_interface)  # fmt: skip
+        tuns = [n for o in options.inbounds if (n := getattr(o, "interface_name", None))]
+        return NetworkMonitor(follower, ignore=tuns)
 
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
@@ -146,6 +164,9 @@ class Box:
             loop.add_signal_handler(sig, self._on_signal, sig)
         started: list[Inbound] = []
         try:
+            if self.monitor is not None:
+                # Before the first flow: its sockets already leave by the egress.
+                await self.monitor.start()
             for inbound in self.inbounds:
                 await inbound.start()  # a start that fails undoes what it did itself
                 started.append(inbound)
@@ -163,6 +184,8 @@ class Box:
                     await self.dns.close()
             raise
         finally:
+            if self.monitor is not None:
+                self.monitor.stop()
             for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
 
@@ -174,6 +197,8 @@ class Box:
         log.info("ztun started: %d inbound(s), %d outbound(s)",
                  len(self.inbounds), len(self.dispatcher.outbounds))  # fmt: skip
         await self._stop.wait()
+        if self.monitor is not None:
+            self.monitor.stop()  # no resets while the inbounds drain
         for inbound in self.inbounds:
             await inbound.stop()
         tasks = set().union(*(i.tasks for i in self.inbounds))
