@@ -298,18 +298,19 @@ class NetworkState:
         name = link.name if link is not None else f"#{ev.index}"
         what = "default route" if ev.family == 4 else "IPv6 default route"
         via = f" via {ev.gateway}" if ev.gateway else ""
+        via += f" dev {name}" + (f" metric {ev.metric}" if ev.metric else "")
         if ev.removed:
             if key not in self.routes:
                 return None
             self.routes.discard(key)
-            return f"{what}{via} dev {name} removed"
+            return f"{what}{via} removed"
         if key in self.routes:
             return None
         if len(self.routes) >= MAX_ROUTES:
             self.overflow += 1
             return None
         self.routes.add(key)
-        return f"{what}{via} dev {name} added"
+        return f"{what}{via} added"
 
     def _replace(self, snap: Snapshot) -> None:
         links: dict[int, _Link] = {}

@@ -49,8 +49,9 @@ class NetworkFollower:
                            for o in self.outbounds.values())  # fmt: skip
             flows = sum(_call(i, "reset_udp", RESET_REASON) for i in self.inbounds)
             done.append(
-                f"{sessions} outbound UDP session(s) closed (SOCKS5 associations "
-                f"reconnect on their next datagram), {flows} UDP flow(s) reset"
+                f"UDP: {sessions} outbound session(s) closed (SOCKS5 associations with their "
+                f"control connections), {flows} more flow(s) reset; each flow's next datagram "
+                "opens a new session"
             )
         before = str(decision.before) if decision.before else "none"
         after = str(egress) if egress else "none"

@@ -107,7 +107,7 @@ def test_settle_trusts_the_dump_over_the_events() -> None:
     state.event(DEF_ETH0, 3.0)
     d = state.settle(Snapshot((ETH0, WLAN0), (), (DEF_ETH0, DEF_WLAN0)), 3.3)
     assert d.egress is not None and d.egress.name == "eth0" and d.reset
-    assert d.changes == ("default route via 198.51.100.2 dev eth0 added",)
+    assert d.changes == ("default route via 198.51.100.2 dev eth0 metric 100 added",)
 
 
 def test_no_default_route_means_no_egress() -> None:
@@ -115,7 +115,7 @@ def test_no_default_route_means_no_egress() -> None:
     state.event(RouteEvent(4, 2, metric=100, gateway="198.51.100.2", removed=True), 1.0)
     d = state.settle(None, 1.3)
     assert d.egress is None and d.rebind and d.reset
-    assert d.changes == ("default route via 198.51.100.2 dev eth0 removed",)
+    assert d.changes == ("default route via 198.51.100.2 dev eth0 metric 100 removed",)
     state.event(DEF_ETH0, 2.0)
     d = state.settle(None, 2.3)
     assert d.before is None and d.egress is not None and d.egress.name == "eth0"

@@ -67,8 +67,15 @@ class MonitorError(ZtunError):
 
 def parse(msg: Any) -> Event | None:
     """A `route.network` event from one pyroute2 rtnetlink message, or None (not one we
-    follow: another route table's entry, a broadcast address, ...)."""
-    event = msg.get("event", "")
+    follow, or one missing what it should carry: never an exception into the reader)."""
+    try:
+        return _parse(msg)
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError):
+        return None
+
+
+def _parse(msg: Any) -> Event | None:
+    event = str(msg.get("event", ""))
     removed = event.startswith("RTM_DEL")
     if event in ("RTM_NEWLINK", "RTM_DELLINK"):
         flags = int(msg.get("flags", 0))
