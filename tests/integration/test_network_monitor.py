@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 import signal
@@ -30,12 +31,13 @@ from pathlib import Path
 import pytest
 
 from .netns import SNAPSHOT, in_ns, require_tun_environment, sh, wait_tcp, wait_until
-from .peers import REPO, Proc, write_big_file
+from .peers import REPO, Proc, singbox_path, write_big_file
 
 pytestmark = [pytest.mark.netns]
 
 HERE = Path(__file__).resolve().parent
 DEST4, DEST6 = "203.0.113.10", "2001:db8:2::10"
+PROXY4, SOCKS_PORT = "203.0.113.20", 1080
 A4, A6, GW_A4, GW_A6 = "198.51.100.1", "2001:db8:1::1", "198.51.100.2", "2001:db8:1::2"
 B4, B6, GW_B4, GW_B6 = "198.51.100.65", "2001:db8:3::1", "198.51.100.66", "2001:db8:3::2"
 #: Seconds from a change of the uplink until new flows leave by the new one (debounce 0.3 s,
@@ -100,6 +102,7 @@ def two_uplinks() -> Iterator[Net]:
         for ns in (net.client, net.server):
             in_ns(ns, "ip", "link", "set", "lo", "up")
         in_ns(net.server, "ip", "addr", "add", f"{DEST4}/32", "dev", "lo")
+        in_ns(net.server, "ip", "addr", "add", f"{PROXY4}/32", "dev", "lo")
         in_ns(net.server, "ip", "addr", "add", f"{DEST6}/128", "dev", "lo", "nodad")
         default_routes(net)
         yield net
@@ -263,6 +266,87 @@ def test_flows_follow_the_uplink(tmp_path: Path) -> None:
           ", ".join(f"{k}: {v:.2f}s" for k, v in measured.items()))  # fmt: skip
     for key, value in measured.items():
         assert value < RECOVERY, key
+
+
+SOCKS_CONFIG = f"""\
+log: {{level: info}}
+inbounds:
+  - {{type: tun, tag: tun-in, interface_name: ztun0, auto_route: true,
+     address: [198.18.0.1/30, "fdfe:dcba:9876::1/126"]}}
+outbounds:
+  - {{type: direct, tag: direct}}
+  - {{type: socks, tag: proxy, server: {PROXY4}, server_port: {SOCKS_PORT}}}
+route:
+  auto_detect_interface: true
+  rules:
+    - {{ip_cidr: [{DEST4}/32], outbound: proxy}}
+  final: direct
+"""
+
+
+def control_connections(net: Net) -> list[str]:
+    """Local addresses of ztun's established TCP connections to the SOCKS5 server, with the
+    interface the socket is bound to (`198.51.100.1%upa`)."""
+    out = net.c("ss", "-Htnp", "state", "established", "dst", f"{PROXY4}:{SOCKS_PORT}").stdout
+    return sorted(line.split()[2].rsplit(":", 1)[0] for line in out.splitlines()
+                  if "python" in line)  # fmt: skip
+
+
+def test_socks5_associations_reconnect_on_the_new_uplink(tmp_path: Path) -> None:
+    """A TUN UDP flow through the socks outbound (sing-box's SOCKS5 server): its association's
+    control connection leaves by upa; after upa goes down it is closed, and the flow's next
+    datagram opens a new association whose control connection leaves by upb."""
+    require_tun_environment()
+    sb_bin = singbox_path()
+    sb_cfg = tmp_path / "sing-box.json"
+    sb_cfg.write_text(json.dumps({
+        "log": {"level": "warn"},
+        "inbounds": [{"type": "socks", "tag": "in", "listen": PROXY4, "listen_port": SOCKS_PORT}],
+        "outbounds": [{"type": "direct", "tag": "direct"}],
+    }))  # fmt: skip
+    procs: list[Proc] = []
+    udp: UdpProbe | None = None
+    with two_uplinks() as net:
+        before = net.snapshot()
+        try:
+            procs.append(Proc(["ip", "netns", "exec", net.server, sys.executable,
+                               str(HERE / "whoami.py"), "serve", DEST4],
+                              tmp_path / "whoami.log"))  # fmt: skip
+            procs.append(Proc(["ip", "netns", "exec", net.server, sb_bin, "run", "-c",
+                               str(sb_cfg)], tmp_path / "sing-box.log"))  # fmt: skip
+            wait_tcp(net.server, DEST4, 9)
+            wait_tcp(net.server, PROXY4, SOCKS_PORT)
+            cfg = tmp_path / "ztun.yaml"
+            cfg.write_text(SOCKS_CONFIG)
+            env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(tmp_path / "state"))
+            z = Proc(["ip", "netns", "exec", net.client, sys.executable, "-m", "ztun", "run",
+                      str(cfg)], tmp_path / "ztun.log", env)  # fmt: skip
+            procs.append(z)
+            assert wait_until(lambda: "ztun started" in z.text() or z.p.poll() is not None, 20)
+            assert z.p.poll() is None, z.text()
+
+            udp = UdpProbe(net, DEST4)
+            through_proxy = udp.ask()  # the server sees sing-box, not an uplink
+            assert through_proxy not in ("timeout", A4, B4), z.text()
+            assert control_connections(net) == [f"{A4}%upa"], z.text()
+
+            net.c("ip", "link", "set", "upa", "down")
+            took = until(udp.ask, through_proxy, RECOVERY)
+            assert wait_until(lambda: control_connections(net) == [f"{B4}%upb"], RECOVERY), \
+                control_connections(net)  # fmt: skip
+            assert "UDP: 1 outbound session(s) closed" in z.text(), z.text()
+            assert "udp via proxy: session ended: network changed" in z.text()
+            print(f"\nSOCKS5 association back through upb in {took:.2f}s")
+            assert "Traceback" not in z.text()
+            net.c("ip", "link", "set", "upa", "up")
+            net.c("ip", "addr", "replace", f"{A6}/64", "dev", "upa", "nodad")
+            default_routes(net)
+        finally:
+            if udp is not None:
+                udp.close()
+            codes = [p.stop() for p in reversed(procs)]
+        assert codes[0] == 0, (tmp_path / "ztun.log").read_text()
+        assert net.snapshot() == before
 
 
 def test_stop_is_not_delayed_by_the_monitor(tmp_path: Path) -> None:
