@@ -10,7 +10,9 @@ The server's whoami answers with the client address it saw, which names the upli
 left by. Uplink down and up, the default route moved to the second uplink, and no default
 route at all: new flows follow within RECOVERY seconds (TCP, IPv4 and IPv6, and a UDP socket
 kept open across the changes), fail at once while there is no egress, a transfer started
-after a change is sha256-exact, and the rules and routes are as before once ztun exits.
+after a change is sha256-exact, one running while the egress moves to a better route keeps
+going (sha256-exact), a SOCKS5 association moves to the new uplink, and the rules and routes
+are as before once ztun exits.
 """
 
 from __future__ import annotations
@@ -347,6 +349,64 @@ def test_socks5_associations_reconnect_on_the_new_uplink(tmp_path: Path) -> None
             codes = [p.stop() for p in reversed(procs)]
         assert codes[0] == 0, (tmp_path / "ztun.log").read_text()
         assert net.snapshot() == before
+
+
+def test_a_transfer_keeps_going_while_the_egress_moves(tmp_path: Path) -> None:
+    """A better default route appears on upb while a transfer runs over upa, which stays up:
+    new flows leave by upb, the running transfer finishes over upa, sha256-exact (TCP flows
+    are never closed by the monitor)."""
+    require_tun_environment()
+    www = tmp_path / "www"
+    www.mkdir()
+    sha = write_big_file(www / "big.bin", BIG)
+    procs: list[Proc] = []
+    with two_uplinks() as net:
+        before = net.snapshot()
+        try:
+            procs.append(Proc(["ip", "netns", "exec", net.server, sys.executable,
+                               str(HERE / "whoami.py"), "serve", DEST4],
+                              tmp_path / "whoami.log"))  # fmt: skip
+            procs.append(Proc(["ip", "netns", "exec", net.server, sys.executable, "-m",
+                               "http.server", str(HTTP_PORT), "--bind", DEST4, "--directory",
+                               str(www)], tmp_path / "http.log"))  # fmt: skip
+            wait_tcp(net.server, DEST4, 9)
+            wait_tcp(net.server, DEST4, HTTP_PORT)
+            cfg = tmp_path / "ztun.yaml"
+            cfg.write_text(CONFIG)
+            env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(tmp_path / "state"))
+            z = Proc(["ip", "netns", "exec", net.client, sys.executable, "-m", "ztun", "run",
+                      str(cfg)], tmp_path / "ztun.log", env)  # fmt: skip
+            procs.append(z)
+            assert wait_until(lambda: "ztun started" in z.text() or z.p.poll() is not None, 20)
+            assert probe(net, DEST4)[0] == A4, z.text()
+            got = tmp_path / "slow.bin"
+            # 16 MiB at 4 MiB/s: about 4 s, the change comes in its first second
+            curl = subprocess.Popen(
+                ["ip", "netns", "exec", net.client, "curl", "-sS", "--max-time", "60",
+                 "--limit-rate", "4M", "-o", str(got), f"http://{DEST4}:{HTTP_PORT}/big.bin"],
+                stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            try:
+                assert wait_until(lambda: got.exists() and got.stat().st_size > 0, 10)
+                net.c("ip", "route", "add", "default", "via", GW_B4, "dev", "upb",
+                      "metric", "50")  # fmt: skip
+                until(lambda: probe(net, DEST4)[0], B4, RECOVERY)
+                assert curl.poll() is None, "the transfer ended before the change was done"
+                _, err = curl.communicate(timeout=60)
+            finally:
+                if curl.poll() is None:
+                    curl.kill()
+                    curl.wait(5)
+            assert curl.returncode == 0, err
+            assert hashlib.sha256(got.read_bytes()).hexdigest() == sha
+            assert f"egress upa via {GW_A4} → upb via {GW_B4}" in z.text()
+            net.c("ip", "route", "del", "default", "via", GW_B4, "dev", "upb", "metric", "50")
+        finally:
+            codes = [p.stop() for p in reversed(procs)]
+        text = (tmp_path / "ztun.log").read_text()
+        assert codes[0] == 0, text
+        assert "Traceback" not in text, text
+        assert net.snapshot() == before, text
 
 
 def test_stop_is_not_delayed_by_the_monitor(tmp_path: Path) -> None:

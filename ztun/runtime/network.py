@@ -55,6 +55,10 @@ class NetworkFollower:
             )
         before = str(decision.before) if decision.before else "none"
         after = str(egress) if egress else "none"
+        if decision.initial and egress is None and self.auto_detect:
+            log.warning("network: no egress (no default route on a link that is up): new "
+                        "flows fail at once until one appears")  # fmt: skip
+            return
         if decision.initial:
             log.info("network: egress %s%s", after,
                      "" if self.auto_detect else " (auto_detect_interface is off: "

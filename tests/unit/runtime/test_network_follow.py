@@ -250,3 +250,13 @@ def test_follower_without_auto_detect_only_resets() -> None:
     follow = NetworkFollower({"fake": out}, [], auto_detect=False)
     follow(Decision(ETH0, WLAN0, (), rebind=True, reset=True))
     assert dial.default_interface() == "eth9" and out.resets == [RESET_REASON]
+
+
+def test_no_egress_at_start_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    follow = NetworkFollower({}, [], auto_detect=True)
+    with caplog.at_level(logging.INFO, logger="ztun.monitor"):
+        follow(Decision(None, None, (), rebind=True, reset=False, initial=True))
+    assert caplog.records[0].levelno == logging.WARNING
+    assert "no egress" in caplog.records[0].getMessage()
+    with pytest.raises(dial.NoEgressError):
+        dial.check_egress()

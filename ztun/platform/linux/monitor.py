@@ -171,7 +171,8 @@ class NetworkMonitor:
             asyncio.run(self._watch())
         except BaseException as e:  # the thread's end must reach the log, not stderr
             if not self._first.done():
-                self._first.set_exception(MonitorError(f"network monitor: {e}"))
+                error = e if isinstance(e, MonitorError) else MonitorError(f"network monitor: {e}")
+                self._first.set_exception(error)
             else:
                 log.error("network monitor stopped: %s", e)
 
