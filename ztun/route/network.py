@@ -244,12 +244,23 @@ class NetworkState:
     # -- tables ---------------------------------------------------------------------------
 
     def _apply(self, ev: Event) -> str | None:
-        """Update the tables; a note for the log when the event changed something."""
+        """Update the tables; a note for the log when the event changed something that can
+        matter: what happens on an ignored link (ztun's own TUN coming up, its addresses)
+        never starts a settle."""
         if isinstance(ev, LinkEvent):
-            return self._link(ev)
-        if isinstance(ev, AddressEvent):
-            return self._address(ev)
-        return self._route(ev)
+            note = self._link(ev)
+            ignored = ev.name in self.ignore
+        elif isinstance(ev, AddressEvent):
+            note = self._address(ev)
+            ignored = self._ignored(ev.index)
+        else:
+            note = self._route(ev)
+            ignored = self._ignored(ev.index)
+        return None if ignored else note
+
+    def _ignored(self, index: int) -> bool:
+        link = self.links.get(index)
+        return link is not None and link.name in self.ignore
 
     def _link(self, ev: LinkEvent) -> str | None:
         link = self.links.get(ev.index)

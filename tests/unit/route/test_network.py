@@ -164,6 +164,15 @@ def test_link_removed_takes_its_routes_and_rename_keeps_them() -> None:
     assert d.changes == ("link wlan0 renamed wifi0", "link eth0 removed")
 
 
+def test_the_tun_coming_and_going_starts_no_settle() -> None:
+    state = started(ETH0, DEF_ETH0)
+    state.event(TUN, 1.0)
+    state.event(AddressEvent(4, "198.18.0.1"), 1.0)
+    state.event(RouteEvent(4, 4), 1.0)  # a default route via the TUN in main: never egress
+    state.event(LinkEvent(4, "ztun0", up=False, removed=True), 1.0)
+    assert state.deadline() is None
+
+
 def test_unrelated_link_changes_do_nothing() -> None:
     state = started(ETH0, DEF_ETH0)
     state.event(LinkEvent(7, "docker0", up=True), 1.0)
