@@ -164,12 +164,14 @@ class Box:
             loop.add_signal_handler(sig, self._on_signal, sig)
         started: list[Inbound] = []
         try:
-            if self.monitor is not None:
-                # Before the first flow: its sockets already leave by the egress.
-                await self.monitor.start()
             for inbound in self.inbounds:
                 await inbound.start()  # a start that fails undoes what it did itself
                 started.append(inbound)
+            if self.monitor is not None:
+                # After the inbounds: a start that fails says so in one line, and the TUN is
+                # already there to be left out (until the first decision, within
+                # milliseconds, sockets leave as without the monitor: marked, not bound).
+                await self.monitor.start()
             return await self._run()
         except GeneratorExit:
             raise  # the coroutine is being closed: nothing may be awaited any more
