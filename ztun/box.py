@@ -44,6 +44,7 @@ from ztun.runtime.tracker import Tracker
 
 if TYPE_CHECKING:
     from ztun.api.server import ApiServer
+from ztun.runtime.network import NetworkFollower
 
 log = logging.getLogger("ztun")
 
@@ -157,8 +158,25 @@ class Box:
         ]
         if not self.inbounds:
             raise ZtunError("the config has no inbound to run")
+        self.monitor = self._network_monitor(options, outbounds)
         self._stop = asyncio.Event()
         self._signals = 0
+
+    def _network_monitor(self, options: Options, outbounds: dict[str, Outbound]) -> Any:
+        """The network monitor (docs/operations.md), when something follows the uplink:
+        auto_detect_interface, or a TUN's auto_route (whose UDP sessions must move along)."""
+        route = options.route
+        fixed = route.default_interface if not route.auto_detect_interface else None
+        dial.set_default_interface(fixed)
+        if not (route.auto_detect_interface or any(getattr(o, "auto_route", False)
+                                                   for o in options.inbounds)):  # fmt: skip
+            return None
+        from ztun.platform.linux.monitor import NetworkMonitor
+
+        follower = NetworkFollower(outbounds, self.inbounds,
+                                   auto_detect=route.auto_detect_interface)  # fmt: skip
+        tuns = [n for o in options.inbounds if (n := getattr(o, "interface_name", None))]
+        return NetworkMonitor(follower, ignore=tuns)
 
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
@@ -186,6 +204,11 @@ class Box:
                 started.append(inbound)
             if self.api is not None:
                 await self.api.start()
+            if self.monitor is not None:
+                # After the inbounds: a start that fails says so in one line, and the TUN is
+                # already there to be left out (until the first decision, within
+                # milliseconds, sockets leave as without the monitor: marked, not bound).
+                await self.monitor.start()
             return await self._run()
         except GeneratorExit:
             raise  # the coroutine is being closed: nothing may be awaited any more
@@ -203,6 +226,8 @@ class Box:
                     await self.dns.close()
             raise
         finally:
+            if self.monitor is not None:
+                self.monitor.stop()
             for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
 
@@ -215,6 +240,8 @@ class Box:
         log.info("ztun started: %d inbound(s), %d outbound(s)",
                  len(self.inbounds), len(self.dispatcher.outbounds))  # fmt: skip
         await self._stop.wait()
+        if self.monitor is not None:
+            self.monitor.stop()  # no resets while the inbounds drain
         for inbound in self.inbounds:
             await inbound.stop()
         tasks = set().union(*(i.tasks for i in self.inbounds))

@@ -37,7 +37,7 @@ from .netns import (
     wait_tcp,
     wait_until,
 )
-from .peers import REPO, Proc, flow_lines, singbox_path, write_big_file
+from .peers import REPO, Proc, flow_lines, singbox_path, wait_for, write_big_file
 
 pytestmark = [pytest.mark.netns, pytest.mark.singbox]
 
@@ -168,7 +168,12 @@ def client(env: Env, *args: str, timeout: float = 120) -> dict[str, object]:
                                              (DIRECT6, "direct"), (PROXY6, "proxy")])  # fmt: skip
 def test_curl_100mb_sha256(env: Env, target: str, outbound: str) -> None:
     assert curl_sha(env, target) == env.sha
-    lines = [f for f in flow_lines(env.ztun.text()) if target in f.get("destination", "")]
+
+    def ended() -> list[dict[str, str]]:
+        return [f for f in flow_lines(env.ztun.text()) if target in f.get("destination", "")]
+
+    # The line is written when ztun sees curl's FIN, which may be just after curl has exited.
+    lines = wait_for(ended, 5)
     assert lines and lines[-1]["outbound"] == outbound and lines[-1]["end"] == "eof"
     assert int(lines[-1]["down"]) > BIG
 

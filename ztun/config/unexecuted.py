@@ -89,18 +89,6 @@ NOT_EXECUTED: tuple[NotExecuted, ...] = (
     # route options
     NotExecuted(
         "route",
-        "auto_detect_interface",
-        "outbound sockets are not bound to an "
-        "interface; a tun with auto_route keeps them out with its fwmark rule",
-        value=True,
-    ),
-    NotExecuted(
-        "route",
-        "default_interface",
-        "outbound sockets are not bound to an interface (use bind_interface on a direct outbound)",
-    ),
-    NotExecuted(
-        "route",
         "default_mark",
         "it is only the fwmark of a tun inbound's auto_route, and no tun inbound has auto_route",
         unless=_any_tun_auto_route,

@@ -126,7 +126,7 @@ class MixedInbound:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             # Under auto_route, accepted sockets inherit the mark, so what this inbound sends
             # to a client beyond the default route is not routed into the TUN.
-            dial.OWN.apply(sock)
+            dial.LOCAL.apply(sock)
             # Set once here: Linux copies it to every accepted socket (one syscall per flow less).
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -503,7 +503,7 @@ class UdpAssociation:
             self.udp.bind((local_ip, 0))
             self.udp.setblocking(False)
             # Replies to a client beyond the default route must not be routed into a TUN.
-            dial.OWN.apply(self.udp)
+            dial.LOCAL.apply(self.udp)
             bound = Address(local_ip, self.udp.getsockname()[1])
             await self.loop.sock_sendall(self.conn, socks5.build_reply(Reply.SUCCEEDED, bound))
             self.loop.add_reader(self.udp.fileno(), self._on_client)

@@ -519,6 +519,16 @@ class TunInbound:
 
     # -- UDP ------------------------------------------------------------------------------
 
+    def reset_udp(self, why: str) -> int:
+        """End every UDP flow and close its session: the network changed, and their sockets
+        belong to the old one. The next datagram of each opens a new session. How many."""
+        if self._loop is None or self._closed:
+            return 0
+        n = len(self.stack.udp)
+        self.stack.udp.clear("reset", why)
+        self._run_commands()
+        return n
+
     def _udp_reply(self, key: Hashable, src: Address, payload: bytes) -> None:
         if self.device is None or self.device.fd < 0:
             return

@@ -362,10 +362,11 @@ class UdpSessions:
         if uf is not None:
             self._end(uf, end, error)
 
-    def clear(self, end: str = "closed") -> None:
-        """End every flow, and so close every session."""
+    def clear(self, end: str = "closed", error: str | None = None) -> None:
+        """End every flow, and so close every session (and forget failed ones: after a
+        network change the next datagram tries again at once)."""
         for uf in self.flows.clear():
-            self._end(uf, end)
+            self._end(uf, end, error)
         self._sessions.clear()
 
     def _end_members(self, session_key: Hashable, end: str, error: str | None) -> None:

@@ -37,6 +37,8 @@ class ErrorKind(Enum):
     TIMEOUT = "timed out"
     DNS = "name resolution failed"
     PROXY_DOWN = "proxy unreachable"
+    #: auto_detect_interface finds no uplink: refused at once rather than left to time out
+    NO_EGRESS = "no network"
     AUTH = "proxy authentication failed"
     BLOCKED = "blocked"
     UNSUPPORTED = "not supported"
@@ -50,6 +52,7 @@ _SOCKS_REPLY = {
     ErrorKind.TIMEOUT: Reply.HOST_UNREACHABLE,
     ErrorKind.DNS: Reply.HOST_UNREACHABLE,
     ErrorKind.PROXY_DOWN: Reply.GENERAL_FAILURE,
+    ErrorKind.NO_EGRESS: Reply.NETWORK_UNREACHABLE,
     ErrorKind.AUTH: Reply.GENERAL_FAILURE,
     ErrorKind.BLOCKED: Reply.NOT_ALLOWED,
     ErrorKind.UNSUPPORTED: Reply.COMMAND_NOT_SUPPORTED,
@@ -74,6 +77,8 @@ class OutboundError(ZtunError):
             return 504
         if self.kind is ErrorKind.BLOCKED:
             return 403
+        if self.kind is ErrorKind.NO_EGRESS:
+            return 503
         return 502
 
 
@@ -161,5 +166,10 @@ class Outbound(Protocol):
     ) -> UdpSession:
         """A session that sends datagrams anywhere and hands back what returns."""
         ...
+
+    # Optional, for outbounds whose sessions hold sockets of the network (direct, socks):
+    # `reset_network(why) -> int`, called by the network monitor when the uplink changed,
+    # ends every UDP session (its `on_close(why)` runs, so the next datagram opens a new one
+    # on the new network), leaves TCP flows alone, and says how many sessions it ended.
 
     async def close(self) -> None: ...

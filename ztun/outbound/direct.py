@@ -35,7 +35,7 @@ from ztun.outbound.base import (
 )
 from ztun.route.metadata import FlowMeta
 from ztun.runtime import netio
-from ztun.runtime.dial import DialError, DialOptions
+from ztun.runtime.dial import DialError, DialOptions, NoEgressError, check_egress
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -125,6 +125,8 @@ class DirectOutbound:
         self.max_queued_lookups = MAX_QUEUED_LOOKUPS
         #: lookups refused because too many were running or waiting
         self.lookups_refused = 0
+        #: the open UDP sessions (a dict: ordered), for reset_network
+        self._sessions: dict[DirectUdpSession, None] = {}
 
     def set_resolver(self, resolver: Resolver | None) -> None:
         """Resolve domain destinations with `resolver` (DNS rules, hosts, cache) instead of
@@ -136,6 +138,8 @@ class DirectOutbound:
     def _apply_dial_options(self, sock: socket.socket) -> None:
         try:
             self.dial.apply(sock)
+        except NoEgressError as e:
+            raise OutboundError(ErrorKind.NO_EGRESS, f"direct outbound {self.tag!r}: {e}") from None
         except DialError as e:
             raise OutboundError(ErrorKind.GENERAL, f"direct outbound {self.tag!r}: {e}") from None
 
@@ -340,8 +344,24 @@ class DirectOutbound:
     async def open_udp(
         self, meta: FlowMeta, on_datagram: DatagramHandler, on_close: CloseHandler
     ) -> DirectUdpSession:
+        if not self.bind_interface:
+            try:
+                check_egress()  # its sockets come later: fail the flow now, not each datagram
+            except NoEgressError as e:
+                raise OutboundError(ErrorKind.NO_EGRESS,
+                                    f"direct outbound {self.tag!r}: {e}") from None  # fmt: skip
         self.counters.udp_sessions += 1
-        return DirectUdpSession(self, on_datagram, on_close)
+        session = DirectUdpSession(self, on_datagram, on_close)
+        self._sessions[session] = None
+        return session
+
+    def reset_network(self, why: str) -> int:
+        """End every UDP session: their sockets are bound to the interface that was the
+        egress (see ztun.outbound.base.Outbound)."""
+        sessions = list(self._sessions)
+        for session in sessions:
+            session.end(why)
+        return len(sessions)
 
     async def close(self) -> None:
         return None
@@ -447,10 +467,17 @@ class DirectUdpSession:
             src = self._reverse.get(key) or Address(*key)
             self.on_datagram(src, data)
 
+    def end(self, why: str) -> None:
+        """Close, and tell the session's owner why (`on_close`)."""
+        if not self.closed:
+            self.close()
+            self.on_close(why)
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self.outbound._sessions.pop(self, None)
         for t in self._tasks:
             t.cancel()
         self._resolving.clear()

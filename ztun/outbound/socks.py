@@ -38,7 +38,7 @@ from ztun.proto import socks5
 from ztun.proto.socks5 import Command, Reply
 from ztun.route.metadata import FlowMeta
 from ztun.runtime import netio
-from ztun.runtime.dial import OWN, DialError
+from ztun.runtime.dial import OWN, DialError, NoEgressError
 
 #: Linux: a TCP socket non-blocking from birth (elsewhere, setblocking(False) right after).
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
@@ -57,6 +57,8 @@ _REPLY_KIND = {
 def _mark(sock: socket.socket, where: str) -> None:
     try:
         OWN.apply(sock)
+    except NoEgressError as e:
+        raise OutboundError(ErrorKind.NO_EGRESS, f"{where}: {e}") from None
     except DialError as e:
         raise OutboundError(ErrorKind.GENERAL, f"{where}: {e}") from None
 
@@ -101,6 +103,8 @@ class SocksOutbound:
         self.connect_timeout = options.connect_timeout
         self.udp_timeout = options.udp_timeout
         self.counters = Counters()
+        #: open UDP associations (a dict: ordered), for reset_network
+        self._sessions: dict[SocksUdpSession, None] = {}
         self._proxy: Proxy | None = None
         # An IP literal needs no resolving: build its socket address once.
         self._server_addr: tuple[int, tuple[Any, ...]] | None = None
@@ -307,7 +311,18 @@ class SocksOutbound:
         except BaseException:
             session.close()
             raise
+        self._sessions[session] = None
         return session
+
+    def reset_network(self, why: str) -> int:
+        """Close every UDP association, control connection and relay socket: they run over
+        the network that went away. Each session's owner hears `why`; its next datagram
+        opens a new association (see ztun.outbound.base.Outbound)."""
+        sessions = [s for s in self._sessions if not s.closed]
+        for session in sessions:
+            session._end(why)
+        self._sessions.clear()
+        return len(sessions)
 
     async def close(self) -> None:
         return None
@@ -460,6 +475,7 @@ class SocksUdpSession:
         if self.closed:
             return
         self.closed = True
+        self.outbound._sessions.pop(self, None)
         if self._timer is not None:
             self._timer.cancel()
         for s in (self.udp, self.control):

@@ -13,6 +13,14 @@ has another address than its TCP port, or a server name that resolves to a new a
 loop. The tun inbound sets the mark before it adds its rules and clears it after removing them;
 without auto_route it is 0 and no socket is marked (so `ztun check` and a proxy-only `ztun run`
 need no CAP_NET_ADMIN).
+
+The *default interface* is sing-box's `route.default_interface`, or, with
+`route.auto_detect_interface`, the egress the network monitor chose
+(`platform/linux/monitor.py`, `route/network.py`): every outgoing socket without a
+`bind_interface` of its own is bound to it (and still carries the own mark), so a change of
+uplink moves new flows at once. While auto-detection finds no egress, every outgoing socket
+fails at once with `NoEgressError` instead of hanging in a connect that cannot work (or, under
+auto_route, looping back into the TUN). Sockets ztun listens on (`LOCAL`) are never bound.
 """
 
 from __future__ import annotations
@@ -27,6 +35,10 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 
 _own_mark = 0
+#: the interface outgoing sockets are bound to (None: not bound)
+_default_interface: str | None = None
+#: auto_detect_interface is on: no default interface means no egress
+_detect = False
 
 
 def set_own_mark(mark: int) -> None:
@@ -39,8 +51,33 @@ def own_mark() -> int:
     return _own_mark
 
 
+def set_default_interface(name: str | None, *, detected: bool = False) -> None:
+    """Bind outgoing sockets to `name` from now on. `detected`: the name comes from
+    auto_detect_interface, so None means "no egress" (new sockets fail at once) rather than
+    "not bound"."""
+    global _default_interface, _detect
+    _default_interface, _detect = name, detected
+
+
+def default_interface() -> str | None:
+    return _default_interface
+
+
+def check_egress() -> None:
+    """NoEgressError while auto-detection has found no egress interface."""
+    if _detect and _default_interface is None:
+        raise NoEgressError(
+            "no network: auto_detect_interface finds no default route on an interface that is up"
+        )
+
+
 class DialError(ZtunError):
     """A dial option could not be set on a socket (SO_MARK needs CAP_NET_ADMIN)."""
+
+
+class NoEgressError(DialError):
+    """auto_detect_interface has no interface to send by (no default route on a link that is
+    up): the flow fails at once with this reason."""
 
 
 @dataclass(frozen=True)
@@ -48,10 +85,14 @@ class DialOptions:
     """How one outbound's sockets leave: `routing_mark` and `bind_interface` as configured.
 
     The mark a socket gets: its own `routing_mark` when set; none when it is bound to an
-    interface (it goes where the user said); else the own mark (auto_route's)."""
+    interface of its own (it goes where the user said); else the own mark (auto_route's).
+    The interface: its own `bind_interface`, else (`egress`: an outgoing socket) the default
+    interface, when there is one."""
 
     routing_mark: int | None = None
     bind_interface: str | None = None
+    #: an outgoing socket: bound to the default interface; False for sockets ztun listens on
+    egress: bool = True
 
     def mark(self) -> int:
         if self.routing_mark:
@@ -60,15 +101,22 @@ class DialOptions:
             return 0
         return _own_mark
 
-    def apply(self, sock: socket.socket) -> None:
-        """Set the interface and the mark on `sock`; DialError says which failed and why."""
+    def interface(self) -> str | None:
         if self.bind_interface:
+            return self.bind_interface
+        return _default_interface if self.egress else None
+
+    def apply(self, sock: socket.socket) -> None:
+        """Set the interface and the mark on `sock`; DialError says which failed and why
+        (NoEgressError: auto-detection has no interface to give it)."""
+        if self.egress and not self.bind_interface:
+            check_egress()
+        interface = self.interface()
+        if interface:
             try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, self.bind_interface.encode())
+                sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
             except OSError as e:
-                raise DialError(
-                    f"cannot bind to interface {self.bind_interface!r}: {_why(e)}"
-                ) from None
+                raise DialError(f"cannot bind to interface {interface!r}: {_why(e)}") from None
         mark = self.mark()
         if mark:
             try:
@@ -117,6 +165,9 @@ def _why(e: OSError) -> str:
     return e.strerror or str(e)
 
 
-#: For sockets that have no outbound of their own (the socks outbound, rule-set downloads):
-#: just the own mark.
+#: For outgoing sockets that have no outbound of their own (the socks outbound, rule-set
+#: downloads): the own mark and the default interface.
 OWN = DialOptions()
+#: For sockets ztun listens or answers on (the mixed inbound's listener and UDP relay): the
+#: own mark only, never bound to the uplink.
+LOCAL = DialOptions(egress=False)

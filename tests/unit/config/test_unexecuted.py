@@ -60,8 +60,6 @@ EXPECTED = [
     (7, 5, "inbounds[0].strict_route: accepted but not yet executed"),
     (8, 5, "inbounds[0].route_address: accepted but not yet executed"),
     (9, 5, "inbounds[0].route_exclude_address: accepted but not yet executed"),
-    (14, 3, "route.auto_detect_interface: true is accepted but not yet executed"),
-    (15, 3, "route.default_interface: accepted but not yet executed"),
     (16, 3, "route.default_mark: accepted but not yet executed"),
     (23, 27, "route.rule_set[0].rules[2].network: icmp is accepted but not yet executed"),
     (28, 42, "route.rules[2].method: reply is accepted but not yet executed"),
@@ -99,7 +97,9 @@ def test_every_use_is_one_warning_at_its_place(tmp_path: Path) -> None:
 def test_the_warnings_say_what_happens_instead(tmp_path: Path) -> None:
     by_path = {d.path: d.message for d in check_text(tmp_path, USES_EVERYTHING)}
     assert "like `default`" in by_path[("route", "rules", 2, "method")]
-    assert "interface" in by_path[("route", "auto_detect_interface")]
+    # The network monitor runs them now (issue 14).
+    assert ("route", "auto_detect_interface") not in by_path
+    assert ("route", "default_interface") not in by_path
     # DNS, hijack-dns, sniff and protocol run now (issue 11): no warning for them.
     assert ("dns",) not in by_path and ("route", "rules", 0, "action") not in by_path
 
@@ -140,7 +140,8 @@ inbounds:
     strict_route: true
     route_address: [198.51.100.0/24]
 route:
-  auto_detect_interface: false
+  auto_detect_interface: true
+  default_interface: eth0
   default_mark: 0x2024
   rules:
     - {network: [tcp, udp], port: 443, action: reject, method: drop}
@@ -150,7 +151,8 @@ route:
 
 
 def test_what_runs_gets_no_warning(tmp_path: Path) -> None:
-    """auto_route makes the tun's routing fields and default_mark act; false is the default."""
+    """auto_route makes the tun's routing fields and default_mark act; the network monitor
+    carries out auto_detect_interface and default_interface."""
     assert check_text(tmp_path, CARRIED_OUT) == []
 
 

@@ -408,3 +408,30 @@ def test_a_session_waits_for_its_flow_to_be_routed_by_owner() -> None:
         out.clear()
         core.end(key(A), "closed")
         assert out == [FlowEnded(flow, quiet=True), CloseUdpSession(key(A), 1)]
+
+
+def test_a_network_reset_ends_every_flow_with_its_reason_and_forgets_failures() -> None:
+    """What the tun inbound's reset_udp asks after a network change: every flow ends `reset`
+    with the reason, every session closes, and a session that failed on the old network is
+    tried again at once on the next datagram (no retry delay)."""
+    a = Assoc(retry_delay=10.0)
+    a.send(A, b"1", 0.0)  # proxy session: opens, then fails
+    a.send(C, b"2", 0.0)  # direct session: opens
+    opens = [c for c in a.take() if isinstance(c, OpenUdpSession)]
+    by_key = {c.key: c.ident for c in opens}
+    a.core.open_failed(PROXY, by_key[PROXY], "proxy unreachable", 0.1)
+    assert a.core.opened(DIRECT, by_key[DIRECT])
+    a.take()
+    a.send(C, b"3", 0.2)
+    a.take()
+    a.core.clear("reset", "network changed")
+    out = a.take()
+    ended = [c for c in out if isinstance(c, FlowEnded)]
+    assert [(c.flow.dest, c.flow.end, c.flow.error) for c in ended] == [
+        (C, "reset", "network changed")
+    ]
+    assert not ended[0].quiet  # a reset is worth a line
+    assert [c.key for c in out if isinstance(c, CloseUdpSession)] == [DIRECT]
+    assert len(a.core) == 0
+    a.send(A, b"4", 0.3)  # within the old retry delay, yet opened again
+    assert [c.key for c in a.take() if isinstance(c, OpenUdpSession)] == [PROXY]
