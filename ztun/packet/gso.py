@@ -1,0 +1,56 @@
+"""UDP segmentation offload on sockets, the pure half: which datagrams go out in one send, and
+how one receive of many datagrams is cut apart again.
+
+With `UDP_SEGMENT` (Linux 4.18+) one `sendmsg` carries a buffer of datagrams that are all
+`size` bytes long but the last, which may be shorter; the kernel cuts it into datagrams after
+the one trip through the stack, so a burst to one destination costs one system call instead of
+one per datagram. With `UDP_GRO` (5.0+) one `recvmsg` may return several datagrams of one
+sender glued together, with their size in a control message (`split`). The syscalls live in
+`ztun.runtime.udpio`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+#: At most this many datagrams per send (the kernel's UDP_MAX_SEGMENTS, 64 before Linux 6.10).
+MAX_SEGMENTS = 64
+#: At most this many payload bytes per send (an IPv4 datagram's limit; IPv6's is 20 more).
+MAX_BYTES = 65507
+
+
+def runs(
+    datagrams: Sequence[bytes], max_segments: int = MAX_SEGMENTS, max_bytes: int = MAX_BYTES
+) -> list[tuple[int, int, int]]:
+    """Cut `datagrams` (in order, one destination) into sends: `(start, end, size)` each, where
+    `datagrams[start:end]` go out as one buffer of `size`-byte segments (`size` 0: one datagram
+    sent as it is). A run is datagrams of equal, non-zero length, optionally ended by one
+    shorter datagram, as `UDP_SEGMENT` requires; order is kept."""
+    out: list[tuple[int, int, int]] = []
+    n = len(datagrams)
+    i = 0
+    while i < n:
+        size = len(datagrams[i])
+        j = i + 1
+        if size:
+            total = size
+            while j < n and j - i < max_segments:
+                m = len(datagrams[j])
+                if m == 0 or m > size or total + m > max_bytes:
+                    break
+                total += m
+                j += 1
+                if m < size:
+                    break  # a shorter datagram can only end a run
+        out.append((i, j, size if j - i > 1 else 0))
+        i = j
+    return out
+
+
+def split(buf: bytes | bytearray | memoryview, n: int, size: int) -> list[bytes]:
+    """The datagrams in `buf[:n]` as one `UDP_GRO` receive returned them: `size`-byte pieces,
+    the last possibly shorter (`size` 0 or not below `n`: a single datagram)."""
+    if size <= 0 or size >= n:
+        return [bytes(buf[:n])]
+    view = memoryview(buf)
+    return [bytes(view[i : min(i + size, n)]) for i in range(0, n, size)]
