@@ -24,6 +24,7 @@ from ztun.stack.commands import (
     FlowEnded,
     OpenUdpSession,
     SendDatagram,
+    WritePacket,
 )
 
 log = logging.getLogger("ztun.inbound")
@@ -49,6 +50,42 @@ class UdpSessionRunner:
         self.drain = drain
         #: the open sessions: session key -> (ident, session)
         self.sessions: dict[Hashable, tuple[int, UdpSession]] = {}
+
+    def execute_all(self, commands: list[Command], write: Callable[[bytes], None]) -> None:
+        """Carry out `commands` in order, `write` taking the packets; consecutive datagrams
+        of one session go to it as one burst (`send_many`), which a socket sends in as few
+        system calls as the kernel allows (ztun.runtime.udpio)."""
+        i, n = 0, len(commands)
+        while i < n:
+            c = commands[i]
+            i += 1
+            kind = type(c)
+            if kind is SendDatagram:
+                key = c.key  # type: ignore[union-attr]
+                if i < n and type(nxt := commands[i]) is SendDatagram and nxt.key == key:  # type: ignore[union-attr]
+                    items = [(c.dest, c.payload)]  # type: ignore[union-attr]
+                    while i < n and type(nxt := commands[i]) is SendDatagram and nxt.key == key:  # type: ignore[union-attr]
+                        items.append((nxt.dest, nxt.payload))  # type: ignore[union-attr]
+                        i += 1
+                    self.send_many(key, items)
+                    continue
+                self.execute(c)
+            elif kind is WritePacket:
+                write(c.packet)  # type: ignore[union-attr]
+            else:
+                self.execute(c)
+
+    def send_many(self, key: Hashable, items: list[tuple[Address, bytes]]) -> None:
+        held = self.sessions.get(key)
+        if held is None or held[1].closed:
+            return
+        session = held[1]
+        many = getattr(session, "send_many", None)  # an optional part of UdpSession
+        if many is not None:
+            many(items)
+        else:
+            for dest, payload in items:
+                session.send(dest, payload)
 
     def execute(self, c: Command) -> None:
         if isinstance(c, SendDatagram):

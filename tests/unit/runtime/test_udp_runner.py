@@ -142,3 +142,49 @@ def test_eviction_flood_logs_a_line_a_second(
         asyncio.run(main())
     lines = [r for r in caplog.records if "end=evicted" in r.getMessage()]
     assert len(lines) == 1  # the clock never moved: one line for 9900 evictions
+
+
+class BurstSession(FakeSession):
+    """A session that takes bursts (`send_many`), as the socket outbounds do."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.bursts: list[list[bytes]] = []
+
+    def send_many(self, items: list[tuple[Address, bytes]]) -> None:
+        self.bursts.append([p for _, p in items])
+        self.sent += [p for _, p in items]
+
+
+def test_a_sessions_consecutive_datagrams_go_as_one_burst() -> None:
+    """Issue 13: the commands of one TUN read batch reach each session as bursts, in order,
+    with packets and other sessions' datagrams between them left where they were."""
+    from ztun.stack.commands import SendDatagram, WritePacket
+
+    loop = asyncio.new_event_loop()
+    try:
+        runner = UdpSessionRunner(UdpSessions([], timeout=60.0, max_flows=16), loop, set(),
+                                  lambda *a: None, lambda: None)  # fmt: skip
+    finally:
+        loop.close()
+    a, b, plain = BurstSession("a"), BurstSession("b"), FakeSession("plain")
+    runner.sessions.update({"a": (1, a), "b": (2, b), "p": (3, plain)})
+    order: list[object] = []
+
+    def send(key: str, payload: bytes) -> SendDatagram:
+        return SendDatagram(key, DEST, payload)
+
+    commands: list[Command] = [send("a", b"1"), send("a", b"2"), send("a", b"3"), send("b", b"x"),
+                               send("a", b"4"), WritePacket(b"pkt"), send("a", b"5"),
+                               send("a", b"6"), send("p", b"i"), send("p", b"j"),
+                               send("gone", b"?")]  # fmt: skip
+
+    def write(pkt: bytes) -> None:
+        order.append((pkt, list(a.sent)))
+
+    runner.execute_all(commands, write)
+    assert a.bursts == [[b"1", b"2", b"3"], [b"5", b"6"]]
+    assert a.sent == [b"1", b"2", b"3", b"4", b"5", b"6"]  # a lone one goes through send()
+    assert b.sent == [b"x"] and b.bursts == []
+    assert plain.sent == [b"i", b"j"]  # no send_many: one by one
+    assert order == [(b"pkt", [b"1", b"2", b"3", b"4"])]  # the packet in its place
