@@ -139,6 +139,7 @@ class TunInbound:
         self._iov = [self._hdr, self._buf]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._flush_due = False  # a `_flush` of the replies' commands is scheduled
         self._closed = False
         self._error_logged_at = float("-inf")
         self._errors_unlogged = 0
@@ -468,8 +469,21 @@ class TunInbound:
     def _udp_reply(self, key: Hashable, src: Address, payload: bytes) -> None:
         if self.device is None or self.device.fd < 0:
             return
-        self.stack.udp_reply(key, src, payload, self._loop.time())  # type: ignore[union-attr]
-        self._run_commands()
+        loop = self._loop
+        assert loop is not None
+        self.stack.udp_reply(key, src, payload, loop.time())
+        # Written once the loop's other ready callbacks (every session with datagrams) have
+        # run, so that replies meet in one batch as the sends do (`_run_batch`).
+        if len(self.stack.out) >= FLUSH:
+            self._run_batch()
+        elif not self._flush_due:
+            self._flush_due = True
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if self.stack.out:
+            self._run_batch()
 
 
 def _reset(conn: socket.socket) -> None:

@@ -52,28 +52,40 @@ class UdpSessionRunner:
         self.sessions: dict[Hashable, tuple[int, UdpSession]] = {}
 
     def execute_all(self, commands: list[Command], write: Callable[[bytes], None]) -> None:
-        """Carry out `commands` in order, `write` taking the packets; consecutive datagrams
-        of one session go to it as one burst (`send_many`), which a socket sends in as few
-        system calls as the kernel allows (ztun.runtime.udpio)."""
-        i, n = 0, len(commands)
-        while i < n:
-            c = commands[i]
-            i += 1
+        """Carry out `commands`, `write` taking the packets. A session's datagrams go to it
+        as one burst (`send_many`), which a socket sends in as few system calls as the kernel
+        allows (ztun.runtime.udpio): in order within each session, and before any open or
+        close that follows them; other sessions' datagrams and packets may go first."""
+        bursts: dict[Hashable, list[tuple[Address, bytes]]] = {}
+        for c in commands:
             kind = type(c)
             if kind is SendDatagram:
-                key = c.key  # type: ignore[union-attr]
-                if i < n and type(nxt := commands[i]) is SendDatagram and nxt.key == key:  # type: ignore[union-attr]
-                    items = [(c.dest, c.payload)]  # type: ignore[union-attr]
-                    while i < n and type(nxt := commands[i]) is SendDatagram and nxt.key == key:  # type: ignore[union-attr]
-                        items.append((nxt.dest, nxt.payload))  # type: ignore[union-attr]
-                        i += 1
-                    self.send_many(key, items)
-                    continue
-                self.execute(c)
+                burst = bursts.get(c.key)  # type: ignore[union-attr]
+                if burst is None:
+                    bursts[c.key] = [(c.dest, c.payload)]  # type: ignore[union-attr]
+                else:
+                    burst.append((c.dest, c.payload))  # type: ignore[union-attr]
             elif kind is WritePacket:
                 write(c.packet)  # type: ignore[union-attr]
-            else:
+            elif kind is FlowEnded:
                 self.execute(c)
+            else:  # opening or closing a session: what was sent before it goes first
+                if bursts:
+                    self._send_bursts(bursts)
+                    bursts = {}
+                self.execute(c)
+        if bursts:
+            self._send_bursts(bursts)
+
+    def _send_bursts(self, bursts: dict[Hashable, list[tuple[Address, bytes]]]) -> None:
+        for key, items in bursts.items():
+            held = self.sessions.get(key)
+            if held is None or held[1].closed:
+                continue
+            if len(items) == 1:
+                held[1].send(*items[0])
+            else:
+                self.send_many(key, items)
 
     def send_many(self, key: Hashable, items: list[tuple[Address, bytes]]) -> None:
         held = self.sessions.get(key)

@@ -156,10 +156,10 @@ class BurstSession(FakeSession):
         self.sent += [p for _, p in items]
 
 
-def test_a_sessions_consecutive_datagrams_go_as_one_burst() -> None:
-    """Issue 13: the commands of one TUN read batch reach each session as bursts, in order,
-    with packets and other sessions' datagrams between them left where they were."""
-    from ztun.stack.commands import SendDatagram, WritePacket
+def test_a_sessions_datagrams_go_as_one_burst() -> None:
+    """Issue 13: the commands of one TUN read batch reach each session as bursts, in order
+    within the session and before a close that follows them."""
+    from ztun.stack.commands import CloseUdpSession, SendDatagram, WritePacket
 
     loop = asyncio.new_event_loop()
     try:
@@ -169,22 +169,18 @@ def test_a_sessions_consecutive_datagrams_go_as_one_burst() -> None:
         loop.close()
     a, b, plain = BurstSession("a"), BurstSession("b"), FakeSession("plain")
     runner.sessions.update({"a": (1, a), "b": (2, b), "p": (3, plain)})
-    order: list[object] = []
+    written: list[bytes] = []
 
     def send(key: str, payload: bytes) -> SendDatagram:
         return SendDatagram(key, DEST, payload)
 
-    commands: list[Command] = [send("a", b"1"), send("a", b"2"), send("a", b"3"), send("b", b"x"),
-                               send("a", b"4"), WritePacket(b"pkt"), send("a", b"5"),
-                               send("a", b"6"), send("p", b"i"), send("p", b"j"),
-                               send("gone", b"?")]  # fmt: skip
-
-    def write(pkt: bytes) -> None:
-        order.append((pkt, list(a.sent)))
-
-    runner.execute_all(commands, write)
-    assert a.bursts == [[b"1", b"2", b"3"], [b"5", b"6"]]
-    assert a.sent == [b"1", b"2", b"3", b"4", b"5", b"6"]  # a lone one goes through send()
-    assert b.sent == [b"x"] and b.bursts == []
+    commands: list[Command] = [send("a", b"1"), send("a", b"2"), send("b", b"x"), send("a", b"3"),
+                               WritePacket(b"pkt"), CloseUdpSession("b", 2), send("b", b"late"),
+                               send("a", b"4"), send("a", b"5"), send("p", b"i"),
+                               send("p", b"j"), send("gone", b"?")]  # fmt: skip
+    runner.execute_all(commands, written.append)
+    assert a.bursts == [[b"1", b"2", b"3"], [b"4", b"5"]]
+    assert a.sent == [b"1", b"2", b"3", b"4", b"5"]
+    assert b.sent == [b"x"] and b.bursts == [] and b.closed  # sent before it closed, alone
     assert plain.sent == [b"i", b"j"]  # no send_many: one by one
-    assert order == [(b"pkt", [b"1", b"2", b"3", b"4"])]  # the packet in its place
+    assert written == [b"pkt"]
