@@ -17,11 +17,13 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from .netns import (
     DIRECT4,
+    DIRECT6,
     PROXY4,
     PROXY6,
     SERVER4,
@@ -113,8 +115,9 @@ def where_lost(t: Topology) -> str:
     ])  # fmt: skip
 
 
-@pytest.mark.parametrize("target", [PROXY4, PROXY6, DIRECT4])
-def test_udp_burst_delivered_exact(env: Env, target: str) -> None:
+def burst(env: Env, target: str, gso: int = 1) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Send the burst to the sink on `target`: what the sender saw (with the echoes), what
+    the sink saw, and what a failure message should show."""
     sink = subprocess.Popen(
         ["ip", "netns", "exec", env.t.server, sys.executable, str(HERE / "udp_burst.py"),
          "sink", target, str(SINK_PORT), "1.5", str(SIZE)],
@@ -123,7 +126,7 @@ def test_udp_burst_delivered_exact(env: Env, target: str) -> None:
     try:
         assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
         r = in_ns(env.t.client, sys.executable, str(HERE / "udp_burst.py"), "send", target,
-                  str(SINK_PORT), str(FLOWS), str(COUNT), str(SIZE), str(MBIT),
+                  str(SINK_PORT), str(FLOWS), str(COUNT), str(SIZE), str(MBIT), str(gso),
                   timeout=120)  # fmt: skip
         sent = json.loads(r.stdout)
         out, err = sink.communicate(timeout=130)
@@ -133,8 +136,11 @@ def test_udp_burst_delivered_exact(env: Env, target: str) -> None:
             sink.wait()
     assert out.strip(), f"the sink printed nothing: {err}"
     got = json.loads(out.strip().splitlines()[-1])
+    return sent, got, f"sent {sent}, arrived {got}\n{where_lost(env.t)}\n{env.ztun.text()[-2000:]}"
+
+
+def check(sent: dict[str, Any], got: dict[str, Any], detail: str) -> None:
     echoes = sent["echoes"]
-    detail = f"sent {sent}, arrived {got}\n{where_lost(env.t)}\n{env.ztun.text()[-2000:]}"
     assert sent["sent"] == COUNT, detail
     # Exact, both ways: nothing corrupted, duplicated or overtaken within its flow.
     for tally in (got, echoes):
@@ -142,3 +148,27 @@ def test_udp_burst_delivered_exact(env: Env, target: str) -> None:
     assert got["flows"] == FLOWS, detail
     assert got["received"] >= MIN_DELIVERED * COUNT, detail
     assert echoes["received"] >= MIN_ECHOED * COUNT, detail
+
+
+@pytest.mark.parametrize("target", [PROXY4, PROXY6, DIRECT4])
+def test_udp_burst_delivered_exact(env: Env, target: str) -> None:
+    check(*burst(env, target))
+
+
+@pytest.mark.parametrize("target", [PROXY4, DIRECT6])
+def test_udp_segment_bursts_of_an_application(env: Env, target: str) -> None:
+    """An application that sends with UDP_SEGMENT (as QUIC stacks do): with USO on the TUN
+    ztun reads each send whole and relays its datagrams one by one, exact."""
+    assert "offload on (TCP, UDP)" in env.ztun.text(), env.ztun.text()
+    before = tun_packets(env.t)
+    sent, got, detail = burst(env, target, gso=8)
+    check(sent, got, detail)
+    # Whole: the TUN handed ztun about one packet per 8 datagrams.
+    assert tun_packets(env.t) - before < COUNT / 2, detail
+
+
+def tun_packets(t: Topology) -> int:
+    """Packets the TUN handed to ztun (and dropped) so far."""
+    link = json.loads(in_ns(t.client, "ip", "-s", "-j", "link", "show", "ztun0").stdout)
+    tx = link[0]["stats64"]["tx"]
+    return int(tx["packets"]) + int(tx["dropped"])

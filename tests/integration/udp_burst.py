@@ -2,9 +2,10 @@
 
 sink HOST... PORT IDLE       receive on PORT of every HOST until nothing came for IDLE seconds
                              (after the first datagram); echo each one back; report per flow
-send HOST PORT FLOWS COUNT SIZE MBIT
+send HOST PORT FLOWS COUNT SIZE MBIT [GSO]
                              COUNT datagrams of SIZE bytes from FLOWS sockets at about MBIT
-                             Mbit/s, the flows interleaved unevenly; count what echoes back
+                             Mbit/s, the flows interleaved unevenly; count what echoes back;
+                             with GSO (a number) that many datagrams per UDP_SEGMENT send
 
 Every datagram says what it is: flow number (1 byte), sequence number (4 bytes), then bytes
 derived from both (a SHA-256 chain), so the receiver can tell a lost datagram from a corrupted,
@@ -18,10 +19,12 @@ import hashlib
 import json
 import select
 import socket
+import struct
 import sys
 import time
 
 SO_RCVBUFFORCE = 33  # Linux; not in Python 3.11's socket module
+SOL_UDP, UDP_SEGMENT = 17, 103
 
 def datagram(flow: int, seq: int, size: int) -> bytes:
     head = bytes([flow]) + seq.to_bytes(4, "big")
@@ -97,7 +100,9 @@ def sink(hosts: list[str], port: int, idle: float, size: int) -> dict[str, objec
     return tally.report()
 
 
-def send(host: str, port: int, flows: int, count: int, size: int, mbit: float) -> dict[str, object]:
+def send(
+    host: str, port: int, flows: int, count: int, size: int, mbit: float, gso: int = 1
+) -> dict[str, object]:
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     socks = []
     for _ in range(flows):
@@ -130,9 +135,15 @@ def send(host: str, port: int, flows: int, count: int, size: int, mbit: float) -
             if sent >= count:
                 break
             try:
-                socks[flow].send(datagram(flow, seqs[flow], size))
-                seqs[flow] += 1
-                sent += 1
+                if gso > 1:
+                    k = min(gso, count - sent)
+                    burst = b"".join(datagram(flow, seqs[flow] + i, size) for i in range(k))
+                    socks[flow].sendmsg([burst], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))])
+                else:
+                    k = 1
+                    socks[flow].send(datagram(flow, seqs[flow], size))
+                seqs[flow] += k
+                sent += k
             except BlockingIOError:
                 errors += 1
                 select.select([], [socks[flow]], [], 0.01)
@@ -155,8 +166,9 @@ def main() -> None:
         *hosts, port, idle, size = args
         out = sink(hosts, int(port), float(idle), int(size))
     elif cmd == "send":
-        host, port, flows, count, size, mbit = args
-        out = send(host, int(port), int(flows), int(count), int(size), float(mbit))
+        host, port, flows, count, size, mbit, *gso = args
+        out = send(host, int(port), int(flows), int(count), int(size), float(mbit),
+                   int(gso[0]) if gso else 1)  # fmt: skip
     else:
         raise SystemExit(f"unknown command {cmd}")
     print(json.dumps(out), flush=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -155,6 +156,7 @@ class TunInbound:
                                      self._run_commands)  # fmt: skip
         offload = os.environ.get(OFFLOAD_ENV, "1").strip().lower() not in ("0", "false", "off")
         self.device = TunDevice.open(self.interface_name, self.address, self.mtu, offload)
+        self.stack.uso = self.device.uso
         atexit.register(self.abort)
         try:
             for fam, pair in ((socket.AF_INET, self.v4), (socket.AF_INET6, self.v6)):
@@ -186,7 +188,8 @@ class TunInbound:
         loop.add_reader(self.device.fd, self._on_tun_vnet if vnet else self._on_tun)
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
         log.info("inbound %s (tun) on %s: %s, mtu %d, offload %s%s", self.tag, self.device.name,
-                 ", ".join(map(str, self.address)), self.mtu, "on" if vnet else "off",
+                 ", ".join(map(str, self.address)), self.mtu,
+                 ("on (TCP, UDP)" if self.device.uso else "on (TCP)") if vnet else "off",
                  ", auto_route" if self.auto_route else "")  # fmt: skip
 
     async def _setup_routes(self) -> None:
@@ -391,7 +394,31 @@ class TunInbound:
         out = self.stack.out
         commands = out[:]
         out.clear()
-        self._udp.execute_all(commands, self._write)
+        self._udp.execute_all(commands, self._write, self._write_datagrams)
+
+    def _write_datagrams(self, replies: dict[Hashable, list[bytes]]) -> None:
+        """Replies on a TUN with UDP super-packets: each flow's in as few writes as
+        `TunStack.reply_packets` makes them."""
+        for key, payloads in replies.items():
+            self._write_replies(key, payloads)
+
+    def _write_replies(self, key: Hashable, payloads: list[bytes]) -> None:
+        fd = self.device.fd
+        writev = os.writev
+        done = 0
+        for hdr, pkt, end in self.stack.reply_packets(key, payloads):  # type: ignore[arg-type]
+            try:
+                writev(fd, [hdr, pkt])
+            except OSError as e:
+                if hdr is not PLAIN and e.errno == errno.EINVAL and self.stack.uso:
+                    # It offered USO, so it should not refuse: plain packets from now on.
+                    self.stack.uso = False
+                    log.warning("inbound %s: the TUN refused a UDP super-packet; replies go "
+                                "one per write from now on", self.tag)  # fmt: skip
+                    self._write_replies(key, payloads[done:])
+                    return
+                self.write_errors += 1
+            done = end
 
     def _write(self, pkt: bytes) -> None:
         """Write one packet ztun built (with an all-zero virtio-net header where used)."""

@@ -7,11 +7,19 @@ the one trip through the stack, so a burst to one destination costs one system c
 one per datagram. With `UDP_GRO` (5.0+) one `recvmsg` may return several datagrams of one
 sender glued together, with their size in a control message (`split`). The syscalls live in
 `ztun.runtime.udpio`.
+
+The TUN has the same offload (USO, Linux 6.2+, negotiated with TUN_F_USO4/6): a write may be
+one UDP "super-packet" of many datagrams of one flow, a virtio-net header saying how to cut it
+(`build_udp_super`), and a read may be one (its payload cut by `split`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from ztun.packet.checksum import pseudo_header_sum
+from ztun.packet.ip import Drop, Proto, build_ip
+from ztun.packet.virtio import F_NEEDS_CSUM, GSO_UDP_L4, VnetHeader, build_header
 
 #: At most this many datagrams per send (the kernel's UDP_MAX_SEGMENTS, 64 before Linux 6.10).
 MAX_SEGMENTS = 64
@@ -54,3 +62,25 @@ def split(buf: bytes | bytearray | memoryview, n: int, size: int) -> list[bytes]
         return [bytes(buf[:n])]
     view = memoryview(buf)
     return [bytes(view[i : min(i + size, n)]) for i in range(0, n, size)]
+
+
+def build_udp_super(
+    src: bytes, sport: int, dst: bytes, dport: int, payloads: Sequence[bytes], size: int
+) -> tuple[bytes, bytes] | Drop:
+    """A virtio-net header and one IPv4 or IPv6 packet (by the address length) that the TUN
+    cuts into one UDP datagram per payload: `payloads` as `runs` groups them (at least two,
+    all `size` bytes but the last, at most `MAX_BYTES` together). The UDP checksum is left
+    to the kernel (NEEDS_CSUM: the field holds the pseudo-header sum of the whole length,
+    which the kernel adjusts for each datagram); the IPv4 header checksum is complete."""
+    total = sum(map(len, payloads))
+    if len(payloads) < 2 or size <= 0 or total > MAX_BYTES or total <= size:
+        return Drop.BAD_LENGTH
+    length = 8 + total
+    partial = pseudo_header_sum(src, dst, Proto.UDP, length)
+    udp = bytes((sport >> 8, sport & 0xFF, dport >> 8, dport & 0xFF, length >> 8, length & 0xFF,
+                 partial >> 8, partial & 0xFF))  # fmt: skip
+    ip = build_ip(src, dst, Proto.UDP, length)
+    l4 = len(ip)
+    hdr = build_header(VnetHeader(F_NEEDS_CSUM, GSO_UDP_L4, l4 + 8, size, l4, 6))
+    return hdr, b"".join((ip, udp, *payloads))
+

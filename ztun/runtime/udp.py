@@ -24,6 +24,7 @@ from ztun.stack.commands import (
     FlowEnded,
     OpenUdpSession,
     SendDatagram,
+    WriteDatagram,
     WritePacket,
 )
 
@@ -51,12 +52,19 @@ class UdpSessionRunner:
         #: the open sessions: session key -> (ident, session)
         self.sessions: dict[Hashable, tuple[int, UdpSession]] = {}
 
-    def execute_all(self, commands: list[Command], write: Callable[[bytes], None]) -> None:
-        """Carry out `commands`, `write` taking the packets. A session's datagrams go to it
+    def execute_all(
+        self,
+        commands: list[Command],
+        write: Callable[[bytes], None],
+        write_datagrams: Callable[[dict[Hashable, list[bytes]]], None] | None = None,
+    ) -> None:
+        """Carry out `commands`, `write` taking the packets and `write_datagrams` the
+        `WriteDatagram`s (each flow's in order, at the end). A session's datagrams go to it
         as one burst (`send_many`), which a socket sends in as few system calls as the kernel
         allows (ztun.runtime.udpio): in order within each session, and before any open or
         close that follows them; other sessions' datagrams and packets may go first."""
         bursts: dict[Hashable, list[tuple[Address, bytes]]] = {}
+        replies: dict[Hashable, list[bytes]] = {}
         for c in commands:
             kind = type(c)
             if kind is SendDatagram:
@@ -65,6 +73,12 @@ class UdpSessionRunner:
                     bursts[c.key] = [(c.dest, c.payload)]  # type: ignore[union-attr]
                 else:
                     burst.append((c.dest, c.payload))  # type: ignore[union-attr]
+            elif kind is WriteDatagram:
+                got = replies.get(c.key)  # type: ignore[union-attr]
+                if got is None:
+                    replies[c.key] = [c.payload]  # type: ignore[union-attr]
+                else:
+                    got.append(c.payload)  # type: ignore[union-attr]
             elif kind is WritePacket:
                 write(c.packet)  # type: ignore[union-attr]
             elif kind is FlowEnded:
@@ -76,6 +90,8 @@ class UdpSessionRunner:
                 self.execute(c)
         if bursts:
             self._send_bursts(bursts)
+        if replies and write_datagrams is not None:
+            write_datagrams(replies)
 
     def _send_bursts(self, bursts: dict[Hashable, list[tuple[Address, bytes]]]) -> None:
         for key, items in bursts.items():

@@ -27,6 +27,18 @@ class WritePacket:
 
 
 @dataclass(frozen=True, slots=True)
+class WriteDatagram:
+    """Write `payload` into the TUN as a UDP datagram to the client of flow `key` (source,
+    source port, destination, destination port, as the client sent them), from the flow's
+    destination. Only on a TUN that takes UDP super-packets (`TunStack.uso`): the I/O layer
+    joins a flow's datagrams of one batch into as few writes as it can
+    (`TunStack.reply_packets`)."""
+
+    key: tuple[bytes, int, bytes, int]
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class OpenUdpSession:
     """Open a UDP session through `outbound` for `flow`; answer with `opened(key, ident)` or
     `open_failed(key, ident, …)`. `ident` tells a late answer from the current attempt."""
@@ -62,4 +74,4 @@ class FlowEnded:
     quiet: bool = False
 
 
-Command = WritePacket | OpenUdpSession | SendDatagram | CloseUdpSession | FlowEnded
+Command = WritePacket | WriteDatagram | OpenUdpSession | SendDatagram | CloseUdpSession | FlowEnded

@@ -156,10 +156,14 @@ class BurstSession(FakeSession):
         self.sent += [p for _, p in items]
 
 
+K1 = (b"\xc6\x12\x00\x01", 1000, b"\xcb\x00\x71\x14", 53)
+K2 = (b"\xc6\x12\x00\x01", 1001, b"\xcb\x00\x71\x14", 53)
+
+
 def test_a_sessions_datagrams_go_as_one_burst() -> None:
     """Issue 13: the commands of one TUN read batch reach each session as bursts, in order
     within the session and before a close that follows them."""
-    from ztun.stack.commands import CloseUdpSession, SendDatagram, WritePacket
+    from ztun.stack.commands import CloseUdpSession, SendDatagram, WriteDatagram, WritePacket
 
     loop = asyncio.new_event_loop()
     try:
@@ -177,10 +181,14 @@ def test_a_sessions_datagrams_go_as_one_burst() -> None:
     commands: list[Command] = [send("a", b"1"), send("a", b"2"), send("b", b"x"), send("a", b"3"),
                                WritePacket(b"pkt"), CloseUdpSession("b", 2), send("b", b"late"),
                                send("a", b"4"), send("a", b"5"), send("p", b"i"),
-                               send("p", b"j"), send("gone", b"?")]  # fmt: skip
-    runner.execute_all(commands, written.append)
+                               send("p", b"j"), send("gone", b"?"),
+                               WriteDatagram(K1, b"r1"), WriteDatagram(K2, b"s"),
+                               WriteDatagram(K1, b"r2")]  # fmt: skip
+    replies: list[dict[Hashable, list[bytes]]] = []
+    runner.execute_all(commands, written.append, replies.append)
     assert a.bursts == [[b"1", b"2", b"3"], [b"4", b"5"]]
     assert a.sent == [b"1", b"2", b"3", b"4", b"5"]
     assert b.sent == [b"x"] and b.bursts == [] and b.closed  # sent before it closed, alone
     assert plain.sent == [b"i", b"j"]  # no send_many: one by one
     assert written == [b"pkt"]
+    assert replies == [{K1: [b"r1", b"r2"], K2: [b"s"]}]  # a flow's replies together, in order

@@ -43,9 +43,14 @@ IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
-#: What ztun takes from the kernel: unfinished checksums and TCP super-packets. Not UDP GSO
-#: (USO): UDP payloads are relayed one datagram at a time.
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
+#: What ztun takes from the kernel: unfinished checksums and TCP super-packets.
 OFFLOAD = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+#: And UDP super-packets (Linux 6.2+), asked for first: an application's UDP_SEGMENT burst
+#: then arrives in one read, and replies go back into the TUN many datagrams per write
+#: (ztun.packet.gso.build_udp_super); a kernel that refuses gets OFFLOAD alone.
+OFFLOAD_USO = OFFLOAD | TUN_F_USO4 | TUN_F_USO6
 IFA_F_NODAD = 0x02
 #: Packets the kernel queues for ztun to read (the default is 500). At 500 Mbit/s of 1400-byte
 #: datagrams that is 11 ms: a pause of the Python loop longer than that (a burst of new flows,
@@ -65,11 +70,15 @@ class TunDevice:
     """An open TUN device. `fd` is non-blocking; one read or write is one IP packet, preceded
     by a virtio-net header when `vnet_hdr` is set."""
 
-    def __init__(self, fd: int, name: str, index: int, vnet_hdr: bool = False) -> None:
+    def __init__(
+        self, fd: int, name: str, index: int, vnet_hdr: bool = False, uso: bool = False
+    ) -> None:
         self.fd = fd
         self.name = name
         self.index = index
         self.vnet_hdr = vnet_hdr
+        #: UDP super-packets both ways (TUN_F_USO4/6 accepted)
+        self.uso = uso
 
     @classmethod
     def open(
@@ -80,13 +89,12 @@ class TunDevice:
             # Asked before TUNSETIFF, which can be done once per descriptor.
             vnet = offload and _try_offload(fd, name)
             real = _set_iff(fd, name, IFF_VNET_HDR if vnet else 0)
-            if vnet:
-                _set_offload(fd)
+            uso = _set_offload(fd) if vnet else False
             index = _configure(real, addresses, mtu)
         except BaseException:
             os.close(fd)
             raise
-        return cls(fd, real, index, vnet)
+        return cls(fd, real, index, vnet, uso)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -126,17 +134,24 @@ def _try_offload(fd: int, name: str) -> bool:
     return True
 
 
-def _set_offload(fd: int) -> None:
-    """Header size and offloads on a device opened with IFF_VNET_HDR. A refusal of the
-    offloads leaves a working device (headers, no super-packets); only the size must hold."""
+def _set_offload(fd: int) -> bool:
+    """Header size and offloads on a device opened with IFF_VNET_HDR; whether UDP super-
+    packets (USO) were accepted. A refusal of the offloads leaves a working device (headers,
+    no super-packets); only the size must hold."""
     try:
         fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", HEADER_LEN))
     except OSError as e:
         raise TunError(f"cannot set the TUN's virtio-net header size: {e.strerror}") from None
     try:
+        fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOAD_USO)
+        return True
+    except OSError:
+        pass  # before Linux 6.2
+    try:
         fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOAD)
     except OSError as e:
         log.info("tun: offload refused (TUNSETOFFLOAD: %s); one packet per read", e.strerror)
+    return False
 
 
 def _set_iff(fd: int, name: str, extra: int = 0) -> str:
