@@ -1,12 +1,10 @@
-"""UDP segmentation offload on sockets, the pure half: which datagrams go out in one send, and
-how one receive of many datagrams is cut apart again.
+"""UDP segmentation offload, the pure half: which datagrams go out in one send, and how many
+datagrams that came as one are cut apart again.
 
 With `UDP_SEGMENT` (Linux 4.18+) one `sendmsg` carries a buffer of datagrams that are all
 `size` bytes long but the last, which may be shorter; the kernel cuts it into datagrams after
 the one trip through the stack, so a burst to one destination costs one system call instead of
-one per datagram. With `UDP_GRO` (5.0+) one `recvmsg` may return several datagrams of one
-sender glued together, with their size in a control message (`split`). The syscalls live in
-`ztun.runtime.udpio`.
+one per datagram (`runs`). The syscalls live in `ztun.runtime.udpio`.
 
 The TUN has the same offload (USO, Linux 6.2+, negotiated with TUN_F_USO4/6): a write may be
 one UDP "super-packet" of many datagrams of one flow, a virtio-net header saying how to cut it
@@ -56,8 +54,9 @@ def runs(
 
 
 def split(buf: bytes | bytearray | memoryview, n: int, size: int) -> list[bytes]:
-    """The datagrams in `buf[:n]` as one `UDP_GRO` receive returned them: `size`-byte pieces,
-    the last possibly shorter (`size` 0 or not below `n`: a single datagram)."""
+    """The datagrams in `buf[:n]` that came as one (a UDP super-packet's payload, or one
+    `UDP_GRO` receive): `size`-byte pieces, the last possibly shorter (`size` 0 or not below
+    `n`: a single datagram)."""
     if size <= 0 or size >= n:
         return [bytes(buf[:n])]
     view = memoryview(buf)

@@ -1,5 +1,6 @@
 """Issue 13, UDP: the pure half of UDP segmentation offload (ztun.packet.gso): which datagrams
-share one segmented send, and how a coalesced (GRO) receive is cut apart again."""
+share one segmented send, how datagrams that came as one are cut apart again, and the UDP
+super-packets written into the TUN, checked against what the kernel makes of them."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Issue 13, UDP: the socket half of batched UDP (ztun.runtime.udpio) on loopback sockets:
-a burst leaves segmented and arrives whole and in order, a GRO receive is cut apart, and a
-kernel that refuses segmentation gets the datagrams one by one."""
+a burst leaves segmented and arrives whole and in order, and a kernel that refuses
+segmentation gets the datagrams one by one."""
 
 from __future__ import annotations
 
@@ -67,27 +67,6 @@ def test_a_burst_arrives_whole_and_in_order(
         sender.send(data, addr)
     assert drain(rx) == data
     assert sender.gso and sender.dropped == sender.errors == 0
-
-
-def test_gro_receive_is_cut_into_the_datagrams(pair: tuple[socket.socket, socket.socket]) -> None:
-    rx, tx = pair
-    if not udpio.enable_gro(rx):
-        pytest.skip("no UDP_GRO on this kernel")
-    data = burst(100)
-    udpio.BatchSender(tx).send(data, rx.getsockname())
-    buf = bytearray(65536)
-    got: list[bytes] = []
-    receives = 0
-    while True:
-        try:
-            parts, addr = udpio.recv_gro(rx, buf)
-        except BlockingIOError:
-            break
-        receives += 1
-        got += parts
-        assert addr[1] == tx.getsockname()[1]
-    assert got == data
-    assert receives < len(data)  # glued together on the way, cut apart here
 
 
 class _RefusingSocket:
