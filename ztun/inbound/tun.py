@@ -361,11 +361,11 @@ class TunInbound:
             self._run_batch()
 
     def _run_batch(self) -> None:
-        """The commands of one read batch, carried out together after it: a UDP flow's
-        datagrams of the batch reach its session as one burst (`UdpSessionRunner.execute_all`),
-        which with UDP_SEGMENT is one system call instead of one per datagram. At 500 Mbit/s
-        of 1400-byte datagrams to a SOCKS5 proxy the per-datagram `send` took about half of
-        ztun's time (py-spy; bench/README.md)."""
+        """The commands of up to `FLUSH` packets (or replies), carried out together: a UDP
+        flow's datagrams among them reach its session as one burst
+        (`UdpSessionRunner.execute_all`), which with UDP_SEGMENT is one system call instead of
+        one per datagram. At 500 Mbit/s of 1400-byte datagrams to a SOCKS5 proxy the
+        per-datagram `send` took about half of ztun's time (py-spy; bench/README.md)."""
         try:
             self._run_commands()
         except Exception as e:
@@ -509,7 +509,7 @@ class TunInbound:
 
     def _flush(self) -> None:
         self._flush_due = False
-        if self.stack.out:
+        if self.stack.out and not self._closed:
             self._run_batch()
 
 
