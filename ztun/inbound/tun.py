@@ -394,15 +394,11 @@ class TunInbound:
         out = self.stack.out
         commands = out[:]
         out.clear()
-        self._udp.execute_all(commands, self._write, self._write_datagrams)
-
-    def _write_datagrams(self, replies: dict[Hashable, list[bytes]]) -> None:
-        """Replies on a TUN with UDP super-packets: each flow's in as few writes as
-        `TunStack.reply_packets` makes them."""
-        for key, payloads in replies.items():
-            self._write_replies(key, payloads)
+        self._udp.execute_all(commands, self._write, self._write_replies)
 
     def _write_replies(self, key: Hashable, payloads: list[bytes]) -> None:
+        """Replies of one flow on a TUN with UDP super-packets, in as few writes as
+        `TunStack.reply_packets` makes them."""
         fd = self.device.fd
         writev = os.writev
         done = 0

@@ -56,16 +56,19 @@ class UdpSessionRunner:
         self,
         commands: list[Command],
         write: Callable[[bytes], None],
-        write_datagrams: Callable[[dict[Hashable, list[bytes]]], None] | None = None,
+        write_datagrams: Callable[[Hashable, list[bytes]], None] | None = None,
     ) -> None:
-        """Carry out `commands`, `write` taking the packets and `write_datagrams` the
-        `WriteDatagram`s (each flow's in order, at the end). A session's datagrams go to it
-        as one burst (`send_many`), which a socket sends in as few system calls as the kernel
-        allows (ztun.runtime.udpio): in order within each session, and before any open or
-        close that follows them; other sessions' datagrams and packets may go first."""
+        """Carry out `commands`, `write` taking the packets and `write_datagrams` each run of
+        one flow's `WriteDatagram`s, in order (what reaches the application keeps the order
+        it came in). A session's datagrams go to it as one burst (`send_many`), which a socket
+        sends in as few system calls as the kernel allows (ztun.runtime.udpio): in order
+        within each session, and before any open or close that follows them; other sessions'
+        datagrams and the packets may go first."""
         bursts: dict[Hashable, list[tuple[Address, bytes]]] = {}
-        replies: dict[Hashable, list[bytes]] = {}
-        for c in commands:
+        i, n = 0, len(commands)
+        while i < n:
+            c = commands[i]
+            i += 1
             kind = type(c)
             if kind is SendDatagram:
                 burst = bursts.get(c.key)  # type: ignore[union-attr]
@@ -74,11 +77,12 @@ class UdpSessionRunner:
                 else:
                     burst.append((c.dest, c.payload))  # type: ignore[union-attr]
             elif kind is WriteDatagram:
-                got = replies.get(c.key)  # type: ignore[union-attr]
-                if got is None:
-                    replies[c.key] = [c.payload]  # type: ignore[union-attr]
-                else:
-                    got.append(c.payload)  # type: ignore[union-attr]
+                key, payloads = c.key, [c.payload]  # type: ignore[union-attr]
+                while i < n and type(nxt := commands[i]) is WriteDatagram and nxt.key == key:  # type: ignore[union-attr]
+                    payloads.append(nxt.payload)  # type: ignore[union-attr]
+                    i += 1
+                if write_datagrams is not None:
+                    write_datagrams(key, payloads)
             elif kind is WritePacket:
                 write(c.packet)  # type: ignore[union-attr]
             elif kind is FlowEnded:
@@ -90,8 +94,6 @@ class UdpSessionRunner:
                 self.execute(c)
         if bursts:
             self._send_bursts(bursts)
-        if replies and write_datagrams is not None:
-            write_datagrams(replies)
 
     def _send_bursts(self, bursts: dict[Hashable, list[tuple[Address, bytes]]]) -> None:
         for key, items in bursts.items():

@@ -33,8 +33,7 @@ class WriteDatagram:
     """Write `payload` into the TUN as a UDP datagram to the client of flow `key` (source,
     source port, destination, destination port, as the client sent them), from the flow's
     destination. Only on a TUN that takes UDP super-packets (`TunStack.uso`): the I/O layer
-    joins a flow's datagrams of one batch into as few writes as it can
-    (`TunStack.reply_packets`)."""
+    joins a flow's consecutive ones into as few writes as it can (`TunStack.reply_packets`)."""
 
     key: tuple[bytes, int, bytes, int]
     payload: bytes
