@@ -408,8 +408,11 @@ class SocksUdpSession:
         if self.closed or self.udp is None:
             return
         self._active = True
+        header = self._header
         try:
-            self.udp.send(socks5.build_udp_datagram(dest, payload))
+            if header is None or (header[0] is not dest and header[0] != dest):
+                header = self._header = (dest, socks5.build_udp_header(dest))
+            self.udp.send(header[1] + payload)
         except (BlockingIOError, InterruptedError):
             pass
         except (OSError, ProtocolError):
