@@ -34,7 +34,7 @@ from ztun.outbound.base import (
     kind_of,
 )
 from ztun.route.metadata import FlowMeta
-from ztun.runtime import netio
+from ztun.runtime import netio, udpio
 from ztun.runtime.dial import DialError, DialOptions, NoEgressError, check_egress
 
 K = TypeVar("K")
@@ -379,6 +379,7 @@ class DirectUdpSession:
         self.on_close = on_close
         self.closed = False
         self._socks: dict[int, socket.socket] = {}
+        self._senders: dict[int, udpio.BatchSender] = {}
         self._resolved: dict[str, str] = {}  # domain -> ip, oldest first
         self._reverse: dict[tuple[str, int], Address] = {}  # (ip, port) -> domain address
         #: name -> datagrams waiting for its one lookup
@@ -396,11 +397,13 @@ class DirectUdpSession:
                 s.setblocking(False)
                 self.outbound._apply_dial_options(s)
                 s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+                udpio.tune(s)
             except BaseException:
                 s.close()
                 raise
             self._loop.add_reader(s.fileno(), self._on_readable, s)
             self._socks[family] = s
+            self._senders[family] = udpio.BatchSender(s)
         return s
 
     def send(self, dest: Address, payload: bytes) -> None:
@@ -424,6 +427,37 @@ class DirectUdpSession:
             t.add_done_callback(self._tasks.discard)
             return
         self._sendto(ip or dest.host, dest, payload)
+
+    def send_many(self, items: list[tuple[Address, bytes]]) -> None:
+        """Send a burst in order: equal-sized datagrams to one IP address leave in one
+        segmented send; names go through `send` (and their lookup)."""
+        i, n = 0, len(items)
+        while i < n and not self.closed:
+            dest = items[i][0]
+            j = i + 1
+            while j < n and (items[j][0] is dest or items[j][0] == dest):
+                j += 1
+            ip = self._resolved.get(dest.host)
+            if j - i < 2 or (ip is None and dest.is_domain):
+                for d, payload in items[i:j]:
+                    self.send(d, payload)
+            else:
+                self._sendto_many(ip or dest.host, dest, [p for _, p in items[i:j]])
+            i = j
+
+    def _sendto_many(self, ip: str, dest: Address, payloads: list[bytes]) -> None:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        if dest.is_domain:
+            _bounded_put(self._reverse, (ip, dest.port), dest, MAX_UDP_REVERSE)
+        try:
+            self._sock(family)
+        except (OutboundError, OSError):
+            self.outbound.counters.errors += 1
+            return
+        sender = self._senders[family]
+        errors = sender.errors
+        sender.send(payloads, (ip, dest.port))
+        self.outbound.counters.errors += sender.errors - errors
 
     async def _resolve_and_send(self, host: str) -> None:
         try:
@@ -485,6 +519,7 @@ class DirectUdpSession:
             self._loop.remove_reader(s.fileno())
             s.close()
         self._socks.clear()
+        self._senders.clear()
 
 
 def _bounded_put(table: dict[K, V], key: K, value: V, cap: int) -> None:

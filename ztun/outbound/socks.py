@@ -37,7 +37,7 @@ from ztun.outbound.base import (
 from ztun.proto import socks5
 from ztun.proto.socks5 import Command, Reply
 from ztun.route.metadata import FlowMeta
-from ztun.runtime import netio
+from ztun.runtime import netio, udpio
 from ztun.runtime.dial import OWN, DialError, NoEgressError
 
 #: Linux: a TCP socket non-blocking from birth (elsewhere, setblocking(False) right after).
@@ -344,6 +344,9 @@ class SocksUdpSession:
         self._loop = asyncio.get_running_loop()
         self._active = True
         self._timer: asyncio.TimerHandle | None = None
+        self._sender: udpio.BatchSender | None = None
+        #: the SOCKS5 UDP header of the last destination sent to (a flow has one destination)
+        self._header: tuple[Address, bytes] | None = None
 
     async def open(self) -> None:
         ob = self.outbound
@@ -400,6 +403,8 @@ class SocksUdpSession:
             family, _, _, _, raddr = infos[0]
             self.udp = socket.socket(family, socket.SOCK_DGRAM)
             self.udp.setblocking(False)
+            udpio.tune(self.udp)
+            self._sender = udpio.BatchSender(self.udp)
             # The relay may have another address than the server: the mark, not an
             # excluded address, keeps these datagrams out of the TUN.
             _mark(self.udp, ob._where)
@@ -418,12 +423,36 @@ class SocksUdpSession:
         if self.closed or self.udp is None:
             return
         self._active = True
+        header = self._header
         try:
-            self.udp.send(socks5.build_udp_datagram(dest, payload))
+            if header is None or (header[0] is not dest and header[0] != dest):
+                header = self._header = (dest, socks5.build_udp_header(dest))
+            self.udp.send(header[1] + payload)
         except (BlockingIOError, InterruptedError):
             pass
         except (OSError, ProtocolError):
             self.outbound.counters.errors += 1
+
+    def send_many(self, items: list[tuple[Address, bytes]]) -> None:
+        """Send a burst in order: equal-sized datagrams leave in one segmented send."""
+        sender = self._sender
+        if self.closed or sender is None:
+            return
+        self._active = True
+        wire = []
+        header = self._header
+        for dest, payload in items:
+            if header is None or (header[0] is not dest and header[0] != dest):
+                try:
+                    header = self._header = (dest, socks5.build_udp_header(dest))
+                except ProtocolError:
+                    self.outbound.counters.errors += 1  # a name too long to send, say
+                    header = None
+                    continue
+            wire.append(header[1] + payload)
+        errors = sender.errors
+        sender.send(wire)
+        self.outbound.counters.errors += sender.errors - errors
 
     def _on_udp(self) -> None:
         assert self.udp is not None

@@ -40,7 +40,7 @@ class Drop(IntEnum):
     REJECTED = 14
     ICMP_TYPE = 15
     STOPPING = 16
-    GSO = 17  # a super-packet of a kind that was never negotiated with the TUN (UDP GSO)
+    GSO = 17  # a super-packet of a kind ztun does not take (legacy UFO, TCP marked as UDP)
     FRAGMENT_OVERSIZE = 18  # IPv4 fragments that would reassemble to more than 65535 bytes
     ERROR = 19  # handling the packet raised an unexpected error (the TUN loop's guard)
 

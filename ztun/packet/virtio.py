@@ -64,7 +64,7 @@ def build_header(h: VnetHeader) -> bytes:
 
 def gso_ok(gso_type: int, proto: int) -> bool:
     """Whether ztun may pass a packet with this GSO type on: none at all, or TCP super-packets
-    carrying TCP (UDP GSO is never negotiated, so it should not arrive)."""
+    carrying TCP (a UDP super-packet is never passed on: the stack cuts it into datagrams)."""
     g = gso_type & ~GSO_ECN
     return g == GSO_NONE or (proto == 6 and g in (GSO_TCPV4, GSO_TCPV6))
 

@@ -26,6 +26,8 @@ from ztun.stack.commands import (
     FlowEnded,
     OpenUdpSession,
     SendDatagram,
+    WriteDatagram,
+    WritePacket,
 )
 from ztun.stack.flow import Flow, LookupFirst
 
@@ -78,6 +80,71 @@ class UdpSessionRunner:
         last one on it), as if it had gone idle."""
         self.core.end(key, "closed")
         self.drain()
+
+    def execute_all(
+        self,
+        commands: list[Command],
+        write: Callable[[bytes], None],
+        write_datagrams: Callable[[Hashable, list[bytes]], None] | None = None,
+    ) -> None:
+        """Carry out `commands`, `write` taking the packets and `write_datagrams` each run of
+        one flow's `WriteDatagram`s, in order (what reaches the application keeps the order
+        it came in). A session's datagrams go to it as one burst (`send_many`), which a socket
+        sends in as few system calls as the kernel allows (ztun.runtime.udpio): in order
+        within each session, and before any open or close that follows them; other sessions'
+        datagrams and the packets may go first."""
+        bursts: dict[Hashable, list[tuple[Address, bytes]]] = {}
+        i, n = 0, len(commands)
+        while i < n:
+            c = commands[i]
+            i += 1
+            kind = type(c)
+            if kind is SendDatagram:
+                burst = bursts.get(c.key)  # type: ignore[union-attr]
+                if burst is None:
+                    bursts[c.key] = [(c.dest, c.payload)]  # type: ignore[union-attr]
+                else:
+                    burst.append((c.dest, c.payload))  # type: ignore[union-attr]
+            elif kind is WriteDatagram:
+                key, payloads = c.key, [c.payload]  # type: ignore[union-attr]
+                while i < n and type(nxt := commands[i]) is WriteDatagram and nxt.key == key:  # type: ignore[union-attr]
+                    payloads.append(nxt.payload)  # type: ignore[union-attr]
+                    i += 1
+                if write_datagrams is not None:
+                    write_datagrams(key, payloads)
+            elif kind is WritePacket:
+                write(c.packet)  # type: ignore[union-attr]
+            elif kind is FlowEnded:
+                self.execute(c)
+            else:  # opening or closing a session: what was sent before it goes first
+                if bursts:
+                    self._send_bursts(bursts)
+                    bursts = {}
+                self.execute(c)
+        if bursts:
+            self._send_bursts(bursts)
+
+    def _send_bursts(self, bursts: dict[Hashable, list[tuple[Address, bytes]]]) -> None:
+        for key, items in bursts.items():
+            held = self.sessions.get(key)
+            if held is None or held[1].closed:
+                continue
+            if len(items) == 1:
+                held[1].send(*items[0])
+            else:
+                self.send_many(key, items)
+
+    def send_many(self, key: Hashable, items: list[tuple[Address, bytes]]) -> None:
+        held = self.sessions.get(key)
+        if held is None or held[1].closed:
+            return
+        session = held[1]
+        many = getattr(session, "send_many", None)  # an optional part of UdpSession
+        if many is not None:
+            many(items)
+        else:
+            for dest, payload in items:
+                session.send(dest, payload)
 
     def execute(self, c: Command) -> None:
         if isinstance(c, SendDatagram):

@@ -1,8 +1,10 @@
 """What an inbound core asks its I/O layer to do: a closed vocabulary of small records.
 
 A core appends these to its `out` list while it handles a packet or an event; the I/O layer
-drains the list after each call and carries every command out in order. Nothing in a command
-is awaited by the core: results come back as calls (`opened`, `open_failed`, `reply`, …).
+drains the list (the TUN's after up to 64 packets, so that a flow's datagrams leave as one
+burst) and carries the commands out in order: each session's in the order given, an open or
+close after what came before it. Nothing in a command is awaited by the core: results come
+back as calls (`opened`, `open_failed`, `reply`, …).
 
 The TCP forward path is not a command: `TunStack.receive` returns `FORWARD` and the I/O layer
 writes its read buffer back as it is, so the per-packet path builds no objects.
@@ -24,6 +26,17 @@ class WritePacket:
     all-zero virtio-net header where the device uses them)."""
 
     packet: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WriteDatagram:
+    """Write `payload` into the TUN as a UDP datagram to the client of flow `key` (source,
+    source port, destination, destination port, as the client sent them), from the flow's
+    destination. Only on a TUN that takes UDP super-packets (`TunStack.uso`): the I/O layer
+    joins a flow's consecutive ones into as few writes as it can (`TunStack.reply_packets`)."""
+
+    key: tuple[bytes, int, bytes, int]
+    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,4 +75,4 @@ class FlowEnded:
     quiet: bool = False
 
 
-Command = WritePacket | OpenUdpSession | SendDatagram | CloseUdpSession | FlowEnded
+Command = WritePacket | WriteDatagram | OpenUdpSession | SendDatagram | CloseUdpSession | FlowEnded

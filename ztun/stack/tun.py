@@ -41,13 +41,22 @@ from ztun.nat.udp import (
     mapped_session,
 )
 from ztun.packet.fragment import Reassembler
+from ztun.packet.gso import build_udp_super, runs, split
 from ztun.packet.icmp import build_echo_reply, build_port_unreachable, is_echo_request
 from ztun.packet.ip import Drop, IPHeader, Proto, is_unicast, parse_ip
 from ztun.packet.tcp import build_rst
 from ztun.packet.udp import build_udp, parse_udp
-from ztun.packet.virtio import F_NEEDS_CSUM, GSO_ECN, GSO_TCPV4, GSO_TCPV6
+from ztun.packet.virtio import (
+    F_NEEDS_CSUM,
+    GSO_ECN,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    GSO_UDP_L4,
+    PLAIN,
+    parse_header,
+)
 from ztun.route.metadata import FlowMeta
-from ztun.stack.commands import Command, FlowEnded, WritePacket
+from ztun.stack.commands import Command, FlowEnded, WriteDatagram, WritePacket
 from ztun.stack.flow import Decide, Flow, LookupFirst, Refused, SniffFirst, decide_datagram
 
 __all__ = ["FORWARD", "HANDLED", "TunStack"]
@@ -103,6 +112,9 @@ class TunStack:
         self.udp_filtered = 0
         #: datagrams from a host the client never sent to, delivered (`endpoint_independent`)
         self.udp_unsolicited = 0
+        #: the TUN takes and gives UDP super-packets (USO): replies become `WriteDatagram`s,
+        #: and a read may carry many datagrams of one flow
+        self.uso = False
 
     # -- packets in -----------------------------------------------------------------------
 
@@ -156,7 +168,12 @@ class TunStack:
                 return FORWARD
             return self._tcp_not_forwarded(r, nat, buf, n, now, partial)
         if gso:
-            self.drops[Drop.GSO] += 1  # UDP GSO (USO) is never negotiated
+            if proto == Proto.UDP and gso & ~GSO_ECN == GSO_UDP_L4:
+                # An application's UDP_SEGMENT burst, uncut (USO): one flow, many datagrams.
+                h = parse_header(hdr)
+                self._udp(bytes(buf[:n]), now, 0 if isinstance(h, Drop) else h.gso_size)
+                return HANDLED
+            self.drops[Drop.GSO] += 1
             return HANDLED
         self._not_tcp(proto, buf, n, now)
         return HANDLED
@@ -241,7 +258,8 @@ class TunStack:
         else:
             self.drops[Drop.PROTOCOL] += 1
 
-    def _udp(self, pkt: bytes, now: float) -> None:
+    def _udp(self, pkt: bytes, now: float, segment: int = 0) -> None:
+        """One UDP packet; `segment`: the datagram size of a super-packet (USO), else 0."""
         h = parse_ip(pkt)
         if isinstance(h, Drop):
             self.drops[h] += 1
@@ -263,14 +281,16 @@ class TunStack:
             self.drops[u] += 1
             return
         key: UdpKey = (h.src, u.sport, h.dst, u.dport)
+        payload = pkt[u.start : u.end]
+        datagrams = split(payload, len(payload), segment) if segment else None
         uf = self.udp.get(key, now)
         if uf is None:
             if not self.accepting or not is_unicast(h.dst):
                 self.drops[Drop.STOPPING if not self.accepting else Drop.NOT_UNICAST] += 1
                 return
             flow = self._flow("udp", h, u.sport, u.dport, now)
-            payload = pkt[u.start : u.end]
-            verdict = decide_datagram(self.decide, flow, "udp", payload)
+            first = payload if datagrams is None else datagrams[0]
+            verdict = decide_datagram(self.decide, flow, "udp", first)
             sk = key
             # A flow routed once its owner is known has a session of its own: its outbound,
             # which other mappings name in the session key, is not known yet.
@@ -284,7 +304,11 @@ class TunStack:
             if not uf.refused.drop:
                 self.out.append(WritePacket(build_port_unreachable(pkt, h)))
             return
-        self.udp.send(uf, pkt[u.start : u.end], now)
+        if datagrams is None:
+            self.udp.send(uf, payload, now)
+        else:
+            for d in datagrams:
+                self.udp.send(uf, d, now)
 
     def udp_reply(self, key: Hashable, src: Address, payload: bytes, now: float) -> None:
         """A datagram from `src` came back through session `key`. From a flow's destination
@@ -343,12 +367,39 @@ class TunStack:
         self._write_reply((client, cport, packed, src.port), payload)
 
     def _write_reply(self, key: Hashable, payload: bytes) -> None:
+        if self.uso:
+            self.out.append(WriteDatagram(key, payload))  # type: ignore[arg-type]
+            return
         src, sport, dst, dport = key  # type: ignore[misc]
         pkt = build_udp(dst, dport, src, sport, payload)
         if isinstance(pkt, Drop):
             self.drops[pkt] += 1
             return
         self.out.append(WritePacket(pkt))
+
+    def reply_packets(
+        self, key: UdpKey, payloads: list[bytes]
+    ) -> list[tuple[bytes, bytes, int]]:
+        """The writes that carry a flow's `WriteDatagram`s, in order: (virtio-net header,
+        packet, how many of `payloads` are done after it). With `uso`, a run of equal-sized
+        ones is one UDP super-packet that the TUN cuts (neither a write nor a checksum per
+        datagram in Python); any other goes alone."""
+        src, sport, dst, dport = key
+        out: list[tuple[bytes, bytes, int]] = []
+        cuts = runs(payloads) if self.uso else [(i, i + 1, 0) for i in range(len(payloads))]
+        for start, end, size in cuts:
+            if size:
+                built = build_udp_super(dst, dport, src, sport, payloads[start:end], size)
+                if not isinstance(built, Drop):
+                    out.append((*built, end))
+                    continue
+            for i in range(start, end):
+                pkt = build_udp(dst, dport, src, sport, payloads[i])
+                if isinstance(pkt, Drop):
+                    self.drops[pkt] += 1
+                else:
+                    out.append((PLAIN, pkt, i + 1))
+        return out
 
     def _icmp(self, pkt: bytes) -> None:
         h = parse_ip(pkt)

@@ -16,6 +16,7 @@ from ztun.config.options import RouteOptions, TunInboundOptions, build
 from ztun.inbound.tun import READ_BATCH, TunInbound
 from ztun.packet.ip import Drop
 from ztun.packet.virtio import HEADER_LEN
+from ztun.runtime.udp import UdpSessionRunner
 from ztun.stack.commands import WritePacket
 
 
@@ -56,6 +57,9 @@ def inbound(fd: int, vnet: bool) -> tuple[TunInbound, _Clock]:
     t.device = _Device(fd, vnet)
     clock = _Clock()
     t._loop = clock  # type: ignore[assignment]
+    # What start() builds: every command of a read batch goes through it.
+    t._udp = UdpSessionRunner(t.stack.udp, clock, t.tasks, t._udp_reply,  # type: ignore[arg-type]
+                              t._run_commands)  # fmt: skip
     return t, clock
 
 

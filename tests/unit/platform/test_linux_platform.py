@@ -114,6 +114,28 @@ def test_offload_falls_back_when_the_kernel_refuses(
     calls.clear()
     monkeypatch.setattr(tun_device.fcntl, "ioctl", refuse_offload)
     with caplog.at_level("INFO", logger="ztun.tun"):
-        tun_device._set_offload(-1)
-    assert calls == [tun_device.TUNSETVNETHDRSZ, tun_device.TUNSETOFFLOAD]
+        assert tun_device._set_offload(-1) is False
+    # With USO first, then without it.
+    assert calls == [tun_device.TUNSETVNETHDRSZ, tun_device.TUNSETOFFLOAD,
+                     tun_device.TUNSETOFFLOAD]  # fmt: skip
     assert "offload refused" in caplog.text
+
+
+def test_uso_asked_first_and_dropped_when_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13: UDP super-packets (TUN_F_USO4/6, Linux 6.2+) are asked for with the TCP
+    offloads; a kernel without them gets the TCP offloads alone."""
+    asked: list[object] = []
+
+    def before_6_2(fd: int, req: int, arg: object = 0, mutate: bool = True) -> int:
+        if req == tun_device.TUNSETOFFLOAD:
+            asked.append(arg)
+            if isinstance(arg, int) and arg & tun_device.TUN_F_USO4:
+                raise OSError(22, "Invalid argument")
+        return 0
+
+    monkeypatch.setattr(tun_device.fcntl, "ioctl", before_6_2)
+    assert tun_device._set_offload(-1) is False
+    assert asked == [tun_device.OFFLOAD_USO, tun_device.OFFLOAD]
+    asked.clear()
+    monkeypatch.setattr(tun_device.fcntl, "ioctl", lambda *a, **k: asked.append(a[2]) or 0)
+    assert tun_device._set_offload(-1) is True

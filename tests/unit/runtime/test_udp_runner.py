@@ -142,3 +142,54 @@ def test_eviction_flood_logs_a_line_a_second(
         asyncio.run(main())
     lines = [r for r in caplog.records if "end=evicted" in r.getMessage()]
     assert len(lines) == 1  # the clock never moved: one line for 9900 evictions
+
+
+class BurstSession(FakeSession):
+    """A session that takes bursts (`send_many`), as the socket outbounds do."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.bursts: list[list[bytes]] = []
+
+    def send_many(self, items: list[tuple[Address, bytes]]) -> None:
+        self.bursts.append([p for _, p in items])
+        self.sent += [p for _, p in items]
+
+
+K1 = (b"\xc6\x12\x00\x01", 1000, b"\xcb\x00\x71\x14", 53)
+K2 = (b"\xc6\x12\x00\x01", 1001, b"\xcb\x00\x71\x14", 53)
+
+
+def test_a_sessions_datagrams_go_as_one_burst() -> None:
+    """Issue 13: the commands of one TUN read batch reach each session as bursts, in order
+    within the session and before a close that follows them."""
+    from ztun.stack.commands import CloseUdpSession, SendDatagram, WriteDatagram, WritePacket
+
+    loop = asyncio.new_event_loop()
+    try:
+        runner = UdpSessionRunner(UdpSessions([], timeout=60.0, max_flows=16), loop, set(),
+                                  lambda *a: None, lambda: None)  # fmt: skip
+    finally:
+        loop.close()
+    a, b, plain = BurstSession("a"), BurstSession("b"), FakeSession("plain")
+    runner.sessions.update({"a": (1, a), "b": (2, b), "p": (3, plain)})
+    written: list[bytes] = []
+
+    def send(key: str, payload: bytes) -> SendDatagram:
+        return SendDatagram(key, DEST, payload)
+
+    commands: list[Command] = [send("a", b"1"), send("a", b"2"), send("b", b"x"), send("a", b"3"),
+                               WritePacket(b"pkt"), CloseUdpSession("b", 2), send("b", b"late"),
+                               send("a", b"4"), send("a", b"5"), send("p", b"i"),
+                               send("p", b"j"), send("gone", b"?"),
+                               WriteDatagram(K1, b"r1"), WriteDatagram(K1, b"r2"),
+                               WriteDatagram(K2, b"s"), WriteDatagram(K1, b"r3")]  # fmt: skip
+    replies: list[tuple[Hashable, list[bytes]]] = []
+    runner.execute_all(commands, written.append, lambda k, p: replies.append((k, p)))
+    assert a.bursts == [[b"1", b"2", b"3"], [b"4", b"5"]]
+    assert a.sent == [b"1", b"2", b"3", b"4", b"5"]
+    assert b.sent == [b"x"] and b.bursts == [] and b.closed  # sent before it closed, alone
+    assert plain.sent == [b"i", b"j"]  # no send_many: one by one
+    assert written == [b"pkt"]
+    # A flow's consecutive replies together; the order across flows kept.
+    assert replies == [(K1, [b"r1", b"r2"]), (K2, [b"s"]), (K1, [b"r3"])]

@@ -25,6 +25,7 @@ from ztun.stack.commands import (
     FlowEnded,
     OpenUdpSession,
     SendDatagram,
+    WriteDatagram,
     WritePacket,
 )
 from ztun.stack.flow import Flow, Refused
@@ -63,7 +64,8 @@ FAMILIES = {
         "local": A6, "peer": B6},
 }  # fmt: skip
 
-KNOWN_COMMANDS = (WritePacket, OpenUdpSession, SendDatagram, CloseUdpSession, FlowEnded)
+KNOWN_COMMANDS = (WritePacket, WriteDatagram, OpenUdpSession, SendDatagram, CloseUdpSession,
+                  FlowEnded)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -293,20 +293,42 @@ def test_blocked_syn_with_partial_checksum_gets_valid_rst(v: int) -> None:
 
 
 @VERSIONS
-@pytest.mark.parametrize("gso", [GSO_UDP_L4, GSO_UDP, GSO_UDP_L4 | GSO_ECN])
-def test_udp_gso_dropped(v: int, gso: int) -> None:
+def test_legacy_udp_gso_dropped(v: int) -> None:
+    """UFO (GSO_UDP, IP fragments) is never negotiated, and TCP marked with a UDP GSO type
+    is refused."""
     f = FAMILIES[v]
     stack = make_stack()
     pkt = udp(f["app"], 5000, f["ok"], 53, bytes(3000))
-    r, _ = feed_vnet(stack, pkt, vnet(F_NEEDS_CSUM, gso, 1000, l4=20 if v == 4 else 40))
+    r, _ = feed_vnet(stack, pkt, vnet(F_NEEDS_CSUM, GSO_UDP, 1000, l4=20 if v == 4 else 40))
     assert r == HANDLED
     assert take(stack) == []
     assert stack.drops == {Drop.GSO: 1}
-    # TCP marked with a UDP GSO type is refused the same way.
-    r, _ = feed_vnet(stack, tcp(f["app"], f["ok"], 1, 2, ACK), vnet(0, gso, 1000))
-    assert r == HANDLED
-    assert stack.drops == {Drop.GSO: 2}
+    for gso in (GSO_UDP, GSO_UDP_L4):
+        r, _ = feed_vnet(stack, tcp(f["app"], f["ok"], 1, 2, ACK), vnet(0, gso, 1000))
+        assert r == HANDLED
+    assert stack.drops == {Drop.GSO: 3}
     assert take(stack) == []
+
+
+@VERSIONS
+@pytest.mark.parametrize("gso", [GSO_UDP_L4, GSO_UDP_L4 | GSO_ECN])
+def test_udp_super_packet_read_is_its_datagrams(v: int, gso: int) -> None:
+    """Issue 13: with USO an application's UDP_SEGMENT burst arrives in one read; each of its
+    datagrams goes on, in order, through the flow's session."""
+    f = FAMILIES[v]
+    stack = make_stack()
+    payload = bytes(range(250)) * 12  # 3000 bytes: 1000 + 1000 + 1000
+    pkt = udp(f["app"], 5000, f["ok"], 53, payload + b"tail")
+    r, _ = feed_vnet(stack, pkt, vnet(F_NEEDS_CSUM, gso, 1000, l4=20 if v == 4 else 40))
+    assert r == HANDLED
+    out = take(stack)
+    assert len(out) == 1 and isinstance(out[0], OpenUdpSession)
+    stack.udp.opened(out[0].key, out[0].ident)
+    sent = take(stack)
+    assert all(isinstance(c, SendDatagram) for c in sent)
+    assert [c.payload for c in sent] == [payload[:1000], payload[1000:2000],  # type: ignore[union-attr]
+                                         payload[2000:], b"tail"]  # fmt: skip
+    assert stack.drops == {}
 
 
 @VERSIONS

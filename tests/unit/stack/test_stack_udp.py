@@ -30,11 +30,13 @@ from ztun.packet.icmp import (
     UNREACHABLE_V6,
 )
 from ztun.packet.ip import Drop, Proto, build_ip
+from ztun.packet.virtio import GSO_UDP_L4, PLAIN, VnetHeader, parse_header
 from ztun.stack.commands import (
     CloseUdpSession,
     FlowEnded,
     OpenUdpSession,
     SendDatagram,
+    WriteDatagram,
     WritePacket,
 )
 from ztun.stack.tun import HANDLED, TunStack
@@ -385,3 +387,33 @@ def test_overlapping_fragments_dropped() -> None:
     assert take(stack) == []
     assert stack.drops == {Drop.FRAGMENT: 1}
     assert len(stack.frags) == 0
+
+
+@VERSIONS
+def test_replies_as_udp_super_packets(v: int) -> None:
+    """Issue 13: on a TUN with USO a reply is a `WriteDatagram`, and a flow's replies of one
+    batch become as few writes as the kernel takes: equal-sized ones one super-packet (the
+    kernel cuts it: tests/unit/packet/test_gso.py), others plain packets, each write saying
+    how many replies are done after it (for the fallback to plain packets)."""
+    f = FAMILIES[v]
+    stack = make_stack()
+    stack.uso = True
+    key, op = open_flow(stack, v)
+    stack.udp.opened(key, op.ident)
+    take(stack)
+    stack.udp_reply(key, dest_of(f["ok"]), b"answer", 1.0)
+    assert take(stack) == [WriteDatagram(key, b"answer")]
+    assert op.flow.down == len(b"answer")
+    replies = [b"a" * 1400] * 5 + [b"short", b"b" * 70000, b"c" * 10]
+    writes = stack.reply_packets(key, replies)
+    assert [(hdr == PLAIN, end) for hdr, _, end in writes] == [(False, 6), (True, 8)]
+    super_hdr = parse_header(writes[0][0])
+    assert isinstance(super_hdr, VnetHeader)
+    assert (super_hdr.gso_type, super_hdr.gso_size) == (GSO_UDP_L4, 1400)
+    h, sp, dp, payload = check_udp(writes[1][1])
+    assert (h.src, h.dst, sp, dp, payload) == (f["ok"], f["app"], DPORT, SPORT, b"c" * 10)
+    assert stack.drops == {Drop.BAD_LENGTH: 1}  # 70000 bytes: no packet carries that
+    # Without USO (a kernel that refused one): each reply its own plain packet.
+    stack.uso = False
+    plain = stack.reply_packets(key, [b"a" * 1400] * 3)
+    assert [(hdr == PLAIN, end) for hdr, _, end in plain] == [(True, 1), (True, 2), (True, 3)]
