@@ -48,7 +48,7 @@ from .dns_peers import (
     world,
     ztun_config,
 )
-from .netns import in_ns, require_tun_environment, topology
+from .netns import in_ns, require_tun_environment, topology, wait_until
 from .peers import Proc, flow_lines, wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.singbox]
@@ -148,10 +148,13 @@ def test_fixture_targets_and_proxy(bare: World) -> None:
 def test_fixture_capture_sees_a_leak(bare: World, tmp_path: Path) -> None:
     """Without ztun, the query to 198.51.100.200 leaves on eth0 (as ARP: it is on-link), and
     a query to dnsmasq A is seen both ways: the capture and its parser would catch a leak."""
+    # A neighbour entry left FAILED by an earlier test would hold back the ARP request.
+    in_ns(bare.t.client, "ip", "neigh", "flush", "all")
     with Capture(bare.t.client, "eth0", tmp_path / "bare.pcap") as cap:
         bare.dns("query", "udp", DNS_A, "cap.a.test")
         bare.dns("query", "udp", ASKED4, "cap.a.test", "A", "1")
-        time.sleep(0.2)
+        # tcpdump writes each packet as it comes (-U): wait until the ARP for ASKED4 is in.
+        wait_until(lambda: any(ASKED4 in (p.src, p.dst) for p in cap.packets()), 3)
     pkts = cap.packets()
     assert any(p.kind == "udp" and p.dst == DNS_A and p.dport == 53 for p in pkts), pkts
     assert any(p.kind == "udp" and p.src == DNS_A and p.sport == 53 for p in pkts), pkts

@@ -756,6 +756,8 @@ def _transfer(
     except urllib.error.URLError as exc:
         raise _DownloadError(str(exc.reason)) from None
     except TimeoutError:
-        raise _DownloadError(f"timed out after {timeout:g}s") from None
+        # The socket's own timeout equals the overall deadline, and either may fire first:
+        # one message for both.
+        raise _DownloadError(f"no complete answer within {timeout:g}s") from None
     except (OSError, http.client.HTTPException, ValueError) as exc:
         raise _DownloadError(str(exc) or type(exc).__name__) from None
