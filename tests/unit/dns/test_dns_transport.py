@@ -137,6 +137,36 @@ def test_udp_silence_is_a_timeout_error_within_the_bound() -> None:
 # -- TCP -------------------------------------------------------------------------------------
 
 
+def test_udp_queries_in_flight_leave_every_table_and_timer_when_answered_or_expired() -> None:
+    """The transport's bookkeeping is bounded by what is in flight: answered queries leave
+    both timer tables at once (no item lingers until its time), a silent one is sent twice
+    (once more halfway) and then expires, and with nothing in flight no timer is armed."""
+
+    async def main(peer: DnsPeer) -> None:
+        t = tr.UdpTransport(
+            UDPDNSServerOptions(tag="u", server="127.0.0.1", server_port=peer.port), direct()
+        )
+        try:
+            outs = await asyncio.gather(*(t.exchange(query("a.test"), 2.0) for _ in range(200)))
+            assert len(outs) == 200 and all(parse(o).rcode() == dns.rcode.NOERROR for o in outs)
+            assert not t._pending and not t._to_resend and not t._to_expire
+            await asyncio.sleep(0)  # the timer, if any, sees empty tables and stays unarmed
+            peer.silent = True
+            before = peer.count("udp")
+            start = time.monotonic()
+            with pytest.raises(tr.DnsTimeoutError):
+                await t.exchange(query("a.test"), 0.4)
+            assert 0.35 < time.monotonic() - start < 0.8
+            assert peer.count("udp") - before == 2  # the first send and the one halfway
+            assert not t._pending and not t._to_resend and not t._to_expire
+            assert t._timer is None
+        finally:
+            await t.close()
+
+    with dns_peer(RECORDS) as peer:
+        asyncio.run(main(peer))
+
+
 def test_tcp_pipelines_concurrent_queries_on_one_connection() -> None:
     async def main(peer: DnsPeer) -> None:
         t = tr.TcpTransport(
