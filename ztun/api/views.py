@@ -48,7 +48,11 @@ def connection(entry: Tracked) -> dict[str, Any]:
             "destinationPort": str(meta.destination_port),
             "host": meta.domain or "",
             "dnsMode": "normal",
-            "processPath": "",
+            # the local process that owns the flow's socket, known when a rule needed it
+            # (process_* / user items); Clash.Meta's field names
+            "process": meta.process_name or "",
+            "processPath": meta.process_path or "",
+            **({} if meta.process_user_id is None else {"uid": meta.process_user_id}),
             # ztun's own, beside Clash's fields (sing-box adds the inbound the same way)
             "inbound": meta.inbound or "",
             "user": meta.user or "",

@@ -42,6 +42,21 @@ def test_connections_shape() -> None:
     assert m["destinationIP"] == "" and m["destinationPort"] == "443"
     assert c["chains"] == ["proxy"] and c["rule"] == "domain_suffix=[example.com] => route(proxy)"
     assert datetime.fromisoformat(c["start"]).tzinfo is not None
+    assert m["process"] == "" and m["processPath"] == "" and "uid" not in m
+
+
+def test_connections_name_the_local_process_when_known() -> None:
+    """A flow whose owner was looked up (a process or user rule asked) shows it, as
+    Clash.Meta's `process`, `processPath` and `uid`."""
+    tracker = Tracker(inbound_types={"tun-in": "tun"})
+    meta = FlowMeta(network="tcp", destination=ipaddress.ip_address("203.0.113.10"),
+                    destination_port=443, inbound="tun-in", process_name="curl",
+                    process_path="/usr/bin/curl", process_user="alice",
+                    process_user_id=1000)  # fmt: skip
+    flow = Flow(meta, Address("203.0.113.10", 443), 0.0)
+    tracker.add(flow, "tcp", lambda: (0, 0), lambda: None)
+    m = views.connections(tracker)["connections"][0]["metadata"]
+    assert (m["process"], m["processPath"], m["uid"]) == ("curl", "/usr/bin/curl", 1000)
 
 
 def test_proxies_and_rules() -> None:
