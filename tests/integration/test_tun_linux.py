@@ -85,6 +85,34 @@ def start_ztun(
     return proc
 
 
+def start_server_peers(t: Topology, tmp: Path, www: Path, procs: list[Proc],
+                       *, iperf: bool = False) -> None:
+    """In the server namespace: sing-box as a SOCKS5 server (SOCKS_PORT), a web server for
+    `www` (HTTP_PORT), the TCP echo (port 7) and, with `iperf`, iperf3 (5201); returns once
+    each listens. Each goes into `procs` as it starts, for the caller to stop (reversed)."""
+    s = t.server
+    sb_cfg = tmp / "sing-box.json"
+    sb_cfg.write_text(json.dumps({
+        "log": {"level": "warn"},
+        "inbounds": [{"type": "socks", "tag": "in", "listen": "::", "listen_port": SOCKS_PORT}],
+        "outbounds": [{"type": "direct", "tag": "direct"}],
+    }))  # fmt: skip
+    procs.append(Proc(["ip", "netns", "exec", s, singbox_path(), "run", "-c", str(sb_cfg)],
+                      tmp / "sing-box.log"))  # fmt: skip
+    procs.append(Proc(["ip", "netns", "exec", s, sys.executable, "-m", "http.server",
+                       str(HTTP_PORT), "--bind", "::", "--directory", str(www)],
+                      tmp / "http.log"))  # fmt: skip
+    echo = str(Path(__file__).parent / "tun_server.py")
+    procs.append(Proc(["ip", "netns", "exec", s, sys.executable, echo], tmp / "echo.log"))
+    ports = [SOCKS_PORT, HTTP_PORT, 7]
+    if iperf:
+        procs.append(Proc(["ip", "netns", "exec", s, "iperf3", "-s", "-p", "5201"],
+                          tmp / "iperf3.log"))  # fmt: skip
+        ports.append(5201)
+    for port in ports:
+        wait_tcp(s, "127.0.0.1", port)
+
+
 @dataclass
 class Env:
     t: Topology
@@ -96,43 +124,15 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     require_tun_environment()
-    sb_bin = singbox_path()
+    singbox_path()  # before any namespace: a missing sing-box fails (or skips) here
     tmp = tmp_path_factory.mktemp("tun")
     www = tmp / "www"
     www.mkdir()
     sha = write_big_file(www / "big.bin", BIG)
-    sb_cfg = tmp / "sing-box.json"
-    sb_cfg.write_text(json.dumps({
-        "log": {"level": "warn"},
-        "inbounds": [{"type": "socks", "tag": "in", "listen": "::", "listen_port": SOCKS_PORT}],
-        "outbounds": [{"type": "direct", "tag": "direct"}],
-    }))  # fmt: skip
     procs: list[Proc] = []
     with topology() as t:
         try:
-            s = t.server
-            procs.append(Proc(["ip", "netns", "exec", s, sb_bin, "run", "-c", str(sb_cfg)],
-                              tmp / "sing-box.log"))  # fmt: skip
-            procs.append(Proc(["ip", "netns", "exec", s, sys.executable, "-m", "http.server",
-                               str(HTTP_PORT), "--bind", "::", "--directory", str(www)],
-                              tmp / "http.log"))  # fmt: skip
-            procs.append(
-                Proc(
-                    [
-                        "ip",
-                        "netns",
-                        "exec",
-                        s,
-                        sys.executable,
-                        str(Path(__file__).parent / "tun_server.py"),
-                    ],
-                    tmp / "echo.log",
-                )
-            )
-            procs.append(Proc(["ip", "netns", "exec", s, "iperf3", "-s", "-p", "5201"],
-                              tmp / "iperf3.log"))  # fmt: skip
-            for port in (SOCKS_PORT, HTTP_PORT, 7, 5201):
-                wait_tcp(s, "127.0.0.1", port)
+            start_server_peers(t, tmp, www, procs, iperf=True)
             z = start_ztun(t, tmp)
             procs.append(z)
             yield Env(t, tmp, sha, z)

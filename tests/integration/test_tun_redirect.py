@@ -38,7 +38,15 @@ from .netns import (
     wait_until,
 )
 from .peers import REPO, Proc, flow_lines, singbox_path, write_big_file
-from .test_tun_linux import BIG, CONFIG, HTTP_PORT, SOCKS_PORT, start_ztun, stop, url
+from .test_tun_linux import (
+    BIG,
+    CONFIG,
+    SOCKS_PORT,
+    start_server_peers,
+    start_ztun,
+    stop,
+    url,
+)
 
 pytestmark = [pytest.mark.netns, pytest.mark.singbox]
 
@@ -118,33 +126,18 @@ def start(t: Topology, tmp: Path, name: str = "ztun") -> Proc:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     require_nftables()
-    sb_bin = singbox_path()
+    singbox_path()  # before any namespace: a missing sing-box fails (or skips) here
     tmp = tmp_path_factory.mktemp("redirect")
     www = tmp / "www"
     www.mkdir()
     sha = write_big_file(www / "big.bin", BIG)
-    sb_cfg = tmp / "sing-box.json"
-    sb_cfg.write_text(json.dumps({
-        "log": {"level": "warn"},
-        "inbounds": [{"type": "socks", "tag": "in", "listen": "::", "listen_port": SOCKS_PORT}],
-        "outbounds": [{"type": "direct", "tag": "direct"}],
-    }))  # fmt: skip
     procs: list[Proc] = []
     with topology() as t:
         try:
             s = t.server
             in_ns(s, "ip", "addr", "add", f"{EXCLUDED4}/32", "dev", "lo")
             in_ns(s, "ip", "addr", "add", f"{EXCLUDED6}/128", "dev", "lo", "nodad")
-            procs.append(Proc(["ip", "netns", "exec", s, sb_bin, "run", "-c", str(sb_cfg)],
-                              tmp / "sing-box.log"))  # fmt: skip
-            procs.append(Proc(["ip", "netns", "exec", s, sys.executable, "-m", "http.server",
-                               str(HTTP_PORT), "--bind", "::", "--directory", str(www)],
-                              tmp / "http.log"))  # fmt: skip
-            procs.append(Proc(["ip", "netns", "exec", s, sys.executable,
-                               str(Path(__file__).parent / "tun_server.py")],
-                              tmp / "echo.log"))  # fmt: skip
-            for port in (SOCKS_PORT, HTTP_PORT, 7):
-                wait_tcp(s, "127.0.0.1", port)
+            start_server_peers(t, tmp, www, procs)
             z = start(t, tmp)
             procs.append(z)
             yield Env(t, tmp, sha, z)
