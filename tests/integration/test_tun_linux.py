@@ -85,20 +85,27 @@ def start_ztun(
     return proc
 
 
+def start_socks_server(t: Topology, tmp: Path, procs: list[Proc], *, wait: bool = True) -> None:
+    """sing-box as a SOCKS5 server on SOCKS_PORT in the server namespace, into `procs`."""
+    cfg = tmp / "sing-box.json"
+    cfg.write_text(json.dumps({
+        "log": {"level": "warn"},
+        "inbounds": [{"type": "socks", "tag": "in", "listen": "::", "listen_port": SOCKS_PORT}],
+        "outbounds": [{"type": "direct", "tag": "direct"}],
+    }))  # fmt: skip
+    procs.append(Proc(["ip", "netns", "exec", t.server, singbox_path(), "run", "-c", str(cfg)],
+                      tmp / "sing-box.log"))  # fmt: skip
+    if wait:
+        wait_tcp(t.server, "127.0.0.1", SOCKS_PORT)
+
+
 def start_server_peers(t: Topology, tmp: Path, www: Path, procs: list[Proc],
                        *, iperf: bool = False) -> None:
     """In the server namespace: sing-box as a SOCKS5 server (SOCKS_PORT), a web server for
     `www` (HTTP_PORT), the TCP echo (port 7) and, with `iperf`, iperf3 (5201); returns once
     each listens. Each goes into `procs` as it starts, for the caller to stop (reversed)."""
     s = t.server
-    sb_cfg = tmp / "sing-box.json"
-    sb_cfg.write_text(json.dumps({
-        "log": {"level": "warn"},
-        "inbounds": [{"type": "socks", "tag": "in", "listen": "::", "listen_port": SOCKS_PORT}],
-        "outbounds": [{"type": "direct", "tag": "direct"}],
-    }))  # fmt: skip
-    procs.append(Proc(["ip", "netns", "exec", s, singbox_path(), "run", "-c", str(sb_cfg)],
-                      tmp / "sing-box.log"))  # fmt: skip
+    start_socks_server(t, tmp, procs, wait=False)
     procs.append(Proc(["ip", "netns", "exec", s, sys.executable, "-m", "http.server",
                        str(HTTP_PORT), "--bind", "::", "--directory", str(www)],
                       tmp / "http.log"))  # fmt: skip

@@ -31,10 +31,9 @@ from .netns import (
     in_ns,
     require_tun_environment,
     topology,
-    wait_tcp,
 )
 from .peers import Proc, singbox_path
-from .test_tun_linux import start_ztun
+from .test_tun_linux import start_socks_server, start_ztun
 
 pytestmark = [pytest.mark.netns, pytest.mark.singbox]
 
@@ -83,20 +82,12 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     require_tun_environment()
-    sb_bin = singbox_path()
+    singbox_path()  # before any namespace: a missing sing-box fails (or skips) here
     tmp = tmp_path_factory.mktemp("udpload")
-    sb_cfg = tmp / "sing-box.json"
-    sb_cfg.write_text(json.dumps({
-        "log": {"level": "warn"},
-        "inbounds": [{"type": "socks", "tag": "in", "listen": "::", "listen_port": SOCKS_PORT}],
-        "outbounds": [{"type": "direct", "tag": "direct"}],
-    }))  # fmt: skip
     procs: list[Proc] = []
     with topology() as t:
         try:
-            procs.append(Proc(["ip", "netns", "exec", t.server, sb_bin, "run", "-c", str(sb_cfg)],
-                              tmp / "sing-box.log"))  # fmt: skip
-            wait_tcp(t.server, "127.0.0.1", SOCKS_PORT)
+            start_socks_server(t, tmp, procs)
             z = start_ztun(t, tmp, config=CONFIG)
             procs.append(z)
             yield Env(t, tmp, z)
