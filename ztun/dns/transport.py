@@ -22,12 +22,11 @@ import ipaddress
 import logging
 import math
 import os
-import secrets
 import socket
 import ssl
 import struct
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -110,20 +109,45 @@ def _meta(dest: Address, network: str) -> FlowMeta:
     )
 
 
+class _RandomIds:
+    """16-bit ids from the OS's random source, read 1024 at a time: `secrets.randbelow` reads
+    it once per call, a syscall per upstream query (~3 µs, as much as the rest of sending)."""
+
+    __slots__ = ("_ids", "_left")
+
+    def __init__(self) -> None:
+        self._ids: list[int] = []
+        self._left = 0
+
+    def next(self) -> int:
+        if not self._left:
+            self._ids = memoryview(os.urandom(2048)).cast("H").tolist()
+            self._left = len(self._ids)
+        self._left -= 1
+        return self._ids[self._left]
+
+    def unused(self, taken: Container[int]) -> int:
+        """A random id not in `taken` (RFC 5452: a guessable id makes forging answers easy;
+        ids in flight on one channel must tell their answers apart)."""
+        qid = self.next()
+        while qid in taken:
+            qid = self.next()
+        return qid
+
+
 class _Ids:
     """Message ids for queries in flight on one channel: random (RFC 5452: a guessable id
     makes forging answers easy) and unique among those waiting."""
 
     def __init__(self) -> None:
         self.waiting: dict[int, asyncio.Future[bytes]] = {}
+        self._random = _RandomIds()
 
     def take(self, loop: asyncio.AbstractEventLoop) -> tuple[int, asyncio.Future[bytes]]:
-        while True:
-            qid = secrets.randbelow(0x10000)
-            if qid not in self.waiting:
-                fut: asyncio.Future[bytes] = loop.create_future()
-                self.waiting[qid] = fut
-                return qid, fut
+        qid = self._random.unused(self.waiting)
+        fut: asyncio.Future[bytes] = loop.create_future()
+        self.waiting[qid] = fut
+        return qid, fut
 
     def fail_all(self, exc: BaseException) -> None:
         waiting, self.waiting = self.waiting, {}
@@ -187,24 +211,6 @@ QueryDone = Callable[[bytes | None, DnsTransportError | None], None]
 #: Queries in flight on one UDP server at once (ids are 16 bits; the DNS client's own bound
 #: is lower, this one keeps the id search short whatever calls in).
 MAX_UDP_IN_FLIGHT = 32768
-
-
-class _RandomIds:
-    """16-bit ids from the OS's random source, read 1024 at a time: `secrets.randbelow` reads
-    it once per call, a syscall per upstream query (~3 µs, as much as the rest of sending)."""
-
-    __slots__ = ("_ids", "_left")
-
-    def __init__(self) -> None:
-        self._ids: list[int] = []
-        self._left = 0
-
-    def next(self) -> int:
-        if not self._left:
-            self._ids = memoryview(os.urandom(2048)).cast("H").tolist()
-            self._left = len(self._ids)
-        self._left -= 1
-        return self._ids[self._left]
 
 
 class _Pending:
@@ -347,10 +353,7 @@ class UdpTransport:
         if len(pending) >= MAX_UDP_IN_FLIGHT:
             done(None, DnsTransportError(self.tag, "too many queries in flight"))
             return
-        # Random ids (RFC 5452: a guessable id makes forging answers easy), unique in flight.
-        qid = self._random_ids.next()
-        while qid in pending:
-            qid = self._random_ids.next()
+        qid = self._random_ids.unused(pending)
         wire = _with_id(query, qid)
         now = loop.time()
         # A lost datagram is the usual reason for silence: sent once more halfway.
