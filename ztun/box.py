@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 from ztun.config.options import LogOptions, Options
 from ztun.config.validate import DEFAULT_AUTO_ROUTE_MARK
-from ztun.dns.module import build_dns
 from ztun.errors import ZtunError
 from ztun.inbound.registry import Inbound, build_inbound
 from ztun.outbound.base import Outbound
@@ -44,6 +43,7 @@ from ztun.runtime.tracker import Tracker
 
 if TYPE_CHECKING:
     from ztun.api.server import ApiServer
+    from ztun.dns.module import DnsModule
 from ztun.runtime.network import NetworkFollower
 
 log = logging.getLogger("ztun")
@@ -130,8 +130,14 @@ class Box:
         # Both through their registries (type → options class, class): no if-chain on `type`.
         outbounds: dict[str, Outbound] = {o.tag: build_outbound(o) for o in options.outbounds}
         #: the DNS module, None without dns.servers or a hijack-dns rule
-        self.dns = build_dns(options, outbounds, dns_router, base_dir,
-                             hijack=_hijacks_dns(router))  # fmt: skip
+        self.dns: DnsModule | None = None
+        hijack = _hijacks_dns(router)
+        if options.dns.servers or hijack:
+            # Imported only here: dnspython and the transports are ~3 MiB a config without DNS
+            # does not need.
+            from ztun.dns.module import build_dns
+
+            self.dns = build_dns(options, outbounds, dns_router, base_dir, hijack=hijack)
         api = options.experimental.clash_api
         #: the open flows, tracked only when the Clash API is there to show them
         self.tracker: Tracker | None = None

@@ -19,8 +19,6 @@ from ztun.config.options import (
     TunInboundOptions,
 )
 from ztun.errors import ZtunError
-from ztun.inbound.mixed import MixedInbound
-from ztun.inbound.tun import TunInbound
 from ztun.runtime.dispatch import Dispatcher
 
 
@@ -41,11 +39,17 @@ class Inbound(Protocol):
         ...
 
 
+# Each inbound's module is imported by its factory: a config without a TUN never loads the
+# TUN's packet stack and NAT, one without a mixed inbound never loads the proxy codecs.
 def _mixed(options: Any, dispatcher: Dispatcher, route: RouteOptions) -> Inbound:
+    from ztun.inbound.mixed import MixedInbound
+
     return MixedInbound(options, dispatcher)
 
 
 def _tun(options: Any, dispatcher: Dispatcher, route: RouteOptions) -> Inbound:
+    from ztun.inbound.tun import TunInbound
+
     return TunInbound(options, dispatcher, route)
 
 

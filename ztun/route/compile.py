@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from ztun.config.duration import parse_duration
 from ztun.config.legacy_dns import is_legacy_server, legacy_server
-from ztun.dns.message import RCODES, parse_record
 from ztun.dns.router import DnsRouter
 from ztun.errors import ConfigError, ConfigPath, Diagnostic
 from ztun.route import regex
@@ -358,6 +357,9 @@ class _Compiler:
                 method = "default"
             return Reject(method, rule.get("no_drop") is True)
         if kind == "predefined":
+            # here, not at the top: dnspython stays out of configs without predefined answers
+            from ztun.dns.message import RCODES, parse_record
+
             rcode = str(rule.get("rcode", "NOERROR")).upper()
             if rcode not in RCODES:
                 self.error(f"'{rule.get('rcode')}' is not a response code ({', '.join(RCODES)})",

@@ -18,17 +18,27 @@ If `google-re2` cannot be imported, `ENGINE` is `"re"` and Python's `re` is used
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Iterable
 from typing import Any
 
-try:
-    from re2 import _re2
-except ImportError:  # pragma: no cover - exercised by the fallback test through a flag
-    _re2 = None
+#: Which engine matches `domain_regex`: "re2", or "re" when google-re2 is missing. Only looked
+#: up here: the binding itself (~2.4 MiB resident) loads with the first pattern (`_binding`), so
+#: a config without `domain_regex` never pays for it.
+ENGINE = "re2" if importlib.util.find_spec("re2") is not None else "re"
+_re2: Any = None
 
-#: Which engine matches `domain_regex`: "re2", or "re" when google-re2 is missing.
-ENGINE = "re2" if _re2 is not None else "re"
+
+def _binding() -> Any:
+    global _re2
+    if _re2 is None:
+        from re2 import _re2 as binding
+
+        _re2 = binding
+    return _re2
+
+
 FALLBACK_WARNING = (
     "the google-re2 package is not installed: domain_regex is matched with Python's re, which "
     "accepts patterns sing-box refuses and can take exponential time on a hostile pattern; "
@@ -42,8 +52,7 @@ SET_MAX_MEM = 64 << 20
 
 
 def _options(max_mem: int) -> Any:
-    assert _re2 is not None
-    options = _re2.RE2.Options()
+    options = _binding().RE2.Options()
     options.log_errors = False  # RE2 would print every refused pattern to stderr
     options.never_capture = True
     options.max_mem = max_mem
@@ -53,7 +62,8 @@ def _options(max_mem: int) -> Any:
 def pattern_error(pattern: str, *, engine: str | None = None) -> str | None:
     """Why `pattern` cannot be a `domain_regex` (RE2's words), or None when it can."""
     if (engine or ENGINE) == "re2":
-        compiled = _re2.RE2(pattern.encode("utf-8", "surrogatepass"), _options(PATTERN_MAX_MEM))
+        text = pattern.encode("utf-8", "surrogatepass")
+        compiled = _binding().RE2(text, _options(PATTERN_MAX_MEM))
         if compiled.ok():
             return None
         error = compiled.error()
@@ -82,15 +92,16 @@ class RegexSet:
         if self._engine != "re2":
             self._singles = [re.compile(p) for p in self._patterns]
             return
-        unanchored = _re2.RE2.Anchor.UNANCHORED
-        candidate = _re2.Set(unanchored, _options(SET_MAX_MEM))
+        re2 = _binding()
+        unanchored = re2.RE2.Anchor.UNANCHORED
+        candidate = re2.Set(unanchored, _options(SET_MAX_MEM))
         for pattern in self._patterns:
             if candidate.Add(_utf8(pattern)) < 0:
                 raise ValueError(f"not an RE2 pattern: {pattern!r}")
         if self._patterns and candidate.Compile():
             self._set = candidate
         else:
-            self._singles = [_re2.RE2(_utf8(p), _options(PATTERN_MAX_MEM)) for p in self._patterns]
+            self._singles = [re2.RE2(_utf8(p), _options(PATTERN_MAX_MEM)) for p in self._patterns]
 
     def first(self, name: str) -> int | None:
         if self._engine != "re2":

@@ -22,13 +22,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from typing import TYPE_CHECKING
 
 from ztun.sniff.result import NEED_MORE, NeedMore, Sniffed
 from ztun.sniff.tls import HANDSHAKE_CLIENT_HELLO, MAX_HELLO, parse_client_hello
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers import Cipher, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 VERSION_1 = 0x00000001
 VERSION_2 = 0x6B3343CF
@@ -72,6 +73,11 @@ class _Keys:
 
 
 def _client_keys(version: _Version, dcid: bytes) -> _Keys:
+    # cryptography is imported on the first QUIC Initial, not with the sniffers: it adds ~6 MiB
+    # to every `ztun run`, and most configs never sniff QUIC.
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     initial = hmac.digest(version.salt, dcid, hashlib.sha256)  # HKDF-Extract
     client = _expand_label(initial, b"client in", 32)
     p = version.label_prefix
@@ -80,6 +86,12 @@ def _client_keys(version: _Version, dcid: bytes) -> _Keys:
         _expand_label(client, p + b"iv", 12),
         Cipher(algorithms.AES(_expand_label(client, p + b"hp", 16)), modes.ECB()),
     )
+
+
+def _invalid_tag() -> type[Exception]:
+    from cryptography.exceptions import InvalidTag  # loaded by _client_keys already
+
+    return InvalidTag
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -178,7 +190,7 @@ class QuicSniffer:
         end = pos + length
         try:
             payload = keys.aead.decrypt(nonce, data[pos + pn_len : end], header)
-        except InvalidTag:
+        except _invalid_tag():
             return None
         return end, payload
 
