@@ -116,6 +116,12 @@ def parse_source(text: str) -> ParsedRuleSet:
         raise RuleSetError("JSON nested too deeply") from None
     except ValueError as exc:  # e.g. integers with too many digits
         raise RuleSetError(f"not valid JSON: {exc}") from None
+    return source_from_data(data)
+
+
+def source_from_data(data: Any) -> ParsedRuleSet:
+    """The decoded JSON of a source rule set → headless rules (what `parse_source` does after
+    decoding; `route.source_stream` decodes differently and shares this)."""
     if not isinstance(data, dict):
         raise RuleSetError("a sing-box rule set is a JSON object with 'version' and 'rules'")
     warnings: list[str] = []

@@ -244,7 +244,7 @@ def test_loader_caches_big_sets_and_rebuilds_a_damaged_cache(
         raise AssertionError("parsed although cached")
 
     with monkeypatch.context() as patch:
-        patch.setattr(ruleset_provider, "_parse_bytes", no_parsing)
+        patch.setattr(ruleset_provider, "_parse_packed", no_parsing)
         second, warnings_again = _load(tmp_path)  # from the cache: same rules, same warnings
     assert warnings_again == warnings
     assert isinstance(second[0][PACKED_DOMAINS], DomainTable)
@@ -327,7 +327,7 @@ def test_a_download_is_compiled_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     does not parse it a second time."""
     body = _write_source(tmp_path).read_bytes()
     calls = []
-    real_parse = ruleset_provider._parse_bytes
+    real_parse = ruleset_provider._parse_packed
 
     def counting_parse(*args: Any) -> Any:
         calls.append(1)
@@ -336,7 +336,7 @@ def test_a_download_is_compiled_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     def download(url: str, **kw: Any) -> Any:
         return ruleset_provider._Response(200, body)
 
-    monkeypatch.setattr(ruleset_provider, "_parse_bytes", counting_parse)
+    monkeypatch.setattr(ruleset_provider, "_parse_packed", counting_parse)
     monkeypatch.setattr(ruleset_provider, "_download", download)
     result = load_rule_sets([{"tag": "r", "type": "remote", "url": "http://198.51.100.1/r.json"}],
                             base_dir=tmp_path, cache_dir=tmp_path / "cache")  # fmt: skip
