@@ -343,3 +343,42 @@ def test_a_download_is_compiled_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert not [d for d in result.diagnostics if d.severity == "error"]
     assert len(calls) == 1
     assert isinstance(result.sets["r"][0][PACKED_DOMAINS], DomainTable)
+
+
+def test_a_warm_start_lets_the_source_go_and_reads_it_again_only_for_a_bad_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source's bytes are freed before the compiled file is read (the warm start's peak);
+    a compiled file that turns out unusable costs one more read of the source, nothing else."""
+    _write_source(tmp_path)
+    first, _ = _load(tmp_path)
+    events: list[str] = []
+
+    class Tracked(bytes):
+        def __del__(self) -> None:
+            events.append("source freed")
+
+    real_read = ruleset_provider._RuleSetLoader._read_local
+    real_load = CompiledCache.load
+
+    def tracked_read(self: Any, *args: Any) -> Any:
+        events.append("source read")
+        data = real_read(self, *args)
+        return None if data is None else Tracked(data)
+
+    def logged_load(self: CompiledCache, key: bytes) -> Any:
+        events.append("compiled read")
+        return real_load(self, key)
+
+    monkeypatch.setattr(ruleset_provider._RuleSetLoader, "_read_local", tracked_read)
+    monkeypatch.setattr(CompiledCache, "load", logged_load)
+    second, _ = _load(tmp_path)
+    assert events == ["source read", "source freed", "compiled read"]
+    [file] = (tmp_path / "cache").glob("compiled-*.ztrs")
+    file.write_bytes(file.read_bytes()[:-1])  # damaged: the source is read again and parsed
+    events.clear()
+    third, _ = _load(tmp_path)
+    assert events[:4] == ["source read", "source freed", "compiled read", "source read"]
+    for meta in (FlowMeta(domain="upper.example"), FlowMeta(domain="x.s1.example")):
+        answers = {compile_headless_rules(r).match(meta) for r in (first, second, third)}
+        assert len(answers) == 1
