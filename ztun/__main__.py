@@ -1,5 +1,5 @@
 """`python -m ztun` runs the command line."""
 
-from ztun.cli import main
+from ztun.launch import main
 
 main()

@@ -383,7 +383,7 @@ import sys
 import ztun.platform.linux.nftables as n
 n.SYSTEM_MODULE_DIRS = ()
 sys.modules["nftables"] = None  # `import nftables` fails as where none is installed
-from ztun.cli import main
+from ztun.launch import main
 sys.argv[0] = "ztun"
 main()
 """
