@@ -132,9 +132,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 class Transfer:
     """A rate-limited curl whose output is hashed as it arrives."""
 
-    def __init__(self, *args: str) -> None:
-        self.p = subprocess.Popen([curl_path(), "-sS", "--max-time", "60", "--limit-rate", RATE,
-                                   *args], stdout=subprocess.PIPE,
+    def __init__(self, *args: str, prefix: tuple[str, ...] = ()) -> None:
+        self.p = subprocess.Popen([*prefix, curl_path(), "-sS", "--max-time", "60",
+                                   "--limit-rate", RATE, *args], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE)  # fmt: skip
         self.h = hashlib.sha256()
         self.size = 0
