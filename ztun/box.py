@@ -234,6 +234,8 @@ class Box:
                 inbound.abort()
             except Exception as e:  # the others' routes still go, and the exit still happens
                 log.error("inbound %s: %s", inbound.tag, e)
+        with contextlib.suppress(Exception):
+            self._forget_run_file()
         logging.shutdown()
         os._exit(1)
 
@@ -356,11 +358,23 @@ class Box:
             return ["ztun is stopping"]
         if not self._running:
             return ["ztun is still starting"]
+        # Its own task, shielded: a caller that goes away (an API client hanging up) does
+        # not cut a reload in the middle of its switch.
+        task = asyncio.get_running_loop().create_task(self._serialized_reload(source))
+        self._reload_tasks.add(task)
+        task.add_done_callback(self._reload_tasks.discard)
+        return await asyncio.shield(task)
+
+    async def _serialized_reload(self, source: str) -> list[str]:
         async with self._reload_lock:
             loop = asyncio.get_running_loop()
             begun = loop.time()
             log.info("reload (%s): reading %s", source, self.config_path)
-            problems = await self._reload(source)
+            try:
+                problems = await self._reload(source)
+            except Exception as e:  # a bug: said once, and the next reload may still work
+                log.exception("reload (%s) failed", source)
+                problems = [f"the reload failed: {e}"]
             if problems is None:  # stopping meanwhile
                 return ["ztun is stopping"]
             took = loop.time() - begun
@@ -408,8 +422,6 @@ class Box:
         hijacks = _hijacks_dns(router)
         plan = plan_reload(old_options, new, old_hijacks=_hijacks_dns(old_router),
                            new_hijacks=hijacks)  # fmt: skip
-        if any(getattr(o, "auto_route", False) for o in new.inbounds):
-            dial.set_own_mark(new.route.default_mark or DEFAULT_AUTO_ROUTE_MARK)
         try:
             outbounds = {o.tag: build_outbound(o) for o in new.outbounds}
             dns: DnsModule | None = self.dns
@@ -424,6 +436,8 @@ class Box:
             return [str(e)]
         # -- from here on, new flows get the new config
         gc.unfreeze()  # the old router and outbounds may go once their flows end
+        if any(getattr(o, "auto_route", False) for o in new.inbounds):
+            dial.set_own_mark(new.route.default_mark or DEFAULT_AUTO_ROUTE_MARK)
         mode = old_router.mode.current if hasattr(old_router, "mode") else None
         if mode is not None and hasattr(router, "mode") and router.mode.set(mode) is None:
             log.info("reload: the new config has no clash mode %r; the mode is now %s",
@@ -499,8 +513,8 @@ class Box:
                 await asyncio.wait_for(inbound.start(), RELOAD_INBOUND_TIMEOUT)
                 running[tag] = inbound
                 continue
-            except (ZtunError, OSError, TimeoutError) as e:
-                why = str(e) or "timed out"
+            except Exception as e:  # a start that fails undoes what it did itself
+                why = str(e) or type(e).__name__
                 problems.append(f"inbound {tag!r} could not start: {why}")
                 log.error("reload: inbound %s could not start: %s", tag, why)
             if tag in plan.restart:  # put the one that ran back
@@ -509,7 +523,7 @@ class Box:
                     await asyncio.wait_for(back.start(), RELOAD_INBOUND_TIMEOUT)
                     running[tag] = back
                     log.warning("reload: inbound %s runs with its previous options", tag)
-                except (ZtunError, OSError, TimeoutError) as e:
+                except Exception as e:
                     log.error("reload: inbound %s could not start again either: %s", tag, e)
         order = [o.tag for o in self.options.inbounds]
         self.inbounds = [running[t] for t in order if t in running]
