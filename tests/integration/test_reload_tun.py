@@ -4,11 +4,13 @@ mixed inbound keep going, sha256-exact, while the rules change; new flows take t
 TUN's options keeps the device, its rules and routes; one that changes them restarts the TUN
 and its routes come back as they were; the stop then restores the namespace exactly.
 
-`ztun reload` runs without the API here: it finds ztun by its run file and sends SIGHUP.
+Each way in is used: `ztun reload --signal` (it finds ztun by its run file, sends SIGHUP and
+reads the outcome back), `PUT /configs` of the API inside the namespace, and a bare SIGHUP.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -37,6 +39,7 @@ from .test_tun_linux import HTTP_PORT, SOCKS_PORT, start_server_peers, start_ztu
 pytestmark = [pytest.mark.netns, pytest.mark.singbox]
 
 MIXED_PORT = 2080
+API_PORT = 9090
 
 CONFIG = """\
 log: {{level: info}}
@@ -54,6 +57,8 @@ outbounds:
 route:
   rules: {rules}
   final: {final}
+experimental:
+  clash_api: {{external_controller: "127.0.0.1:{api}"}}
 """
 
 TO_PROXY = f"[{{ip_cidr: [{DIRECT4}/32], outbound: proxy}}]"
@@ -61,7 +66,8 @@ TO_PROXY = f"[{{ip_cidr: [{DIRECT4}/32], outbound: proxy}}]"
 
 def config_text(rules: str = "[]", final: str = "direct", udp_timeout: str = "30s") -> str:
     return CONFIG.format(udp_timeout=udp_timeout, mixed=MIXED_PORT, socks=SERVER4,
-                         socks_port=SOCKS_PORT, rules=rules, final=final)  # fmt: skip
+                         socks_port=SOCKS_PORT, rules=rules, final=final,
+                         api=API_PORT)  # fmt: skip
 
 
 @dataclass
@@ -77,9 +83,18 @@ class Env:
         return self.tmp / "ztun.yaml"
 
     def reload_cli(self) -> subprocess.CompletedProcess[str]:
+        """`ztun reload --signal`, from outside the namespace (the API listens inside)."""
         env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(self.tmp / "state"))
-        return subprocess.run([sys.executable, "-m", "ztun", "reload", str(self.config)],
-                              capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+        return subprocess.run([sys.executable, "-m", "ztun", "reload", "--signal",
+                               str(self.config)], capture_output=True, text=True, timeout=120,
+                              env=env)  # fmt: skip
+
+    def put_configs(self) -> tuple[int, dict[str, object] | None]:
+        """`PUT /configs` from inside the client namespace: (status, JSON body)."""
+        r = in_ns(self.t.client, "curl", "-sS", "--max-time", "60", "-X", "PUT", "-d", "{}",
+                  "-w", "\n%{http_code}", f"http://127.0.0.1:{API_PORT}/configs")  # fmt: skip
+        body, _, status = r.stdout.rpartition("\n")
+        return int(status), json.loads(body) if body.strip() else None
 
     def reloads(self) -> int:
         return len(re.findall(r"reload \(\w+\): (?:done|refused)", self.ztun.text()))
@@ -89,10 +104,11 @@ class Env:
 
     def routing(self) -> str:
         """The client's rules and routes (not the links: a new TUN has a new index, and a
-        random IPv6 link-local address)."""
+        random IPv6 link-local address, which also moves its route in the listing)."""
         self.t.snapshot()  # waits until no IPv6 address is tentative
         text = "\n".join(in_ns(self.t.client, *cmd).stdout for cmd in SNAPSHOT[:4])
-        return re.sub(r"fe80::[0-9a-f:]+ dev ztun0", "fe80::(random) dev ztun0", text)
+        text = re.sub(r"fe80::[0-9a-f:]+ dev ztun0", "fe80::(random) dev ztun0", text)
+        return "\n".join(sorted(text.splitlines()))
 
 
 @pytest.fixture(scope="module")
@@ -166,19 +182,32 @@ def test_transfers_go_on_while_new_flows_take_the_new_route(env: Env) -> None:
 
 
 def test_a_refused_config_keeps_the_running_one(env: Env) -> None:
+    ns = ("ip", "netns", "exec", env.t.client)
+    tun = Transfer(url(), prefix=ns)
+    assert wait_for(lambda: tun.size > 1 << 20, 10)
     env.config.write_text(config_text(rules=TO_PROXY, final="nowhere"))
     r = env.reload_cli()
     assert r.returncode == 1
     assert re.search(r"ztun\.yaml:\d+:\d+: route\.final: no outbound tagged 'nowhere'", r.stderr)
+    status, body = env.put_configs()
+    assert status == 400 and body is not None
+    assert any(re.search(r"ztun\.yaml:\d+:\d+: route\.final", str(e))
+               for e in body["errors"])  # type: ignore[union-attr]
+    assert tun.p.poll() is None
     assert new_flow(env)["outbound"] == "proxy"
     assert new_flow(env, *MIXED)["outbound"] == "proxy"
+    assert tun.result() == env.sha
+    # and a good one through the API: new flows go direct again
+    env.config.write_text(config_text())
+    assert env.put_configs()[0] == 204
+    assert new_flow(env)["outbound"] == "direct"
 
 
 def test_changed_tun_options_restart_it_with_its_routes(env: Env) -> None:
     routing = env.routing()
     index = env.tun_index()
     done = env.reloads()
-    env.config.write_text(config_text(rules="[]", udp_timeout="45s"))
+    env.config.write_text(config_text(rules=TO_PROXY, udp_timeout="45s"))
     os.kill(env.ztun.pid, signal.SIGHUP)
     assert wait_for(lambda: env.reloads() > done, 30), env.ztun.text()
     tail = env.ztun.text().rsplit("reload (SIGHUP): reading", 1)[1]
@@ -188,8 +217,8 @@ def test_changed_tun_options_restart_it_with_its_routes(env: Env) -> None:
     # a new device, and the same rules and routes as before
     assert env.tun_index() != index
     assert env.routing() == routing
-    assert new_flow(env)["outbound"] == "direct"
-    assert new_flow(env, *MIXED)["outbound"] == "direct"
+    assert new_flow(env)["outbound"] == "proxy"
+    assert new_flow(env, *MIXED)["outbound"] == "proxy"
 
 
 def test_the_stop_after_reloads_restores_the_namespace(env: Env) -> None:
