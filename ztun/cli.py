@@ -375,10 +375,13 @@ def reload_(
     import signal
     import time
 
-    from ztun.platform.linux.runfile import read_run_file
+    from ztun.platform.linux.runfile import netns, read_run_file
 
     running = read_run_file(config)
-    controller = api or (running or {}).get("api")
+    controller = api
+    if controller is None and running is not None and running.get("netns") == netns():
+        # Its API's address means the same here only in the same network namespace.
+        controller = running.get("api")
     problems: list[str] | None = None
     if controller and not use_signal:
         client = _api_client(controller, secret, _config_or_none(config))

@@ -4,8 +4,9 @@ mixed inbound keep going, sha256-exact, while the rules change; new flows take t
 TUN's options keeps the device, its rules and routes; one that changes them restarts the TUN
 and its routes come back as they were; the stop then restores the namespace exactly.
 
-Each way in is used: `ztun reload --signal` (it finds ztun by its run file, sends SIGHUP and
-reads the outcome back), `PUT /configs` of the API inside the namespace, and a bare SIGHUP.
+Each way in is used: `ztun reload` from outside the namespace (it finds ztun by its run file,
+sends SIGHUP since the API is another namespace's, and reads the outcome back), `PUT /configs`
+of the API inside the namespace, and a bare SIGHUP.
 """
 
 from __future__ import annotations
@@ -83,11 +84,11 @@ class Env:
         return self.tmp / "ztun.yaml"
 
     def reload_cli(self) -> subprocess.CompletedProcess[str]:
-        """`ztun reload --signal`, from outside the namespace (the API listens inside)."""
+        """`ztun reload` from outside the namespace: its API listens inside, so (without
+        `--signal` even) it sends SIGHUP and reads the outcome from the run file."""
         env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(self.tmp / "state"))
-        return subprocess.run([sys.executable, "-m", "ztun", "reload", "--signal",
-                               str(self.config)], capture_output=True, text=True, timeout=120,
-                              env=env)  # fmt: skip
+        return subprocess.run([sys.executable, "-m", "ztun", "reload", str(self.config)],
+                              capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
 
     def put_configs(self) -> tuple[int, dict[str, object] | None]:
         """`PUT /configs` from inside the client namespace: (status, JSON body)."""

@@ -3,8 +3,9 @@ went.
 
 `ztun run CONFIG` writes `run-<hash of CONFIG's absolute path>.json` into the state directory
 (ztun.platform.linux.state: private, atomic, no symlinks followed) with its pid and start time,
-the config's path, where its Clash API listens (null without one) and the outcome of its last
-reload (a counter, whether it was applied, the problems). `ztun reload CONFIG` reads it, signals
+the config's path, where its Clash API listens (null without one) and in which network
+namespace (127.0.0.1 of another namespace is another host), and the outcome of its last reload
+(a counter, whether it was applied, the problems). `ztun reload CONFIG` reads it, signals
 only the exact process that wrote it (pid and start time, so a recycled pid is never signalled)
 and, after a SIGHUP, waits for the counter to move. The file goes when that ztun exits; one left
 by a killed ztun names a dead process and is ignored (and replaced at the next start).
@@ -27,6 +28,14 @@ def run_file(config: str | Path) -> Path:
     return state.state_dir() / f"run-{key}.json"
 
 
+def netns() -> int:
+    """The inode of this process's network namespace (0 when it cannot be read)."""
+    try:
+        return os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return 0
+
+
 def write_run_file(config: str | Path, api: str | None, reloads: int = 0,
                    last: dict[str, Any] | None = None) -> None:  # fmt: skip
     """Record this process as the ztun that runs `config`; StateError when it cannot."""
@@ -36,6 +45,7 @@ def write_run_file(config: str | Path, api: str | None, reloads: int = 0,
         "start_time": state.start_time(pid) or 0,
         "config": os.path.abspath(config),
         "api": api,
+        "netns": netns(),
         "reloads": reloads,
         "last_reload": last,
     })  # fmt: skip
