@@ -28,11 +28,12 @@ import logging.handlers
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ztun.config.changes import ReloadPlan, plan_reload
-from ztun.config.options import LogOptions, Options
+from ztun.config.options import InboundOptions, LogOptions, Options
 from ztun.config.validate import DEFAULT_AUTO_ROUTE_MARK
 from ztun.dns.module import DnsModule, build_dns
 from ztun.errors import ConfigError, ZtunError
@@ -472,6 +473,8 @@ class Box:
         else:
             self.refresher = None
         problems = await self._switch_inbounds(plan, fresh, old_options)
+        if self.api is not None:
+            self.api.context.options = self.options  # what runs, after any inbound put back
         await self._switch_monitor(plan, new)
         for what in plan.not_applied:
             log.warning("reload: %s changed but is not applied by a reload: %s",
@@ -507,6 +510,8 @@ class Box:
                 self._retired_inbounds.append(inbound)
         self._retired_inbounds = [i for i in self._retired_inbounds if i.tasks]
         old_by_tag = {o.tag: o for o in old_options.inbounds}
+        #: what each running inbound really runs with, where that is not the new config
+        ran_with: dict[str, InboundOptions | None] = {}
         for tag in (*plan.restart, *plan.start):
             inbound = fresh[tag]
             try:
@@ -517,14 +522,22 @@ class Box:
                 why = str(e) or type(e).__name__
                 problems.append(f"inbound {tag!r} could not start: {why}")
                 log.error("reload: inbound %s could not start: %s", tag, why)
+            ran_with[tag] = None
             if tag in plan.restart:  # put the one that ran back
                 back = build_inbound(old_by_tag[tag], self.dispatcher, old_options.route)
                 try:
                     await asyncio.wait_for(back.start(), RELOAD_INBOUND_TIMEOUT)
                     running[tag] = back
+                    ran_with[tag] = old_by_tag[tag]
                     log.warning("reload: inbound %s runs with its previous options", tag)
                 except Exception as e:
                     log.error("reload: inbound %s could not start again either: %s", tag, e)
+        if ran_with:
+            # The options of record say what runs, so the next reload of the same file
+            # tries these inbounds again instead of taking them as unchanged.
+            options = (ran_with.get(o.tag, o) for o in self.options.inbounds)
+            self.options = replace(self.options,
+                                   inbounds=tuple(o for o in options if o is not None))
         order = [o.tag for o in self.options.inbounds]
         self.inbounds = [running[t] for t in order if t in running]
         self.inbounds += [i for t, i in running.items() if t not in order]

@@ -157,6 +157,12 @@ def test_an_inbound_that_cannot_start_is_put_back_with_its_old_options(tmp_path:
             assert [i.tag for i in box.inbounds] == ["m"]
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.close()
+            # what runs is on record: once the port is free, the same file restarts it
+            assert box.options.inbounds[0].listen_port == port
+            taken.close()
+            assert await box.reload() == []
+            _, writer = await asyncio.open_connection("127.0.0.1", busy)
+            writer.close()
 
         run(path, body)
 
