@@ -185,7 +185,7 @@ def check_file(path: str | Path, *, offline: bool = True) -> CheckResult:
     if loaded.data.get("dns") is not None:
         dns_router, dns_diagnostics = compile_dns_router(
             loaded.data, rule_sets=rule_sets, geoip=geoip, report_references=False,
-            geoip_failed=geoip_failed,
+            geoip_failed=geoip_failed, mode=router.mode if router is not None else None,
         )  # fmt: skip
         compile_diagnostics = compile_diagnostics + dns_diagnostics
     diagnostics.extend(_merge_compile(diagnostics, compile_diagnostics))

@@ -357,6 +357,84 @@ def _api_client(api: str | None, secret: str | None, config: Path | None) -> Any
     return ApiClient(controller, secret if secret is not None else config_secret)
 
 
+@app.command("reload")
+def reload_(
+    config: ConfigArg,
+    api: ApiOpt = None,
+    secret: SecretOpt = None,
+    use_signal: Annotated[bool, typer.Option(
+        "--signal", help="Send SIGHUP even when the API is on.")] = False,
+    pid: Annotated[int | None, typer.Option(
+        "--pid", help="The ztun to send SIGHUP to (default: the one running CONFIG).",
+        show_default=False)] = None,
+    timeout: Annotated[float, typer.Option(
+        help="Seconds to wait for the outcome.", min=1)] = 90.0,
+) -> None:  # fmt: skip
+    """Make the ztun running CONFIG read it again: through its API when it has one, else by
+    SIGHUP. Prints why a config was refused (the running one then stays) and exits 1."""
+    import signal
+    import time
+
+    from ztun.platform.linux.runfile import netns, read_run_file
+
+    running = read_run_file(config)
+    controller = api
+    if controller is None and running is not None and running.get("netns") == netns():
+        # Its API's address means the same here only in the same network namespace.
+        controller = running.get("api")
+    problems: list[str] | None = None
+    if controller and not use_signal:
+        client = _api_client(controller, secret, _config_or_none(config))
+        try:
+            problems = client.reload(timeout)
+        except ZtunError as e:
+            if pid is None and running is None:
+                raise
+            typer.echo(f"ztun: {e}; sending SIGHUP instead", err=True)
+    if problems is None:
+        target = pid if pid is not None else (running or {}).get("pid")
+        if not isinstance(target, int):
+            raise _fail(f"no running ztun found for {config} (`ztun run` records itself in "
+                        "$ZTUN_STATE_DIR, default /run/ztun; give --pid, or --api)")  # fmt: skip
+        before = (running or {}).get("reloads", 0)
+        try:
+            os.kill(target, signal.SIGHUP)
+        except OSError as e:
+            raise _fail(f"cannot signal pid {target}: {e.strerror}") from None
+        if running is None or running.get("pid") != target:
+            typer.echo(f"sent SIGHUP to pid {target}; its log says how the reload went")
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            now = read_run_file(config)
+            if now is None:
+                raise _fail("ztun exited before it reloaded")
+            if now.get("reloads", 0) > before:
+                last = now.get("last_reload") or {}
+                problems = [] if last.get("applied") else list(last.get("problems") or ["?"])
+                break
+            if time.monotonic() > deadline:
+                raise _fail(f"no outcome after {timeout:g}s (see ztun's log)")
+            time.sleep(0.1)
+    if problems:
+        for problem in problems:
+            typer.echo(problem, err=True)
+        raise _fail("the config was refused; the running one stays")
+    typer.echo("reloaded")
+
+
+def _config_or_none(config: Path) -> Path | None:
+    """The config to read the API's secret from, when it can be read at all."""
+    from ztun.config.loader import load_config
+    from ztun.errors import ConfigError
+
+    try:
+        load_config(config)
+    except (ConfigError, OSError):
+        return None
+    return config
+
+
 @app.command()
 def status(
     api: ApiOpt = None, secret: SecretOpt = None, config: ApiConfigOpt = None,

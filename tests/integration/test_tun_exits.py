@@ -2,8 +2,9 @@
 exactly as they were (`ip rule`, `ip route show table all`, both families, and the links).
 
 SIGINT and SIGTERM, and SIGKILL followed by a restart, are in test_tun_linux.py; this file adds
-SIGHUP, a second signal, an exception in start-up after the routes are in, and the interpreter's
-exit without stop() where starting a thread fails (Python 3.12+).
+SIGHUP (a reload: the routes stay until the stop), a second signal, an exception in start-up
+after the routes are in, and the interpreter's exit without stop() where starting a thread
+fails (Python 3.12+).
 """
 
 from __future__ import annotations
@@ -31,20 +32,26 @@ def no_state_left(tmp: Path) -> bool:
         not list((tmp / "state").glob(".*.tmp"))  # fmt: skip
 
 
-def test_sighup_restores_routes_and_state_file_is_private(tmp_path: Path) -> None:
+def test_sighup_keeps_routes_then_stop_restores_them_and_state_files_are_private(
+    tmp_path: Path,
+) -> None:
     require_tun_environment()
     with topology() as t:
         before = t.snapshot()
         z = start_ztun(t, tmp_path, "ztun-hup")
         sdir = tmp_path / "state"
-        files = list(sdir.glob("auto-route-*.json"))
-        assert len(files) == 1
+        files = list(sdir.glob("auto-route-*.json")) + list(sdir.glob("run-*.json"))
+        assert len(files) == 2
         assert stat.S_IMODE(sdir.stat().st_mode) == 0o700
-        assert stat.S_IMODE(files[0].lstat().st_mode) == 0o600
-        assert t.snapshot() != before
-        code, _ = stop(z, signal.SIGHUP)
+        assert all(stat.S_IMODE(f.lstat().st_mode) == 0o600 for f in files)
+        running = t.snapshot()
+        assert running != before
+        os.kill(z.pid, signal.SIGHUP)  # the same config: everything is kept
+        assert wait_until(lambda: "reload (SIGHUP): done" in z.text(), 15), z.text()
+        assert "inbounds kept: tun-in" in z.text()
+        assert t.snapshot() == running
+        code, _ = stop(z, signal.SIGTERM)
         assert code == 0, z.text()
-        assert "SIGHUP: stopping" in z.text()
         assert t.snapshot() == before, z.text()
         assert no_state_left(tmp_path)
 

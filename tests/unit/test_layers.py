@@ -28,6 +28,7 @@ PURE_MODULES = [
     "config/options.py",
     "config/schema.py",
     "config/legacy_dns.py",
+    "config/changes.py",
     # the DNS package mixes pure modules with I/O ones (transport, client, hijack): by name
     "dns/__init__.py",
     "dns/message.py",

@@ -24,7 +24,7 @@ class ApiClient:
         self.controller = controller
         self.secret = secret
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
+    def request(self, method: str, path: str, body: Any = None, timeout: float = TIMEOUT) -> Any:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.base + path, data=data, method=method)
         if self.secret:
@@ -32,9 +32,11 @@ class ApiClient:
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=TIMEOUT) as response:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
                 raw = response.read(16 * 1024 * 1024)
         except urllib.error.HTTPError as e:
+            if e.code == 400 and path == "/configs" and method == "PUT":
+                return _refusal(e)
             if e.code == 401:
                 raise ZtunError(f"the API at {self.controller} wants its secret "
                                 "(--secret, or ZTUN_API_SECRET)") from None  # fmt: skip
@@ -52,3 +54,22 @@ class ApiClient:
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
+
+    def reload(self, timeout: float) -> list[str]:
+        """`PUT /configs`: the running ztun reads its config file again; the problems that
+        refused it ([] when it was applied)."""
+        found = self.request("PUT", "/configs", {}, timeout=timeout)
+        return list(found) if isinstance(found, list) else []
+
+
+def _refusal(error: urllib.error.HTTPError) -> list[str]:
+    """The problems in a 400 answer to `PUT /configs` (`{"message", "errors": [...]}`)."""
+    try:
+        body = json.loads(error.read(1024 * 1024))
+    except (ValueError, OSError):
+        return [f"refused: {error.code} {error.reason}"]
+    errors = body.get("errors") if isinstance(body, dict) else None
+    if isinstance(errors, list) and errors:
+        return [str(e) for e in errors]
+    message = body.get("message") if isinstance(body, dict) else None
+    return [str(message or f"refused: {error.code} {error.reason}")]

@@ -10,8 +10,8 @@ rest) a Host and Origin check, so a web page cannot reach the API through DNS re
 cross-site WebSocket.
 
 The JSON shapes are in `ztun.api.views`; the flows and their counters in the tracker
-(`ztun.runtime.tracker`). Reloading a config (`PUT /configs`) is answered 501 until the box
-hands the server a `reload` callable (`ApiContext.reload`).
+(`ztun.runtime.tracker`). `PUT /configs` reloads the config file through the box's
+`ApiContext.reload` (204, or 400 with the problems; 501 when ztun runs without a file).
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ class ApiContext:
     dns: Any = None
     #: the config file's directory, for `external_ui`
     base_dir: Path | None = None
-    #: `PUT /configs`: read, check and switch to the config again (None: not offered yet)
+    #: `PUT /configs`: read, check and switch to the config file again; the problems that
+    #: refused it, [] when applied (None: ztun runs without a config file)
     reload: Callable[[], Awaitable[list[str]]] | None = None
     started: float = field(default_factory=time.time)
 
@@ -271,7 +272,7 @@ class ApiServer:
 
     async def put_configs(self, request: web.Request) -> web.Response:
         if self.context.reload is None:
-            return _error("reloading the config is not supported by this ztun yet", 501)
+            return _error("this ztun runs without a config file to reload", 501)
         problems = await self.context.reload()
         if problems:
             return _json({"message": "the config was refused", "errors": problems}, 400)

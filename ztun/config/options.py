@@ -375,7 +375,7 @@ HeadlessRuleOptions = DefaultHeadlessRuleOptions | LogicalHeadlessRuleOptions
 @dataclass(frozen=True, kw_only=True)
 class DefaultRuleOptions(_RouteActionFields, _RouteRuleFields, _MatchFields):
     type: Literal["default"] = "default"
-    #: the Clash API's mode this rule needs (route rules only: DNS rules lack it so far)
+    #: the Clash API's mode this rule needs
     clash_mode: str | None = None
 
 
@@ -396,6 +396,8 @@ class DefaultDNSRuleOptions(_DNSActionFields, _RouteRuleFields, _MatchFields):
     query_type: tuple[int | str, ...] = _conv(_items, ())
     #: the outbound the flow behind the query was routed to ("any": whichever)
     outbound: tuple[str, ...] = _conv(_strings, ())
+    #: the Clash API's mode this rule needs (the same mode route rules read)
+    clash_mode: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

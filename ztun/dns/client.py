@@ -195,12 +195,7 @@ class DnsClient:
         if not options.servers and transports is None:
             raise ZtunError("dns: no servers to ask")
         self.options = options
-        # Without DNS rules (or before the rule engine is wired), every query goes to final.
-        self.router = router if router is not None else _NoRules()
-        self._has_rules = bool(getattr(self.router, "rules", True))
-        self._no_rules_decision = (
-            None if self._has_rules else self.router.decide(FlowMeta(network="udp"))
-        )
+        self.set_router(router)
         self.timeout = timeout
         self.clock = clock
         self.reverse = reverse
@@ -240,6 +235,16 @@ class DnsClient:
         self.overloaded = 0
 
     # -- the query path --------------------------------------------------------------------
+
+    def set_router(self, router: Any) -> None:
+        """The DNS rules to decide with (a reload swaps them: queries already asked finish
+        with the rules they started with)."""
+        # Without DNS rules (or before the rule engine is wired), every query goes to final.
+        self.router = router if router is not None else _NoRules()
+        self._has_rules = bool(getattr(self.router, "rules", True))
+        self._no_rules_decision = (
+            None if self._has_rules else self.router.decide(FlowMeta(network="udp"))
+        )
 
     async def exchange(self, query: bytes, meta: FlowMeta) -> bytes | None:
         """The answer to `query` (with its id), or None when nothing is to be sent back."""

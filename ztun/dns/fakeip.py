@@ -137,6 +137,12 @@ class FakeIPPool:
                     raise ValueError(f"{network} is not an IPv{version} range")
                 self._families[version] = _Family(network)
 
+    @property
+    def ranges(self) -> tuple[IPNetwork | None, IPNetwork | None]:
+        """(inet4_range, inet6_range), as built."""
+        v4, v6 = self._families.get(4), self._families.get(6)
+        return (v4.range if v4 else None, v6.range if v6 else None)
+
     def supports(self, version: int) -> bool:
         """The pool has a range of this IP version (4 or 6) with an address in it."""
         family = self._families.get(version)

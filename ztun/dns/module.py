@@ -35,13 +35,25 @@ REVERSE_CAPACITY = 65536
 
 
 class DnsModule:
-    def __init__(self, client: DnsClient, reverse: ReverseMap | None, cache_file: Path | None):
+    def __init__(self, client: DnsClient, reverse: ReverseMap | None, cache_file: Path | None,
+                 *, resolves: bool = False):  # fmt: skip
         self.client = client
         self.reverse = reverse
         self.fakeip = client.fakeip
         self.hijack = DnsHijack(client)
         #: where the FakeIP table is kept across restarts (None: it is not)
         self.cache_file = cache_file if self.fakeip is not None else None
+        #: the direct outbounds resolve through this module (the config has DNS servers)
+        self.resolves = resolves
+
+    def adopt(self, router: Any, outbounds: dict[str, Outbound]) -> None:
+        """A reload kept this module: new DNS rules, and the new outbounds resolve through
+        it. Cached answers go, since the rules that chose their servers may have changed."""
+        self.client.set_router(router)
+        if self.client.cache is not None:
+            self.client.cache.clear()
+        if self.resolves:
+            _resolve_through(self.client, outbounds)
 
     @property
     def gives_names(self) -> bool:
@@ -87,11 +99,16 @@ def build_dns(
     base_dir: str | Path | None = None,
     *,
     hijack: bool = False,
+    previous: DnsModule | None = None,
 ) -> DnsModule | None:
     """The DNS module when the config has DNS servers, or when a route rule hijacks DNS (then
     with one `local` server, as sing-box answers without a dns section); else None. With DNS
     servers, every direct outbound resolves through it, so DNS rules, hosts and the cache apply
-    to the names it connects to."""
+    to the names it connects to.
+
+    `previous`: the module a reload replaces; its reverse map, and its FakeIP pool when the
+    ranges are the same, carry over, so names given out before the reload still mean what
+    they meant (applications keep FakeIP answers for their TTL and longer)."""
     dns_options = options.dns
     configured = bool(dns_options.servers)
     if not configured:
@@ -100,6 +117,8 @@ def build_dns(
         dns_options = replace(dns_options, servers=(LocalDNSServerOptions(tag="local"),))
         dns_router = None
     reverse = ReverseMap(REVERSE_CAPACITY) if dns_options.reverse_mapping else None
+    if reverse is not None and previous is not None and previous.reverse is not None:
+        reverse = previous.reverse
     cache = options.experimental.cache_file
     cache_file = None
     if cache.enabled and cache.store_fakeip:
@@ -108,7 +127,11 @@ def build_dns(
             cache_file = Path(base_dir) / cache_file
     fake = next((s for s in dns_options.servers if isinstance(s, FakeIPDNSServerOptions)), None)
     pool = None
-    if fake is not None:
+    old_pool = previous.fakeip if previous is not None else None
+    if fake is not None and old_pool is not None and old_pool.ranges == (fake.inet4_range,
+                                                                          fake.inet6_range):
+        pool = old_pool
+    elif fake is not None:
         state = _read_state(cache_file) if cache_file is not None else None
         pool = FakeIPPool.load(
             (state or {}).get("fakeip"), fake.inet4_range, fake.inet6_range  # type: ignore[arg-type]
@@ -116,11 +139,15 @@ def build_dns(
     client = DnsClient(dns_options, dns_router, outbounds, reverse=reverse, fakeip=pool,
                        base_dir=base_dir)  # fmt: skip
     if configured:
-        for outbound in outbounds.values():
-            set_resolver = getattr(outbound, "set_resolver", None)
-            if set_resolver is not None:
-                set_resolver(_resolver(client, outbound.tag))
-    return DnsModule(client, reverse, cache_file)
+        _resolve_through(client, outbounds)
+    return DnsModule(client, reverse, cache_file, resolves=configured)
+
+
+def _resolve_through(client: DnsClient, outbounds: dict[str, Outbound]) -> None:
+    for outbound in outbounds.values():
+        set_resolver = getattr(outbound, "set_resolver", None)
+        if set_resolver is not None:
+            set_resolver(_resolver(client, outbound.tag))
 
 
 def _read_state(path: Path) -> dict[str, Any] | None:

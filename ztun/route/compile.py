@@ -539,8 +539,12 @@ def compile_dns_router(
     geoip: GeoIPDatabase | None = None,
     report_references: bool = True,
     geoip_failed: bool = False,
+    mode: ClashMode | None = None,
 ) -> tuple[DnsRouter | None, list[Diagnostic]]:
     """Compile `data['dns']` into a DnsRouter, as `compile_router` does `route`.
+
+    `mode`: the Clash API's mode cell of the route router, which the DNS rules' `clash_mode`
+    items read too (one switch moves both, as in sing-box); a cell of their own without it.
 
     The router is None when there were errors, and also when the config has no DNS servers
     (nothing to route to). `dns.final` defaults to the first server's tag. DNS rules use
@@ -554,6 +558,7 @@ def compile_dns_router(
     route = data.get("route")
     route = route if isinstance(route, Mapping) else {}
     compiler = _Compiler({}, geoip, report_references, geoip_failed)
+    compiler.mode = mode if mode is not None else ClashMode(_default_mode(data))
     compiler.rule_sets = _compile_sets(compiler, route, rule_sets)
     compiler.dns = True
 

@@ -127,3 +127,67 @@ def test_a_hijack_rule_without_a_dns_section_gets_a_local_server(tmp_path: Path)
         await m.close()
 
     asyncio.run(main())
+
+
+def rebuilt(tmp_path: Path, data: dict[str, Any], previous: Any) -> Any:
+    """What a reload that rebuilds the DNS module does (box.py `_switch`)."""
+    from ztun.check import check_file
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    result = check_file(path)
+    assert not result.errors, result.errors
+    options = build_options(data)
+    outbounds = {o.tag: build_outbound(o) for o in options.outbounds}
+    return build_dns(options, outbounds, result.dns_router, tmp_path, previous=previous)
+
+
+def test_a_reload_carries_the_fakeip_table_and_reverse_map_over(tmp_path: Path) -> None:
+    async def main() -> None:
+        old = module(tmp_path, config(tmp_path))
+        fake = await ask(old, "app.fake.test")
+        real = await ask(old, "real.test")
+        data = config(tmp_path)
+        data["dns"]["servers"][0]["predefined"]["other.test"] = "203.0.113.6"
+        new = rebuilt(tmp_path, data, old)
+        try:
+            assert new.fakeip is old.fakeip and new.reverse is old.reverse
+            assert new.names(ipaddress.ip_address(fake)) == ("app.fake.test", True)
+            assert new.names(ipaddress.ip_address(real)) == ("real.test", False)
+            assert await ask(new, "other.test") == "203.0.113.6"
+            # other ranges: a pool of its own
+            data["dns"]["servers"][1]["inet4_range"] = "198.18.64.0/18"
+            other = rebuilt(tmp_path, data, new)
+            assert other.fakeip is not new.fakeip
+            await other.close()
+        finally:
+            await old.close()
+            await new.close()
+
+    asyncio.run(main())
+
+
+def test_a_kept_module_adopts_new_rules_and_outbounds(tmp_path: Path) -> None:
+    async def main() -> None:
+        from ztun.check import check_file
+
+        m = module(tmp_path, config(tmp_path))
+        try:
+            assert (await ask(m, "x.fake.test")).startswith("198.18.")
+            assert m.client.cache is not None
+            data = config(tmp_path)
+            data["dns"]["rules"] = []  # nothing goes to the FakeIP server any more
+            path = tmp_path / "config.json"
+            path.write_text(json.dumps(data))
+            result = check_file(path)
+            options = build_options(data)
+            outbounds = {o.tag: build_outbound(o) for o in options.outbounds}
+            m.adopt(result.dns_router, outbounds)
+            assert len(m.client.cache) == 0
+            wire = await m.client.exchange(
+                dns.message.make_query("x.fake.test", "A").to_wire(), FlowMeta())
+            assert not dns.message.from_wire(wire).answer  # hosts does not know it
+        finally:
+            await m.close()
+
+    asyncio.run(main())

@@ -72,3 +72,34 @@ def test_explain_names_the_mode() -> None:
 def test_the_cell_alone() -> None:
     cell = ClashMode("Rule", ["Global", "global", "Direct"])
     assert cell.known == ["Rule", "Global", "Direct"]
+
+
+def test_dns_rules_read_the_same_mode_as_route_rules(tmp_path: Any) -> None:
+    """`clash_mode` in dns.rules (sing-box has it there): one switch moves both routers."""
+    from ztun.check import load_and_compile
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "inbounds: [{type: mixed, tag: m, listen_port: 2080}]\n"
+        "outbounds: [{type: direct, tag: direct}, {type: block, tag: block}]\n"
+        "dns:\n"
+        "  servers: [{type: udp, tag: a, server: 198.51.100.53},\n"
+        "            {type: udp, tag: b, server: 198.51.100.54}]\n"
+        "  rules: [{clash_mode: Global, server: b},\n"
+        "          {type: logical, mode: and, rules: [{clash_mode: Block},\n"
+        "           {domain_suffix: example.com}], action: reject}]\n"
+        "route: {rules: [{clash_mode: Direct, outbound: direct}]}\n"
+    )
+    compiled = load_and_compile(config, offline=True)
+    dns, mode = compiled.dns_router, compiled.router.mode
+    assert dns is not None and compiled.options.dns.rules[0].clash_mode == "Global"
+    query = FlowMeta(network="udp", domain="www.example.com")
+    # the DNS rules' modes are modes the API offers too
+    assert mode.known == ["Rule", "Direct", "Global", "Block"]
+    assert dns.decide(query).server == "a"
+    assert mode.set("global") == "Global"
+    assert dns.decide(query).server == "b"
+    mode.set("BLOCK")
+    assert dns.decide(query).reject is not None
+    mode.set("Rule")
+    assert dns.decide(query).server == "a"
