@@ -35,10 +35,11 @@ from ztun.dns.module import build_dns
 from ztun.errors import ZtunError
 from ztun.inbound.registry import Inbound, build_inbound
 from ztun.outbound.base import Outbound
-from ztun.outbound.registry import build_outbound
+from ztun.outbound.registry import build_outbounds
 from ztun.platform.linux.memory import trim_heap
 from ztun.route.action import HijackDNS
 from ztun.runtime import dial
+from ztun.runtime.cache_file import cache_path
 from ztun.runtime.dispatch import Dispatcher, RouterLike, wait_closed
 from ztun.runtime.tracker import Tracker
 
@@ -128,7 +129,9 @@ class Box:
             # auto_route's mark from the first one on (runtime/dial.py).
             dial.set_own_mark(options.route.default_mark or DEFAULT_AUTO_ROUTE_MARK)
         # Both through their registries (type → options class, class): no if-chain on `type`.
-        outbounds: dict[str, Outbound] = {o.tag: build_outbound(o) for o in options.outbounds}
+        outbounds: dict[str, Outbound] = build_outbounds(
+            options.outbounds, cache_path(options.experimental.cache_file, base_dir)
+        )
         #: the DNS module, None without dns.servers or a hijack-dns rule
         self.dns = build_dns(options, outbounds, dns_router, base_dir,
                              hijack=_hijacks_dns(router))  # fmt: skip
@@ -152,6 +155,7 @@ class Box:
 
             context = ApiContext(options, router, self.tracker, self.dns,
                                  Path(base_dir) if base_dir is not None else None)  # fmt: skip
+            context.outbounds = outbounds  # the groups' choices and probes (/proxies)
             self.api = ApiServer(api, context)
         self.inbounds: list[Inbound] = [
             build_inbound(o, self.dispatcher, options.route) for o in options.inbounds
@@ -204,6 +208,10 @@ class Box:
                 started.append(inbound)
             if self.api is not None:
                 await self.api.start()
+            for outbound in self.dispatcher.outbounds.values():
+                start = getattr(outbound, "start", None)
+                if start is not None:
+                    await start()  # urltest groups probe from start-up on
             if self.monitor is not None:
                 # After the inbounds: a start that fails says so in one line, and the TUN is
                 # already there to be left out (until the first decision, within

@@ -459,9 +459,9 @@ def _group_cycles(
             member, member_path = step
             if member in on_trail:
                 cycle = [*trail[trail.index(member):], member]
-                yield (member_path,
-                       f"{format_path(member_path)}: group cycle {' → '.join(cycle)}: a group "
-                       "cannot contain itself, directly or through other groups", "error")  # fmt: skip
+                message = (f"{format_path(member_path)}: group cycle {' → '.join(cycle)}: "
+                           "a group cannot contain itself, directly or through other groups")
+                yield (member_path, message, "error")
             elif member in graph and member not in done:
                 trail.append(member)
                 on_trail.add(member)
