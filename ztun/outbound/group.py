@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ztun.address import Address
+from ztun.errors import ZtunError
 from ztun.outbound.base import (
     CloseHandler,
     Counters,
@@ -56,7 +57,10 @@ class GroupOutbound:
         self._sessions: weakref.WeakSet[GroupUdpSession] = weakref.WeakSet()
 
     def bind(self, outbounds: Mapping[str, Outbound]) -> None:
-        """Resolve the member tags (the checker made sure they exist)."""
+        """Resolve the member tags (`ztun check` makes sure they exist; this says so too)."""
+        missing = [tag for tag in self.member_tags if tag not in outbounds]
+        if missing:
+            raise ZtunError(f"group {self.tag!r}: no outbound tagged {missing[0]!r}")
         self.members = {tag: outbounds[tag] for tag in self.member_tags}
 
     # -- the choice -----------------------------------------------------------------------
