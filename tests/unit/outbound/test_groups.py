@@ -301,3 +301,21 @@ def test_urltest_probes_pick_the_fastest_and_stop_when_idle() -> None:
         return chosen, str(history[-1] > 0), stopped
 
     assert run(go()) == ("b", "True", True)
+
+
+def test_udp_through_a_group_reaches_the_member_and_its_end_reaches_the_owner() -> None:
+    async def go() -> tuple[list[Any], list[str], bool]:
+        a = Member("a")
+        sel = group_with(SelectorOutbound, SelectorOutboundOptions(tag="s", outbounds=("a",)),
+                         [a])  # fmt: skip
+        ends: list[str] = []
+        session = await sel.open_udp(META, lambda *_: None, ends.append)
+        session.send(DEST, b"one")
+        session.send_many([(DEST, b"two"), (DEST, b"three")])
+        inner = a.sessions[0]
+        session.closed_by_member("proxy gone")  # the member's own end, heard once
+        session.closed_by_member("again")
+        return [p for _, p in inner.sent], ends, session.closed
+
+    sent, ends, closed = run(go())
+    assert sent == [b"one", b"two", b"three"] and ends == ["proxy gone"] and closed
