@@ -38,10 +38,13 @@ from ztun.config.validate import DEFAULT_AUTO_ROUTE_MARK
 from ztun.errors import ConfigError, ZtunError
 from ztun.inbound.registry import Inbound, build_inbound
 from ztun.outbound.base import Outbound
-from ztun.outbound.registry import build_outbound
+from ztun.outbound.registry import build_outbounds
+from ztun.outbound.selector import SelectorOutbound
+from ztun.outbound.urltest import URLTestOutbound
 from ztun.platform.linux.memory import trim_heap
 from ztun.route.action import HijackDNS
 from ztun.runtime import dial
+from ztun.runtime.cache_file import cache_path
 from ztun.runtime.dispatch import Dispatcher, RouterLike, wait_closed
 from ztun.runtime.tracker import Tracker
 
@@ -154,7 +157,9 @@ class Box:
             # auto_route's mark from the first one on (runtime/dial.py).
             dial.set_own_mark(options.route.default_mark or DEFAULT_AUTO_ROUTE_MARK)
         # Both through their registries (type → options class, class): no if-chain on `type`.
-        self.outbounds = outbounds = {o.tag: build_outbound(o) for o in options.outbounds}
+        self.outbounds = outbounds = build_outbounds(
+            options.outbounds, cache_path(options.experimental.cache_file, base_dir)
+        )
         #: the DNS module, None without dns.servers or a hijack-dns rule
         self.dns: DnsModule | None = _build_dns(options, outbounds, dns_router, base_dir,
                                                 hijack=_hijacks_dns(router))  # fmt: skip
@@ -178,6 +183,7 @@ class Box:
 
             context = ApiContext(options, router, self.tracker, self.dns,
                                  Path(base_dir) if base_dir is not None else None)  # fmt: skip
+            context.outbounds = outbounds  # the groups' choices and probes (/proxies)
             if config_path is not None:
                 context.reload = self.reload
             self.api = ApiServer(api, context)
@@ -266,6 +272,10 @@ class Box:
                 started.append(inbound)
             if self.api is not None:
                 await self.api.start()
+            for outbound in self.dispatcher.outbounds.values():
+                start = getattr(outbound, "start", None)
+                if start is not None:
+                    await start()  # urltest groups probe from start-up on
             if self.monitor is not None:
                 # After the inbounds: a start that fails says so in one line, and the TUN is
                 # already there to be left out (until the first decision, within
@@ -425,7 +435,10 @@ class Box:
         plan = plan_reload(old_options, new, old_hijacks=_hijacks_dns(old_router),
                            new_hijacks=hijacks)  # fmt: skip
         try:
-            outbounds = {o.tag: build_outbound(o) for o in new.outbounds}
+            outbounds = build_outbounds(
+                new.outbounds, cache_path(new.experimental.cache_file, self.base_dir)
+            )
+            _carry_choices(self.dispatcher.outbounds, outbounds)
             dns: DnsModule | None = self.dns
             if plan.rebuild_dns:
                 if self.dns is not None:
@@ -446,6 +459,9 @@ class Box:
                      mode, router.mode.current)  # fmt: skip
         retired = list(self.dispatcher.outbounds.values())
         self._retired_outbounds = (self._retired_outbounds + retired)[-64:]
+        for outbound in retired:
+            if isinstance(outbound, URLTestOutbound):
+                await outbound.close()  # its probes; flows through it keep their member
         if not plan.rebuild_dns and dns is not None:
             dns.adopt(compiled.dns_router, outbounds)
         elif dns is not self.dns and self.dns is not None:
@@ -464,6 +480,11 @@ class Box:
         if self.api is not None:
             context = self.api.context
             context.options, context.router, context.dns = new, router, dns
+            context.outbounds = outbounds
+        for outbound in outbounds.values():
+            start = getattr(outbound, "start", None)
+            if start is not None:
+                await start()  # urltest groups probe from now on
         if self.refresher is not None:
             self.refresher.stop()
         if compiled.rule_set_refresh:
@@ -596,6 +617,17 @@ class Box:
         from ztun.platform.linux.runfile import remove_run_file
 
         remove_run_file(self.config_path)
+
+
+def _carry_choices(old: dict[str, Outbound], new: dict[str, Outbound]) -> None:
+    """A reload keeps what was picked by hand: a selector that is still there with the
+    member it had in use keeps using it (without the cache file it would fall back to its
+    `default`)."""
+    for tag, group in new.items():
+        before = old.get(tag)
+        if (isinstance(group, SelectorOutbound) and isinstance(before, SelectorOutbound)
+                and before.now in group.member_tags and before.now != group.now):  # fmt: skip
+            group.select(before.now)
 
 
 def _build_dns(

@@ -88,16 +88,56 @@ def _diagnostic_json(d: Any, config: Path) -> dict[str, object]:
 
 
 def _load_router(config: Path) -> Any:
+    return _load_compiled(config).router
+
+
+def _load_compiled(config: Path) -> Any:
     from ztun.check import load_and_compile
     from ztun.errors import ConfigError
 
     try:
-        router = load_and_compile(config, offline=True).router
+        return load_and_compile(config, offline=True)
     except ConfigError as exc:
         for d in exc.diagnostics:
             typer.echo(str(d), err=True)
         raise _fail(f"{config}: the config has errors; `ztun check` lists them") from None
-    return router
+
+
+def _group_nows(compiled: Any) -> dict[str, Any]:
+    """Each group outbound's member in use: from the running ztun's API when the config has
+    one and it answers, else what `ztun run` would start with (a selector's cache-file choice
+    or default; a urltest group's first member, before any probe)."""
+    from ztun.config.options import SelectorOutboundOptions, URLTestOutboundOptions
+    from ztun.errors import ZtunError
+    from ztun.query import GroupNow
+    from ztun.runtime.cache_file import cache_path, read_state
+
+    options = compiled.options
+    groups = [o for o in options.outbounds
+              if isinstance(o, SelectorOutboundOptions | URLTestOutboundOptions)]  # fmt: skip
+    if not groups:
+        return {}
+    api = options.experimental.clash_api
+    if api.external_controller:
+        from ztun.api.client import ApiClient
+
+        try:
+            found = ApiClient(api.external_controller, api.secret).get("/proxies")["proxies"]
+            return {g.tag: GroupNow(found[g.tag]["now"], "running ztun") for g in groups
+                    if isinstance(found.get(g.tag, {}).get("now"), str)}  # fmt: skip
+        except (ZtunError, KeyError, TypeError):
+            pass  # not running (or another config's ztun): say what a start would use
+    path = cache_path(options.experimental.cache_file, compiled.loaded.base_dir)
+    kept = ((read_state(path) or {}).get("selected") if path is not None else None) or {}
+    out = {}
+    for g in groups:
+        if isinstance(g, URLTestOutboundOptions):
+            out[g.tag] = GroupNow(g.outbounds[0], "first member, before any probe")
+        elif isinstance(kept, dict) and kept.get(g.tag) in g.outbounds:
+            out[g.tag] = GroupNow(kept[g.tag], "cache file")
+        else:
+            out[g.tag] = GroupNow(g.default or g.outbounds[0], "default")
+    return out
 
 
 @app.command()
@@ -143,7 +183,8 @@ def route(
         src, src_port = parse_source(source) if source else (None, 0)
     except QueryError as exc:
         raise _fail(f"--source: {exc}", 2) from None
-    router = _load_router(config)
+    compiled = _load_compiled(config)
+    router, groups = compiled.router, _group_nows(compiled)
     defaults = {
         "port": port, "network": network, "source": src, "source_port": src_port,
         "inbound": inbound, "protocol": protocol, "domain": domain, "ips": ip or [],
@@ -154,11 +195,11 @@ def route(
             meta = parse_query(dest, **defaults)  # type: ignore[arg-type]
         except QueryError as exc:
             raise _fail(str(exc), 2) from None
-        typer.echo(render_answer(router, meta, as_json=as_json, verbose=True))
+        typer.echo(render_answer(router, meta, as_json=as_json, verbose=True, groups=groups))
         return
     assert batch is not None
     stream: TextIO = sys.stdin if batch == "-" else _open_batch(batch)
-    _route_batch(router, stream, defaults, as_json)
+    _route_batch(router, stream, defaults, as_json, groups)
 
 
 def _open_batch(name: str) -> TextIO:
@@ -168,7 +209,8 @@ def _open_batch(name: str) -> TextIO:
         raise _fail(f"--batch: cannot read {name}: {exc.strerror}", 2) from None
 
 
-def _route_batch(router: Any, stream: TextIO, defaults: dict[str, Any], as_json: bool) -> None:
+def _route_batch(router: Any, stream: TextIO, defaults: dict[str, Any], as_json: bool,
+                 groups: dict[str, Any] | None = None) -> None:  # fmt: skip
     from ztun.query import QueryError, parse_batch_line, render_answer
 
     out = sys.stdout
@@ -187,7 +229,8 @@ def _route_batch(router: Any, stream: TextIO, defaults: dict[str, Any], as_json:
             else:
                 write(f"{text}\terror: {exc}\n")
             continue
-        write(render_answer(router, meta, as_json=as_json, verbose=False, query=text) + "\n")
+        write(render_answer(router, meta, as_json=as_json, verbose=False, query=text,
+                            groups=groups) + "\n")  # fmt: skip
     out.flush()
     if bad:
         raise typer.Exit(1)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from ztun.errors import ZtunError
 from ztun.route.action import Route
@@ -93,10 +94,32 @@ def parse_batch_line(line: str, defaults: dict[str, Any]) -> FlowMeta:
     return parse_query(parts[0], **options)
 
 
+class GroupNow(NamedTuple):
+    """A group outbound's member in use, and where that was learnt ("running ztun", "cache
+    file", "default", "first member, before any probe")."""
+
+    now: str
+    source: str
+
+
+def group_chain(outbound: str, groups: Mapping[str, GroupNow]) -> list[str]:
+    """`outbound`, then the member it uses now, and so on down through nested groups (bounded:
+    the checker refuses cycles, and this stops at one anyway)."""
+    chain = [outbound]
+    while chain[-1] in groups and len(chain) <= len(groups):
+        nxt = groups[chain[-1]].now
+        if nxt in chain:
+            break
+        chain.append(nxt)
+    return chain
+
+
 def render_answer(
-    router: Router, meta: FlowMeta, *, as_json: bool, verbose: bool, query: str | None = None
-) -> str:
-    """The decision for `meta` as text (one line, or a block with `verbose`) or one JSON object."""
+    router: Router, meta: FlowMeta, *, as_json: bool, verbose: bool, query: str | None = None,
+    groups: Mapping[str, GroupNow] | None = None,
+) -> str:  # fmt: skip
+    """The decision for `meta` as text (one line, or a block with `verbose`) or one JSON object.
+    With `groups`, an outbound that is a group shows the member a flow would get now."""
     if verbose:
         explanation = router.explain(meta)
         decision, reasons = explanation.decision, list(explanation.reasons)
@@ -106,6 +129,8 @@ def render_answer(
     outbound = action.outbound if isinstance(action, Route) else None
     out_type = router.outbound_types.get(outbound) if outbound else None
     rule: int | str = "final" if decision.rule_index is None else decision.rule_index
+    groups = groups or {}
+    chain = group_chain(outbound, groups) if outbound and outbound in groups else []
     if as_json:
         obj: dict[str, Any] = {}
         if query is not None:
@@ -119,12 +144,18 @@ def render_answer(
                 "rule_text": decision.rule,
             }
         )
+        if chain:
+            obj["chain"] = chain
+            obj["group_now_from"] = {g: groups[g].source for g in chain if g in groups}
         if decision.options:
             obj["options"] = decision.options
         if verbose:
             obj["reasons"] = reasons
         return json.dumps(obj, separators=(",", ":") if not verbose else (", ", ": "))
     target = f"{outbound} ({out_type})" if outbound and out_type else outbound or str(action)
+    for member in chain[1:]:
+        kind = router.outbound_types.get(member)
+        target += f" → {member} ({kind})" if kind else f" → {member}"
     if not verbose:
         where = "final" if decision.rule_index is None else f"rule {decision.rule_index}"
         return f"{query}\t{target}\t{where}"
@@ -135,5 +166,7 @@ def render_answer(
         lines.append(f"rule:     {decision.rule_index}: {decision.rule}")
     if decision.options:
         lines.append("options:  " + ", ".join(f"{k}={v}" for k, v in decision.options.items()))
+    for group in chain[:-1]:
+        lines.append(f"group:    {group} uses {groups[group].now} now ({groups[group].source})")
     lines.extend(f"why:      {r}" for r in reasons)
     return "\n".join(lines)

@@ -161,3 +161,52 @@ async def _drive(browser: str, url: str, server_port: int) -> None:
 @pytest.fixture(autouse=True)
 def _needs_chromium() -> None:
     chromium_path()
+
+
+GROUP_CONFIG = """\
+log: {{level: info}}
+inbounds:
+  - {{type: mixed, tag: mixed-in, listen: 127.0.0.1, listen_port: {mixed}}}
+outbounds:
+  - {{type: direct, tag: direct}}
+  - {{type: block, tag: block}}
+  - {{type: selector, tag: pick, outbounds: [direct, block]}}
+route: {{final: pick}}
+experimental:
+  clash_api: {{external_controller: "127.0.0.1:{api}"}}
+"""
+
+
+def test_the_page_switches_a_selector(tmp_path: Path) -> None:
+    mixed, api = free_port(), free_port()
+    ztun = start_ztun(tmp_path, GROUP_CONFIG.format(mixed=mixed, api=api), mixed)
+    try:
+        assert wait_for(lambda: _listening(api), 10)
+        with chromium(tmp_path) as browser:
+            asyncio.run(_switch(browser, f"http://127.0.0.1:{api}/ui"))
+        assert "group pick: direct → block (selected)" in ztun.text()
+    finally:
+        ztun.stop()
+
+
+async def _switch(browser: str, url: str) -> None:
+    timeout = aiohttp.ClientTimeout(total=90)
+    async with aiohttp.ClientSession(timeout=timeout) as http, http.ws_connect(
+        browser, max_msg_size=0
+    ) as ws:
+        target = await command(ws, "Target.createTarget", {"url": "about:blank"}, ident=1)
+        attach = {"targetId": target["targetId"], "flatten": True}
+        attached = await command(ws, "Target.attachToTarget", attach, ident=2)
+        page = Page(ws, attached["sessionId"])
+        await page.send("Page.enable")
+        await page.send("Page.navigate", {"url": url})
+        await page.wait("document.title === 'ztun status'")
+        row = await page.wait("""(() => { const r = document.querySelector('#groups tr');
+            return r && r.innerText; })()""")  # fmt: skip
+        assert "pick" in row and "Selector" in row, row
+        assert await page.evaluate("document.querySelector('select.group').value") == "direct"
+        await page.evaluate("""(() => { const s = document.querySelector('select.group');
+            s.value = 'block'; s.dispatchEvent(new Event('change')); return true; })()""")
+        await page.wait("fetch('/proxies/pick').then(r => r.json()).then(p => p.now === 'block')")
+        await page.wait("document.querySelector('select.group').value === 'block'")
+        assert await page.evaluate("document.querySelector('#error').textContent") == ""

@@ -178,3 +178,43 @@ def test_a_reload_while_stopping_is_ignored(tmp_path: Path) -> None:
         assert final_of(box) == "direct"
 
     run(path, body)
+
+
+GROUPS = """\
+inbounds: [{{type: mixed, tag: m, listen: 127.0.0.1, listen_port: {port}}}]
+outbounds:
+  - {{type: selector, tag: pick, outbounds: [direct, block]}}
+  - {{type: urltest, tag: auto, outbounds: [direct, block], url: "http://127.0.0.1:9/",
+     interval: 10m}}
+  - {{type: direct, tag: direct}}
+  - {{type: block, tag: block}}
+route: {{final: {final}}}
+"""
+
+
+def test_groups_across_a_reload(tmp_path: Path) -> None:
+    """A selector keeps the member picked by hand; the old urltest stops probing and the new
+    one probes (a reload must not leave one probe loop per reload behind)."""
+    path = tmp_path / "c.yaml"
+    port = free_port()
+    path.write_text(GROUPS.format(port=port, final="pick"))
+
+    async def body(box: Box) -> None:
+        from ztun.outbound.selector import SelectorOutbound
+        from ztun.outbound.urltest import URLTestOutbound
+
+        pick = box.dispatcher.outbounds["pick"]
+        old_auto = box.dispatcher.outbounds["auto"]
+        assert isinstance(pick, SelectorOutbound) and isinstance(old_auto, URLTestOutbound)
+        pick.select("block")
+        path.write_text(GROUPS.format(port=port, final="auto"))
+        assert await box.reload() == []
+        new_pick = box.dispatcher.outbounds["pick"]
+        new_auto = box.dispatcher.outbounds["auto"]
+        assert isinstance(new_pick, SelectorOutbound) and new_pick is not pick
+        assert new_pick.now == "block"
+        assert isinstance(new_auto, URLTestOutbound) and new_auto is not old_auto
+        assert old_auto._task is None or old_auto._task.done()
+        assert new_auto._task is not None and not new_auto._task.done()
+
+    run(path, body)

@@ -31,7 +31,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from ztun import __version__
-from ztun.api import views
+from ztun.api import groups, views
 from ztun.api.logs import CLASH_LEVELS, LogBroker
 from ztun.config.options import ClashApiOptions, Options
 from ztun.config.validate import split_controller
@@ -70,6 +70,8 @@ class ApiContext:
     #: refused it, [] when applied (None: ztun runs without a config file)
     reload: Callable[[], Awaitable[list[str]]] | None = None
     started: float = field(default_factory=time.time)
+    #: every outbound by tag (the groups: `/proxies`' now/all, PUT, the delay probes)
+    outbounds: dict[str, Any] = field(default_factory=dict)
 
 
 def _compact(data: Any) -> str:
@@ -141,6 +143,9 @@ class ApiServer:
         r.add_put("/configs", self.put_configs)
         r.add_get("/proxies", self.get_proxies)
         r.add_get("/proxies/{name}", self.get_proxy)
+        r.add_put("/proxies/{name}", self.put_proxy)
+        r.add_get("/proxies/{name}/delay", self.proxy_delay)
+        r.add_get("/group/{name}/delay", self.group_delay)
         r.add_get("/rules", self.get_rules)
         r.add_get("/connections", self.get_connections)
         r.add_delete("/connections", self.close_connections)
@@ -281,13 +286,25 @@ class ApiServer:
     def _router_final(self) -> str:
         return str(self.context.router.final)
 
+    def _proxies(self) -> dict[str, Any]:
+        return groups.proxies_view(self.context.router.outbound_types, self._router_final(),
+                                   self.context.outbounds)  # fmt: skip
+
     async def get_proxies(self, request: web.Request) -> web.Response:
-        return _json(views.proxies(self.context.router.outbound_types, self._router_final()))
+        return _json(self._proxies())
 
     async def get_proxy(self, request: web.Request) -> web.Response:
-        found = views.proxies(self.context.router.outbound_types, self._router_final())
-        proxy = found["proxies"].get(request.match_info["name"])
+        proxy = self._proxies()["proxies"].get(request.match_info["name"])
         return _json(proxy) if proxy is not None else _error("Resource not found", 404)
+
+    async def put_proxy(self, request: web.Request) -> web.Response:
+        return await groups.put_proxy(request, self.context.outbounds)
+
+    async def proxy_delay(self, request: web.Request) -> web.Response:
+        return await groups.proxy_delay(request, self.context.outbounds)
+
+    async def group_delay(self, request: web.Request) -> web.Response:
+        return await groups.group_delay(request, self.context.outbounds)
 
     async def get_rules(self, request: web.Request) -> web.Response:
         return _json(views.rules(self.context.router.rules, self._router_final()))

@@ -14,7 +14,8 @@ from typing import Any
 from ztun.runtime.tracker import Tracked, Tracker
 
 #: outbound type → the `type` Clash clients know for a proxy
-PROXY_TYPES = {"direct": "Direct", "block": "Reject", "socks": "Socks5"}
+PROXY_TYPES = {"direct": "Direct", "block": "Reject", "socks": "Socks5",
+               "selector": "Selector", "urltest": "URLTest"}  # fmt: skip
 #: inbound type → Clash's metadata `type`
 INBOUND_TYPES = {"mixed": "Mixed", "tun": "Tun", "socks": "Socks5", "http": "HTTP"}
 
@@ -62,7 +63,8 @@ def connection(entry: Tracked) -> dict[str, Any]:
         "upload": up,
         "download": down,
         "start": _start(entry.start),
-        "chains": [flow.outbound or ""],
+        # Clash's order: the member that carries the flow first, the rule's outbound last
+        "chains": list(reversed(flow.chain)) if flow.chain else [flow.outbound or ""],
         "rule": rule,
         "rulePayload": payload,
     }
@@ -79,16 +81,34 @@ def connections(tracker: Tracker) -> dict[str, Any]:
     }
 
 
-def proxies(outbound_types: Mapping[str, str], final: str) -> dict[str, Any]:
-    """`GET /proxies`: every outbound, plus Clash's GLOBAL group (here: `route.final`)."""
+def history(delays: Iterable[Any]) -> list[dict[str, Any]]:
+    """A proxy's last URL tests (`ztun.outbound.probe.Delay`s), oldest first; delay 0: failed."""
+    return [{"time": _start(d.time), "delay": d.delay} for d in delays]
+
+
+def proxies(
+    outbound_types: Mapping[str, str],
+    final: str,
+    groups: Mapping[str, tuple[str, list[str]]] | None = None,
+    histories: Mapping[str, Iterable[Any]] | None = None,
+) -> dict[str, Any]:
+    """`GET /proxies`: every outbound, plus Clash's GLOBAL group (here: `route.final`).
+    `groups`: group tag → (the member in use now, every member); `histories`: tag → its
+    last URL tests."""
+    groups = groups or {}
+    histories = histories or {}
     out: dict[str, Any] = {}
     for tag, kind in outbound_types.items():
         out[tag] = {
             "type": PROXY_TYPES.get(kind, kind),
             "name": tag,
             "udp": kind != "block",
-            "history": [],
+            "history": history(histories.get(tag, ())),
         }
+        if tag in groups:
+            now, members = groups[tag]
+            out[tag]["now"] = now
+            out[tag]["all"] = list(members)
     out["GLOBAL"] = {
         "type": "Selector",
         "name": "GLOBAL",

@@ -264,13 +264,47 @@ class BlockOutboundOptions:
     tag: str
 
 
-OutboundOptions = DirectOutboundOptions | SocksOutboundOptions | BlockOutboundOptions
+#: sing-box's urltest defaults
+DEFAULT_URLTEST_URL = "https://www.gstatic.com/generate_204"
+DEFAULT_URLTEST_INTERVAL = 180.0
+DEFAULT_URLTEST_TOLERANCE_MS = 50
+DEFAULT_URLTEST_IDLE_TIMEOUT = 1800.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectorOutboundOptions:
+    type: Literal["selector"] = "selector"
+    tag: str
+    outbounds: tuple[str, ...] = _conv(_strings, ())
+    default: str | None = None
+    interrupt_exist_connections: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class URLTestOutboundOptions:
+    type: Literal["urltest"] = "urltest"
+    tag: str
+    outbounds: tuple[str, ...] = _conv(_strings, ())
+    url: str = DEFAULT_URLTEST_URL
+    interval: float = _conv(_duration, DEFAULT_URLTEST_INTERVAL)
+    #: milliseconds, as in sing-box
+    tolerance: int = DEFAULT_URLTEST_TOLERANCE_MS
+    idle_timeout: float = _conv(_duration, DEFAULT_URLTEST_IDLE_TIMEOUT)
+    interrupt_exist_connections: bool = False
+
+
+GroupOutboundOptions = SelectorOutboundOptions | URLTestOutboundOptions
+OutboundOptions = (
+    DirectOutboundOptions | SocksOutboundOptions | BlockOutboundOptions | GroupOutboundOptions
+)
 
 #: Outbound `type` → options class: every outbound type the schema accepts.
 OUTBOUND_OPTIONS: Mapping[str, type[OutboundOptions]] = MappingProxyType({
     "direct": DirectOutboundOptions,
     "socks": SocksOutboundOptions,
     "block": BlockOutboundOptions,
+    "selector": SelectorOutboundOptions,
+    "urltest": URLTestOutboundOptions,
 })  # fmt: skip
 
 

@@ -63,6 +63,7 @@ def validate(loaded: LoadedConfig) -> list[Diagnostic]:
     checks = (
         _duplicate_tags,
         _references,
+        _groups,
         _outbound_presence,
         _dns_defaults,
         _dns_legacy_servers,
@@ -397,6 +398,74 @@ def _references(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
         if isinstance(rule_set, dict) and "download_detour" in rule_set:
             path = ("route", "rule_set", index, "download_detour")
             yield from _unknown(rule_set["download_detour"], path, outbounds, "outbound")
+
+
+#: Outbound types that are groups of other outbounds (sing-box's `selector` and `urltest`).
+GROUP_TYPES = ("selector", "urltest")
+
+
+def _groups(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
+    """Group outbounds: members that exist, a `default` among them, no member twice, and no
+    cycle (a group that reaches itself through its members could never pick a real one)."""
+    outbounds = _get(data, ("outbounds",))
+    known = [t for t, _, _ in _tagged(outbounds, ("outbounds",))]
+    #: group tag → [(member tag, path of that member item)]
+    graph: dict[str, list[tuple[str, ConfigPath]]] = {}
+    for tag, path, item in _tagged(outbounds, ("outbounds",)):
+        if item.get("type") not in GROUP_TYPES or not isinstance(item.get("outbounds"), list):
+            continue
+        members_path: ConfigPath = (*path, "outbounds")
+        members = item["outbounds"]
+        yield from _unknown(members, members_path, known, "outbound")
+        seen: set[str] = set()
+        edges = graph.setdefault(tag, [])
+        for index, member in enumerate(members):
+            if not isinstance(member, str):
+                continue
+            if member in seen:
+                yield ((*members_path, index),
+                       f"{format_path((*members_path, index))}: {member!r} is already a member "
+                       f"of group {tag!r}", "warning")  # fmt: skip
+            seen.add(member)
+            edges.append((member, (*members_path, index)))
+        default = item.get("default")
+        if isinstance(default, str) and default not in members:
+            yield ((*path, "default"),
+                   f"{format_path((*path, 'default'))}: {default!r} is not a member of group "
+                   f"{tag!r} (members: {', '.join(map(str, members))})", "error")  # fmt: skip
+    yield from _group_cycles(graph, loaded)
+
+
+def _group_cycles(
+    graph: dict[str, list[tuple[str, ConfigPath]]], loaded: LoadedConfig
+) -> Iterator[_Finding]:
+    """Each cycle once, reported at the member item that closes it."""
+    done: set[str] = set()
+    for start in graph:
+        if start in done:
+            continue
+        # Iterative depth-first walk; `trail` is the current path of groups.
+        trail: list[str] = [start]
+        on_trail = {start}
+        stack = [iter(graph[start])]
+        while stack:
+            step = next(stack[-1], None)
+            if step is None:
+                stack.pop()
+                left = trail.pop()
+                done.add(left)
+                on_trail.discard(left)
+                continue
+            member, member_path = step
+            if member in on_trail:
+                cycle = [*trail[trail.index(member):], member]
+                message = (f"{format_path(member_path)}: group cycle {' → '.join(cycle)}: "
+                           "a group cannot contain itself, directly or through other groups")
+                yield (member_path, message, "error")
+            elif member in graph and member not in done:
+                trail.append(member)
+                on_trail.add(member)
+                stack.append(iter(graph[member]))
 
 
 def _outbound_presence(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:

@@ -9,10 +9,7 @@ destinations, and loading/saving the FakeIP table in `experimental.cache_file`.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -27,6 +24,7 @@ from ztun.dns.hijack import DnsHijack
 from ztun.dns.reverse import ReverseMap
 from ztun.outbound.base import Outbound
 from ztun.route.metadata import FlowMeta
+from ztun.runtime.cache_file import cache_path, read_state, update_state
 
 log = logging.getLogger("ztun.dns")
 
@@ -73,18 +71,10 @@ class DnsModule:
         return None
 
     def save(self) -> None:
-        """Write the FakeIP table, atomically (a temporary file renamed over the old one)."""
+        """Write the FakeIP table (the file's other keys, selector choices, are kept)."""
         if self.cache_file is None or self.fakeip is None:
             return
-        data = json.dumps({"fakeip": self.fakeip.dump()})
-        try:
-            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.cache_file.parent, prefix=".ztun-cache-")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data)
-            os.replace(tmp, self.cache_file)
-        except OSError as e:
-            log.warning("cache file %s cannot be written: %s", self.cache_file, e)
+        update_state(self.cache_file, "fakeip", self.fakeip.dump())
 
     async def close(self) -> None:
         self.save()
@@ -120,11 +110,7 @@ def build_dns(
     if reverse is not None and previous is not None and previous.reverse is not None:
         reverse = previous.reverse
     cache = options.experimental.cache_file
-    cache_file = None
-    if cache.enabled and cache.store_fakeip:
-        cache_file = Path(cache.path)
-        if not cache_file.is_absolute() and base_dir is not None:
-            cache_file = Path(base_dir) / cache_file
+    cache_file = cache_path(cache, base_dir) if cache.store_fakeip else None
     fake = next((s for s in dns_options.servers if isinstance(s, FakeIPDNSServerOptions)), None)
     pool = None
     old_pool = previous.fakeip if previous is not None else None
@@ -151,17 +137,9 @@ def _resolve_through(client: DnsClient, outbounds: dict[str, Outbound]) -> None:
 
 
 def _read_state(path: Path) -> dict[str, Any] | None:
-    """The cache file's content; None (with a warning when it exists) if it cannot be read:
-    the module then starts empty and rewrites it at exit."""
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        log.warning("cache file %s cannot be read (%s): starting with an empty FakeIP table",
-                    path, e)  # fmt: skip
-        return None
-    return state if isinstance(state, dict) else None
+    """The cache file's content; None if it cannot be read: the module then starts empty and
+    rewrites it at exit."""
+    return read_state(path, ": starting with an empty FakeIP table")
 
 
 def _resolver(client: DnsClient, tag: str) -> Callable[[str, str | None], Awaitable[list[Any]]]:

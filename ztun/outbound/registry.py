@@ -7,7 +7,8 @@ checks but cannot run, which `build_outbound` says in words.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -15,13 +16,18 @@ from ztun.config.options import (
     BlockOutboundOptions,
     DirectOutboundOptions,
     OutboundOptions,
+    SelectorOutboundOptions,
     SocksOutboundOptions,
+    URLTestOutboundOptions,
 )
 from ztun.errors import ZtunError
 from ztun.outbound.base import Outbound
 from ztun.outbound.block import BlockOutbound
 from ztun.outbound.direct import DirectOutbound
+from ztun.outbound.group import GroupOutbound
+from ztun.outbound.selector import SelectorOutbound
 from ztun.outbound.socks import SocksOutbound
+from ztun.outbound.urltest import URLTestOutbound
 
 
 class OutboundType(NamedTuple):
@@ -33,7 +39,26 @@ OUTBOUND_TYPES: Mapping[str, OutboundType] = MappingProxyType({
     "direct": OutboundType(DirectOutboundOptions, DirectOutbound),
     "socks": OutboundType(SocksOutboundOptions, SocksOutbound),
     "block": OutboundType(BlockOutboundOptions, BlockOutbound),
+    "selector": OutboundType(SelectorOutboundOptions, SelectorOutbound),
+    "urltest": OutboundType(URLTestOutboundOptions, URLTestOutbound),
 })  # fmt: skip
+
+
+def build_outbounds(
+    options: Iterable[OutboundOptions], cache_file: Path | None = None
+) -> dict[str, Outbound]:
+    """Every outbound by tag, groups bound to their members; `cache_file` is where selector
+    groups keep their choice (`experimental.cache_file`), None when they keep none."""
+    outbounds: dict[str, Outbound] = {}
+    for o in options:
+        if isinstance(o, SelectorOutboundOptions):
+            outbounds[o.tag] = SelectorOutbound(o, cache_file)
+        else:
+            outbounds[o.tag] = build_outbound(o)
+    for outbound in outbounds.values():
+        if isinstance(outbound, GroupOutbound):
+            outbound.bind(outbounds)
+    return outbounds
 
 
 def build_outbound(options: OutboundOptions) -> Outbound:

@@ -69,7 +69,8 @@ def log_flow(flow: Flow, level: int = logging.INFO) -> None:
         f"destination={clip(asked)}",
         f"domain={clip(meta.domain or '-')}",
         f"rule={flow.rule}",
-        f"outbound={flow.outbound or '-'}",
+        # through a group: the group, then the member that carried it (pick/auto/proxy-a)
+        f"outbound={'/'.join(flow.chain) if flow.chain else flow.outbound or '-'}",
         f"up={flow.up}",
         f"down={flow.down}",
         f"duration={time.monotonic() - flow.started:.3f}s",
@@ -306,6 +307,11 @@ class Dispatcher:
         """Relay until both sides end (or idle, or cancel); logs the flow line. The watches
         are handshake Waiters for the relay to take over (see `relay`)."""
         result = RelayResult()
+        # A group outbound learns how to end this flow (interrupt_exist_connections) and
+        # tells which member carries it.
+        attach = getattr(self.outbounds.get(flow.outbound or ""), "attach", None)
+        if attach is not None:
+            flow.chain = attach(remote, result.close)
         tracker = self.tracker
         entry = (tracker.add(flow, "tcp", result.moved, result.close)
                  if tracker is not None else None)  # fmt: skip

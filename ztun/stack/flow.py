@@ -46,6 +46,8 @@ class Flow:
     domain_from: str | None = None
     #: the flow's local owner was looked up (or needs none): `LookupFirst` is not asked again
     identified: bool = False
+    #: through a group outbound: the groups and the member it went through, outermost first
+    chain: tuple[str, ...] = ()
 
     @property
     def rule(self) -> str:

@@ -113,3 +113,28 @@ def test_the_log_broker_bounds_each_reader() -> None:
             logger.removeHandler(broker)
 
     asyncio.run(main())
+
+
+def test_proxies_with_groups_now_all_and_history() -> None:
+    from ztun.outbound.probe import Delay
+
+    found = views.proxies(
+        {"a": "socks", "b": "socks", "auto": "urltest", "pick": "selector"}, "pick",
+        {"auto": ("b", ["a", "b"]), "pick": ("auto", ["auto", "a"])},
+        {"b": [Delay(0.0, 0), Delay(1.5, 42)]},
+    )["proxies"]  # fmt: skip
+    assert found["auto"]["type"] == "URLTest" and found["auto"]["now"] == "b"
+    assert found["auto"]["all"] == ["a", "b"]
+    assert found["pick"]["type"] == "Selector" and found["pick"]["now"] == "auto"
+    assert found["b"]["history"] == [
+        {"time": "1970-01-01T00:00:00.000+00:00", "delay": 0},
+        {"time": "1970-01-01T00:00:01.500+00:00", "delay": 42},
+    ]
+    assert "now" not in found["a"] and found["a"]["history"] == []
+
+
+def test_chains_of_a_flow_through_groups_list_the_member_first() -> None:
+    tracker = _tracked()
+    (entry,) = list(tracker)
+    entry.flow.chain = ("pick", "auto", "proxy-a")
+    assert views.connection(entry)["chains"] == ["proxy-a", "auto", "pick"]

@@ -221,3 +221,28 @@ def test_route_explains_process_and_user_rules(tmp_path: Path) -> None:
     assert answer["rule"] == 2
     # No owner given: unknown, which matches no process or user item.
     assert json.loads(ztun("route", str(path), dest, "--json").stdout)["rule"] == "final"
+
+
+def test_route_shows_the_member_a_group_gives_now(tmp_path: Path) -> None:
+    cfg = tmp_path / "groups.yaml"
+    cfg.write_text(
+        "outbounds:\n"
+        "  - {type: socks, tag: a, server: 198.51.100.1, server_port: 1080}\n"
+        "  - {type: socks, tag: b, server: 198.51.100.2, server_port: 1080}\n"
+        "  - {type: urltest, tag: auto, outbounds: [a, b]}\n"
+        "  - {type: selector, tag: pick, outbounds: [auto, b]}\n"
+        "route: {final: pick}\n"
+        "experimental:\n"
+        "  cache_file: {enabled: true, path: state.json}\n"
+    )
+    r = ztun("route", str(cfg), "example.com")
+    assert r.returncode == 0, r.stderr
+    assert "outbound: pick (selector) → auto (urltest) → a (socks)" in r.stdout
+    assert "group:    pick uses auto now (default)" in r.stdout
+    assert "group:    auto uses a now (first member, before any probe)" in r.stdout
+    (tmp_path / "state.json").write_text('{"selected": {"pick": "b"}}')
+    r = ztun("route", str(cfg), "example.com", "--json")
+    found = json.loads(r.stdout)
+    assert found["chain"] == ["pick", "b"] and found["group_now_from"] == {"pick": "cache file"}
+    r = ztun("route", str(cfg), "--batch", "-", stdin="example.com 443\n")
+    assert r.stdout == "example.com 443\tpick (selector) → b (socks)\tfinal\n"

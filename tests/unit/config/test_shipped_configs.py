@@ -13,7 +13,8 @@ from ztun.config.validate import SCHEMA_PATH, validate
 from ztun.resources import EXAMPLE_DIR
 
 SHIPPED = sorted([*PROFILE_DIR.glob("*.yaml"), *EXAMPLE_DIR.glob("*.yaml")])
-PROFILES = ["block-ads", "bypass-private", "geoip-split", "global-proxy", "split-dns"]
+PROFILES = ["block-ads", "bypass-private", "failover-proxy", "geoip-split", "global-proxy",
+            "split-dns"]  # fmt: skip
 EXAMPLES = ["local-proxy", "profile-override", "tun-split"]
 
 # documentation, private, loopback and ULA ranges are the only addresses examples may use
@@ -159,3 +160,25 @@ def test_split_dns_answers_every_query_itself_local_names_locally() -> None:
         assert isinstance(router.decide_all(meta).action, HijackDNS)
     assert dns_router.decide(FlowMeta(domain="printer.lan")).server == "local"
     assert dns_router.decide(FlowMeta(domain="example.org")).server == "remote"
+
+
+def test_failover_profile_is_a_urltest_over_two_proxies() -> None:
+    from ztun.config.options import SocksOutboundOptions, URLTestOutboundOptions, build_options
+
+    env = {"ZTUN_SOCKS_SERVER": "198.51.100.7", "ZTUN_SOCKS_PORT": "1080",
+           "ZTUN_SOCKS_SERVER_B": "198.51.100.8", "ZTUN_SOCKS_PORT_B": "1090",
+           "ZTUN_URLTEST_URL": "http://203.0.113.1/generate_204"}  # fmt: skip
+    loaded = load_config(PROFILE_DIR / "failover-proxy.yaml", env=env)
+    assert validate(loaded) == []
+    options = build_options(loaded.data)
+    a, b, group = options.outbounds
+    assert isinstance(a, SocksOutboundOptions) and isinstance(b, SocksOutboundOptions)
+    assert (a.server, a.server_port) == ("198.51.100.7", 1080)
+    assert (b.server, b.server_port) == ("198.51.100.8", 1090)
+    assert isinstance(group, URLTestOutboundOptions) and group.tag == "proxy"
+    assert group.outbounds == ("proxy-a", "proxy-b") and group.url == env["ZTUN_URLTEST_URL"]
+    assert options.route.final == "proxy"
+    # it combines with the other profiles: their `proxy` is this group
+    combined = load_config_text("include: [failover-proxy, bypass-private, block-ads]\n",
+                                env={})  # fmt: skip
+    assert validate(combined) == []

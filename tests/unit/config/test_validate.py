@@ -127,7 +127,8 @@ def test_bad_type_value_suggests_the_closest() -> None:
     d = one("outbounds: [{type: sock, tag: p}]\n")
     assert (
         d.message
-        == "outbounds[0].type: 'sock' is not one of: direct, socks, block; did you mean 'socks'?"
+        == "outbounds[0].type: 'sock' is not one of: direct, socks, block, selector, urltest; "
+        "did you mean 'socks'?"
     )
     assert d.mark == at(1, 14)
 
