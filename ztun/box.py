@@ -44,6 +44,7 @@ from ztun.runtime.tracker import Tracker
 
 if TYPE_CHECKING:
     from ztun.api.server import ApiServer
+    from ztun.runtime.workers import WorkerPool
 from ztun.runtime.network import NetworkFollower
 
 log = logging.getLogger("ztun")
@@ -120,8 +121,11 @@ class Box:
         grace: float = GRACE_PERIOD,
         dns_router: Any = None,
         base_dir: str | Path | None = None,
+        workers: WorkerPool | None = None,
     ) -> None:
         self.options = options
+        #: the worker processes that share the mixed and auto_redirect listeners (or None)
+        self.workers = workers
         self.grace = grace
         if any(getattr(o, "auto_route", False) for o in options.inbounds):
             # Before any inbound, outbound or DNS transport opens a socket: all of them carry
@@ -158,6 +162,8 @@ class Box:
         ]
         if not self.inbounds:
             raise ZtunError("the config has no inbound to run")
+        if workers is not None:
+            workers.adopt(self.inbounds)  # their listeners join a reuseport group
         self.monitor = self._network_monitor(options, outbounds)
         self._stop = asyncio.Event()
         self._signals = 0
@@ -176,6 +182,8 @@ class Box:
         follower = NetworkFollower(outbounds, self.inbounds,
                                    auto_detect=route.auto_detect_interface)  # fmt: skip
         tuns = [n for o in options.inbounds if (n := getattr(o, "interface_name", None))]
+        if self.workers is not None:
+            follower = self.workers.follow(follower)  # type: ignore[assignment]
         return NetworkMonitor(follower, ignore=tuns)
 
     def _on_signal(self, signum: int) -> None:
@@ -195,6 +203,7 @@ class Box:
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
+        router = self.dispatcher.router
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
         started: list[Inbound] = []
@@ -209,6 +218,9 @@ class Box:
                 # already there to be left out (until the first decision, within
                 # milliseconds, sockets leave as without the monitor: marked, not bound).
                 await self.monitor.start()
+            if self.workers is not None:
+                self.workers.start(self.inbounds, tracker=self.tracker, router=router,
+                                   auto_detect=self.options.route.auto_detect_interface)
             return await self._run()
         except GeneratorExit:
             raise  # the coroutine is being closed: nothing may be awaited any more
@@ -228,6 +240,8 @@ class Box:
         finally:
             if self.monitor is not None:
                 self.monitor.stop()
+            if self.workers is not None:
+                self.workers.kill()  # a no-op after a clean stop
             for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
 
@@ -240,6 +254,8 @@ class Box:
         log.info("ztun started: %d inbound(s), %d outbound(s)",
                  len(self.inbounds), len(self.dispatcher.outbounds))  # fmt: skip
         await self._stop.wait()
+        if self.workers is not None:
+            self.workers.stop()  # they drain alongside the inbounds
         if self.monitor is not None:
             self.monitor.stop()  # no resets while the inbounds drain
         for inbound in self.inbounds:
@@ -250,6 +266,8 @@ class Box:
         clean = await wait_closed(tasks, self.grace)
         if not clean:
             log.info("grace period over: closed the remaining flows")
+        if self.workers is not None:
+            await self.workers.wait_stopped(self.grace)
         if self.api is not None:
             await self.api.stop()
         await self.dispatcher.close()
@@ -299,6 +317,11 @@ def run(path: str | Path, log_level: str | None = None, *, grace: float = GRACE_
     # Remote rule sets started from their cached copy; revalidating them never delays start-up.
     from ztun.provider.ruleset import RuleSetRefresher
 
+    # Before any thread or event loop exists (runtime/workers.py says why).
+    from ztun.runtime.workers import fork_pool
+
+    pool = fork_pool(options, router, dns_router=compiled.dns_router,
+                     base_dir=compiled.loaded.base_dir, grace=grace)  # fmt: skip
     refresher = RuleSetRefresher(compiled.rule_set_refresh)
     refresher.start()
     runner = asyncio.Runner() if os.environ.get("ZTUN_LOOP") == "asyncio" else _runner()
@@ -306,10 +329,12 @@ def run(path: str | Path, log_level: str | None = None, *, grace: float = GRACE_
         with runner:
             return runner.run(
                 _serve(options, router, grace, compiled.dns_router,
-                       compiled.loaded.base_dir)
+                       compiled.loaded.base_dir, pool)
             )  # fmt: skip
     finally:
         refresher.stop()
+        if pool is not None:
+            pool.kill()
 
 
 async def _serve(
@@ -318,6 +343,7 @@ async def _serve(
     grace: float,
     dns_router: Any = None,
     base_dir: str | Path | None = None,
+    workers: WorkerPool | None = None,
 ) -> int:
     return await Box(options, router, grace=grace, dns_router=dns_router,
-                     base_dir=base_dir).serve()  # fmt: skip
+                     base_dir=base_dir, workers=workers).serve()  # fmt: skip
