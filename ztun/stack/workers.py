@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ztun.config.options import Options
+from ztun.config.options import FakeIPDNSServerOptions, MixedInboundOptions, Options
 
 #: Processes "auto" starts at most: connection setup scales to about this many cores before
 #: the kernel's accept and the relays' splice calls, not Python, are what takes the time.
@@ -58,7 +58,7 @@ def spread_inbounds(options: Options) -> tuple[str, ...]:
     for inbound in options.inbounds:
         redirect = getattr(inbound, "auto_redirect", False) and getattr(inbound, "auto_route",
                                                                         False)
-        if inbound.type == "mixed" or redirect:
+        if isinstance(inbound, MixedInboundOptions) or redirect:
             tags.append(inbound.tag)
     return tuple(tags)
 
@@ -66,7 +66,7 @@ def spread_inbounds(options: Options) -> tuple[str, ...]:
 def gives_names(options: Options) -> bool:
     """Whether the DNS module will give IP flows names (FakeIP, reverse mapping)."""
     return bool(options.dns.reverse_mapping) or any(
-        getattr(s, "type", "") == "fakeip" for s in options.dns.servers
+        isinstance(s, FakeIPDNSServerOptions) for s in options.dns.servers
     )
 
 
@@ -95,7 +95,7 @@ def plan_workers(options: Options, cores: int, *, platform_ok: bool = True) -> W
                                      "FakeIP and reverse-mapped names live in the main "
                                      "process"),))  # fmt: skip
     api = bool(options.experimental.clash_api.external_controller)
-    users = any(inbound.type == "mixed" and getattr(inbound, "users", ())
+    users = any(isinstance(inbound, MixedInboundOptions) and inbound.users
                 for inbound in options.inbounds)  # fmt: skip
     if auto and (api or users):
         why = "the Clash API lists and closes the main process's flows only" if api else (
