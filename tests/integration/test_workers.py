@@ -322,6 +322,55 @@ def test_workers_die_with_a_killed_main_process(mixed: Mixed) -> None:
         socket.create_connection(("127.0.0.1", mixed.port), 1).close()
 
 
+API_CONFIG = """\
+workers: 3
+log: {{level: info}}
+inbounds:
+  - {{type: mixed, tag: mixed-in, listen_port: {port}}}
+outbounds:
+  - {{type: direct, tag: direct}}
+experimental:
+  clash_api: {{external_controller: "127.0.0.1:{api}"}}
+"""
+
+
+def test_totals_of_the_api_count_every_process(tmp_path: Path) -> None:
+    """The Clash API lists the main process's flows only, but its byte totals and flow count
+    include the workers' (sent each second once a flow ended)."""
+    import json
+    import urllib.request
+
+    port, api = free_port(), free_port()
+    z = start_ztun(tmp_path, API_CONFIG.format(port=port, api=api), port)
+    try:
+        assert wait_until(lambda: len(worker_pids(z.text())) == 2, 10), z.text()
+        assert "lists and closes only the flows of the main process" in z.text()
+        with echo_server() as echo:
+            for _ in range(30):
+                s, code = socks5_connect(port, Address("127.0.0.1", echo))
+                with s:
+                    assert code == 0
+                    s.settimeout(5)
+                    s.sendall(b"x" * 1000)
+                    got = 0
+                    while got < 1000:
+                        got += len(s.recv(4096))
+
+        def status() -> dict:  # type: ignore[type-arg]
+            with urllib.request.urlopen(f"http://127.0.0.1:{api}/ztun/status", timeout=5) as r:
+                return json.load(r)  # type: ignore[no-any-return]
+
+        assert wait_until(lambda: len(flows_by_pid(z.text(), z.pid)) == 30, 5)
+        served = {pid for pid, _ in flows_by_pid(z.text(), z.pid)}
+        assert served - {z.pid}, "no flow ran in a worker"
+        assert wait_until(lambda: status()["uploadTotal"] == 30_000, 5), status()
+        st = status()
+        assert st["downloadTotal"] == 30_000 and st["connectionsTotal"] == 30, st
+        assert st["outbounds"]["direct"]["upload"] == 30_000, st
+    finally:
+        z.stop()
+
+
 # -- auto_redirect, in namespaces --------------------------------------------------------------
 
 WORKERS_REDIRECT = "workers: 3\n" + REDIRECT_CONFIG

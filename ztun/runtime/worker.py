@@ -78,7 +78,8 @@ class Worker:
         self.redirect: list[tuple[Any, Any]] = []  # (listener, tun inbound)
         self._stop = asyncio.Event()
         self._signals = 0
-        self._sent = (0, 0, {})  # totals already sent: up, down, per outbound
+        #: totals already sent: up, down, flows, per outbound
+        self._sent: tuple[int, int, int, dict[str, tuple[int, int]]] = (0, 0, 0, {})
 
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
@@ -215,16 +216,17 @@ class Worker:
     def _totals(self) -> None:
         """The bytes of flows that ended here since the last call, to the main process."""
         tracker = self.box.tracker
-        sent_up, sent_down, sent_per = self._sent
+        sent_up, sent_down, sent_flows, sent_per = self._sent
         per = {tag: [up - sent_per.get(tag, (0, 0))[0], down - sent_per.get(tag, (0, 0))[1]]
                for tag, (up, down) in tracker.by_outbound.items()}  # fmt: skip
         per = {tag: pair for tag, pair in per.items() if pair != [0, 0]}
         up, down = tracker.closed_up - sent_up, tracker.closed_down - sent_down
-        if not per and not up and not down:
+        flows = tracker.started - sent_flows
+        if not per and not up and not down and not flows:
             return
-        self._send({"op": "totals", "up": up, "down": down, "by_outbound": per})
-        self._sent = (tracker.closed_up, tracker.closed_down,
-                      {tag: tuple(pair) for tag, pair in tracker.by_outbound.items()})  # fmt: skip
+        self._send({"op": "totals", "up": up, "down": down, "flows": flows, "by_outbound": per})
+        self._sent = (tracker.closed_up, tracker.closed_down, tracker.started,
+                      {tag: (pair[0], pair[1]) for tag, pair in tracker.by_outbound.items()})
 
     async def _send_totals(self) -> None:
         while True:

@@ -122,6 +122,7 @@ def fork_pool(
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+    me = os.getpid()
     pid = os.fork()
     if pid == 0:  # the supervisor
         code = 1
@@ -129,7 +130,7 @@ def fork_pool(
             ours.close()
             from ztun.runtime.supervisor import supervise
 
-            code = supervise(theirs, context, parent=os.getppid())
+            code = supervise(theirs, context, parent=me)
         except BaseException:
             with contextlib.suppress(Exception):
                 log.exception("workers: the supervisor failed")
@@ -293,6 +294,9 @@ class WorkerPool:
         if type(up) is int and type(down) is int and up >= 0 and down >= 0:
             tracker.closed_up += up
             tracker.closed_down += down
+        flows = message.get("flows")
+        if type(flows) is int and flows >= 0:
+            tracker.started += flows  # the API's connectionsTotal counts every process's
         add_totals(tracker.by_outbound, message.get("by_outbound"))
 
     def _gone(self) -> None:
