@@ -281,7 +281,12 @@ def test_a_killed_worker_resets_its_flows_at_once_and_is_replaced(mixed: Mixed) 
                 s.close()
 
 
-def test_sigterm_stops_workers_with_the_grace_period_and_nothing_is_left(mixed: Mixed) -> None:
+@pytest.mark.parametrize("everyone", [False, True], ids=["main", "every-process"])
+def test_sigterm_stops_workers_with_the_grace_period_and_nothing_is_left(
+    mixed: Mixed, everyone: bool
+) -> None:
+    """SIGTERM to the main process, or to every process as systemd's stop does (the workers'
+    own signal and the main process's stop count as one: no early exit)."""
     pids = set(mixed.workers().values())
     conns: list[socket.socket] = []
     with echo_server() as echo:
@@ -294,6 +299,11 @@ def test_sigterm_stops_workers_with_the_grace_period_and_nothing_is_left(mixed: 
             in_workers = {socket_owner(mixed.port, s, pids | {mixed.main}) for s in conns}
             assert in_workers & pids, in_workers
             mixed.z.p.send_signal(signal.SIGTERM)
+            if everyone:
+                supervisor = subprocess.run(["ps", "-o", "pid=", "--ppid", str(mixed.main)],
+                                            capture_output=True, text=True).stdout.split()
+                for pid in [*map(int, supervisor), *pids]:
+                    os.kill(pid, signal.SIGTERM)
             time.sleep(0.5)
             # No process accepts any more...
             with pytest.raises(OSError):

@@ -7,10 +7,10 @@ monitor's thread or the rule-set refresher's would copy their locks and file des
 whatever state they are in. This process was forked before any of them existed and starts
 none, so each fork gives a clean worker with the compiled rules already in memory.
 
-It ignores SIGINT, SIGTERM and SIGHUP (a terminal's Ctrl-C reaches the whole process group, and
-the main process decides when to stop) and dies with the main process (PR_SET_PDEATHSIG); its
-workers die with it. Every wait is bounded: `select` wakes at least every `TICK` seconds to reap
-children and start the ones whose backoff is over.
+It ignores SIGINT, SIGTERM and SIGHUP (a terminal's Ctrl-C and systemd's stop reach every
+process of the group, and the main process decides when to stop) and dies with the main process
+(PR_SET_PDEATHSIG); its workers die with it. Every wait is bounded: `select` wakes at least
+every `TICK` seconds to reap children and start the ones whose backoff is over.
 """
 
 from __future__ import annotations
@@ -230,7 +230,10 @@ class Supervisor:
             self.kill_at = time.monotonic() + max(0.0, grace) + KILL_MARGIN
             for slot in self.slots:
                 slot.restart_at = None
-                if slot.pid is not None:
+                # A message, not SIGTERM: a worker counts signals as `ztun run` does (the
+                # second one exits at once), and systemd or a terminal may already have sent it
+                # one; a worker without its pipe gets the signal.
+                if slot.pid is not None and not _send(slot.sock, {"op": "stop"}):
                     with contextlib.suppress(OSError):
                         os.kill(slot.pid, signal.SIGTERM)
         elif op in ("network", "mode"):

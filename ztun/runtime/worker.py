@@ -2,8 +2,9 @@
 `Box` from the config the fork left in memory), listening with SO_REUSEPORT on the ports of the
 main process's mixed inbounds and auto_redirect listeners (runtime/workers.py).
 
-Stops like `ztun run` (box.py): on the first SIGTERM (the supervisor's, when the main process
-stops) or SIGINT (a terminal's Ctrl-C), no new connections; mixed flows get the grace period
+Stops like `ztun run` (box.py): when the main process stops (a "stop" message from the
+supervisor), or on the first SIGTERM or SIGINT of its own (systemd's stop and a terminal's
+Ctrl-C reach every process of the group), no new connections; mixed flows get the grace period
 to finish, redirected flows are closed with FIN as the tun inbound closes its own; a second
 signal exits at once. It owns nothing on the host: no TUN, route, table or state file.
 """
@@ -207,6 +208,8 @@ class Worker:
                     if reset is not None:
                         with contextlib.suppress(Exception):
                             reset(RESET_REASON)
+        elif op == "stop":  # the main process stops (a signal of its own is counted apart)
+            self._stop.set()
         elif op == "mode":
             cell = getattr(box.dispatcher.router, "mode", None)
             mode = message.get("mode")

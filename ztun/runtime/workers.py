@@ -34,7 +34,7 @@ a main process that is killed leaves no process behind. A worker that dies (a cr
 takes its flows with it: the kernel closes their sockets, so their clients see a reset or EOF at
 once; connections waiting in its accept queue are reset as the listener closes. The supervisor
 starts it again after a bounded backoff (stack/workers.py `RestartBackoff`). On the first
-SIGINT/SIGTERM of the main process, workers get SIGTERM: they stop accepting, give their open
+SIGINT/SIGTERM of the main process, workers are told to stop: they stop accepting, give their open
 flows the same grace period as the main process, and exit; the main process waits for them
 (bounded) before it exits.
 
