@@ -511,3 +511,31 @@ def test_redirect_stop_leaves_nothing_behind(ns: Ns) -> None:
     assert snapshot(ns.t) == ns.before
     assert not list((ns.tmp / "state").glob("*.json"))
     assert "Traceback" not in ns.z.text()
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_redirect_host_state_restored_after_sigint_and_sigkill_with_restart(
+    tmp_path: Path, sig: int
+) -> None:
+    """With workers as without: SIGINT puts everything back; after SIGKILL every worker dies
+    with the main process, and the next start removes the table the killed run left."""
+    require_nftables()
+    with topology() as t:
+        before = snapshot(t)
+        z = start_ztun_ns(t, tmp_path, f"ztun-{sig}", config=WORKERS_REDIRECT)
+        assert wait_until(lambda: len(worker_pids(z.text())) == 2, 10), z.text()
+        pids = set(worker_pids(z.text()).values())
+        code, _ = stop(z, sig)
+        assert wait_until(lambda: not any(alive(p) for p in pids), 3)
+        if sig == signal.SIGKILL:
+            assert "table inet ztun" in in_ns(t.client, "nft", "list", "ruleset").stdout
+            z2 = start_ztun_ns(t, tmp_path, f"ztun-{sig}-again", config=WORKERS_REDIRECT)
+            assert "removing the nftables table of a previous run" in z2.text(), z2.text()
+            assert wait_until(lambda: len(worker_pids(z2.text())) == 2, 10), z2.text()
+            pids = set(worker_pids(z2.text()).values())
+            code, _ = stop(z2, signal.SIGTERM)
+            assert wait_until(lambda: not any(alive(p) for p in pids), 3)
+        assert code == 0
+        assert snapshot(t) == before
+        assert not list((tmp_path / "state").glob("*.json"))

@@ -327,8 +327,12 @@ class WorkerPool:
         supervisor; what is still there is killed."""
         self.stop()
         if self._stopped is not None:
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._stopped.wait(), grace + STOP_MARGIN)
+                log.info("workers stopped")
+            except TimeoutError:
+                log.warning("workers: still running %gs after the stop; killed",
+                            grace + STOP_MARGIN)  # fmt: skip
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 1.0
         while not self._reap(block=False) and loop.time() < deadline:
