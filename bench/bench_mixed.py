@@ -11,9 +11,15 @@ Reports, each with its ratio ztun / sing-box:
 - connections per second and p99 connection setup time (connect + SOCKS5 CONNECT + first
   byte from the target), `--conns` connections at concurrency `--concurrency`, and the
   router's CPU-µs per connection (the figure that moves least with other load on the machine),
-- RSS of the router (VmRSS from /proc/<pid>/status) with `--hold` connections open.
+- RSS of the router (VmRSS from /proc/<pid>/status) with `--hold` connections open, and the
+  proportional set size of the router with every process below it (ztun's workers).
+
+`--workers N` sets ztun's top-level `workers` (processes that accept the mixed inbound's
+connections, the main one included; "auto", the default, leaves the key out). CPU figures are
+of the router's whole process tree (ztun's supervisor and workers included).
 
 Run:  python bench/bench_mixed.py [--bulk-mb 1024] [--rounds 3] [--conns 2000] [--hold 1000]
+                                  [--workers auto|N]
 Results are printed and written to bench/results/mixed-<time>.json.
 """
 
@@ -38,7 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 
-from procstat import Profiler, cpu_seconds, rss_mib  # noqa: E402
+from procstat import Profiler, rss_mib, tree_pss_mib  # noqa: E402
+from procstat import tree_cpu_seconds as cpu_seconds  # noqa: E402
 
 from ztun.address import Address  # noqa: E402
 from ztun.proto import socks5  # noqa: E402
@@ -192,7 +199,8 @@ async def conn_rate(port: int, target: int, count: int, concurrency: int) -> tup
     return count / elapsed, lat[int(len(lat) * 0.99) - 1] * 1000
 
 
-async def hold(port: int, target: int, count: int, pid: int) -> float:
+async def hold(port: int, target: int, count: int, pid: int) -> tuple[float, float]:
+    """(RSS of `pid`, PSS of `pid` and its processes) in MiB with `count` connections open."""
     loop = asyncio.get_running_loop()
     socks: list[socket.socket] = []
     sem = asyncio.Semaphore(64)
@@ -216,7 +224,7 @@ async def hold(port: int, target: int, count: int, pid: int) -> float:
     try:
         await asyncio.gather(*(one() for _ in range(count)))
         await asyncio.sleep(1.0)
-        return rss_mib(pid, missing=0.0)
+        return rss_mib(pid, missing=0.0), tree_pss_mib(pid, missing=0.0)
     finally:
         for s in socks:
             s.close()
@@ -228,9 +236,11 @@ async def hold(port: int, target: int, count: int, pid: int) -> float:
 # -- routers --------------------------------------------------------------------------------------
 
 
-def start_ztun(tmp: Path, port: int, socks_port: int) -> subprocess.Popen[bytes]:
+def start_ztun(tmp: Path, port: int, socks_port: int,
+               workers: str = "auto") -> subprocess.Popen[bytes]:  # fmt: skip
     cfg = tmp / "ztun.yaml"
     cfg.write_text(
+        ("" if workers == "auto" else f"workers: {int(workers)}\n") +
         "log: {level: warn}\n"
         f"inbounds: [{{type: mixed, tag: mixed-in, listen_port: {port}}}]\n"
         f"outbounds: [{{type: socks, tag: proxy, server: 127.0.0.1, server_port: {socks_port}}}]\n"
@@ -285,6 +295,8 @@ def main() -> None:
         help="py-spy the ztun process in each phase; top frames are printed",
     )
     ap.add_argument("--only", choices=("bulk", "connrate", "rss"), default=None)
+    ap.add_argument("--workers", default="auto",
+                    help="ztun's `workers` (a number of processes, or auto: the key left out)")
     args = ap.parse_args()
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -304,7 +316,7 @@ def main() -> None:
             procs.append(socks_server)
             wait_port(ports["socks"], socks_server)
             routers = {
-                "ztun": start_ztun(tmp, ports["ztun"], ports["socks"]),
+                "ztun": start_ztun(tmp, ports["ztun"], ports["socks"], args.workers),
                 "sing-box": start_singbox_router(tmp, ports["singbox"], ports["socks"]),
             }
             procs.extend(routers.values())
@@ -314,6 +326,8 @@ def main() -> None:
             pid_of = {n: p.pid for n, p in routers.items()}
             res: dict[str, dict[str, list[float] | float]] = {n: {} for n in routers}
             rss0 = {n: rss_mib(pid_of[n], missing=0.0) for n in routers}
+            pss0 = {n: tree_pss_mib(pid_of[n], missing=0.0) for n in routers}
+            pss_hold: dict[str, float] = {}
 
             # warm-up: imports, pools, JIT-free but caches
             for n in routers:
@@ -367,11 +381,15 @@ def main() -> None:
                         flush=True,
                     )
             for n in routers if args.only in (None, "rss") else []:
-                rss = asyncio.run(hold(port_of[n], ports["target"], args.hold, pid_of[n]))
+                rss, pss_hold[n] = asyncio.run(hold(port_of[n], ports["target"], args.hold,
+                                                    pid_of[n]))  # fmt: skip
                 res[n]["rss_mib_idle"] = rss0[n]
                 res[n]["rss_mib_hold"] = rss
+                res[n]["pss_mib_tree_idle"] = pss0[n]
+                res[n]["pss_mib_tree_hold"] = pss_hold[n]
                 print(
-                    f"rss      {n:9s} idle {rss0[n]:.1f} MiB, {args.hold} open: {rss:.1f} MiB",
+                    f"rss      {n:9s} idle {rss0[n]:.1f} MiB, {args.hold} open: {rss:.1f} MiB"
+                    f" (PSS of every process: {pss0[n]:.1f} / {pss_hold[n]:.1f} MiB)",
                     flush=True,
                 )
                 time.sleep(0.5)
@@ -393,7 +411,8 @@ def main() -> None:
     print("\nztun / sing-box (median of rounds):")
     for k, goal in (("mbps", "≥ 1.0"), ("cpu_s_per_gb", "≤ 1.0"), ("conn_per_s", "≥ 1.0"),
                     ("p99_setup_ms", "(lower is better)"), ("cpu_us_per_conn", "(lower is better)"),
-                    ("rss_mib_hold", "≤ 1.5")):  # fmt: skip
+                    ("rss_mib_hold", "≤ 1.5"),
+                    ("pss_mib_tree_hold", "(all processes)")):  # fmt: skip
         z, s = med("ztun", k), med("sing-box", k)
         ratio = z / s if s else float("nan")
         summary[k] = {"ztun": z, "sing-box": s, "ratio": ratio}

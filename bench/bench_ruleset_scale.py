@@ -94,6 +94,9 @@ def singbox_bin() -> str:
 def ztun_command(tmp: Path, rule_set: Path, port: int) -> list[str]:
     cfg = tmp / "ztun.yaml"
     cfg.write_text(
+        # One process: this measures what a rule set costs, and the RSS read is of one pid
+        # (workers would share the rule set's pages copy-on-write; docs/inbounds.md).
+        "workers: 1\n"
         "log: {level: warn}\n"
         f"inbounds: [{{type: mixed, tag: mixed-in, listen_port: {port}}}]\n"
         "outbounds: [{type: direct, tag: direct}]\n"

@@ -5,11 +5,12 @@ by a veth (MTU 9000; see tests/integration/netns.py), runs one tunnel at a time 
 namespace with auto_route and a direct outbound, and measures:
 
 - iperf3 throughput up (client → server) and down (-R);
-- CPU-seconds per GB of the tunnel process (utime + stime from /proc over the iperf3 runs);
+- CPU-seconds per GB of the tunnel (utime + stime from /proc over the iperf3 runs, of the
+  process and every process below it: ztun's workers under `--mode redirect`);
 - connections per second and p50/p99 setup time with 64 in parallel (connect until the first
   echoed byte, so the outbound connect is included), and the tunnel's CPU-µs per connection
   (the Python load client on the same cores can limit conn/s for both tunnels);
-- RSS of the tunnel process with 1000 open connections;
+- RSS of the tunnel process with 1000 open connections (and the PSS of its process tree);
 - UDP echo round trip p50.
 
 With `--mode redirect` the TCP figures compare ztun's `auto_redirect` with sing-box's `redirect`
@@ -48,7 +49,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from procstat import Profiler, cpu_seconds, rss_mib  # noqa: E402
+from procstat import Profiler, rss_mib, tree_pss_mib  # noqa: E402
+from procstat import tree_cpu_seconds as cpu_seconds  # noqa: E402
 from ratios import report  # noqa: E402
 
 from tests.integration.netns import (  # noqa: E402
@@ -125,6 +127,11 @@ SINGBOX_CONFIG = {
 }
 
 
+#: `--workers`: ztun's top-level `workers` ("auto": the key left out; with auto_redirect, auto
+#: means the cores up to 4). CPU figures are of the tunnel's whole process tree either way.
+ZTUN_WORKERS = "auto"
+
+
 def start(name: str, t: Topology, tmp: Path, mode: str = "tun") -> Proc:
     env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(tmp / "state"))
     redirect = mode == "redirect"
@@ -133,7 +140,10 @@ def start(name: str, t: Topology, tmp: Path, mode: str = "tun") -> Proc:
         if name == "ztun+process":
             cfg.write_text(ZTUN_PROCESS_CONFIG)
         else:
-            cfg.write_text(ZTUN_REDIRECT_CONFIG if redirect else ZTUN_CONFIG)
+            text = ZTUN_REDIRECT_CONFIG if redirect else ZTUN_CONFIG
+            if ZTUN_WORKERS != "auto":
+                text = f"workers: {int(ZTUN_WORKERS)}\n" + text
+            cfg.write_text(text)
         args = [sys.executable, "-m", "ztun", "run", str(cfg)]
     else:
         cfg = tmp / "sing-box.json"
@@ -234,6 +244,9 @@ def measure(
         line = holder.stdout.readline().strip()
         time.sleep(0.5)
         res["rss_mib_1000_conns"] = rss_mib(pid) if line == "ready" else float("nan")
+        # With workers (auto_redirect), the flows are spread over processes: their PSS
+        # together counts each shared page once.
+        res["pss_mib_tree_1000_conns"] = tree_pss_mib(pid) if line == "ready" else float("nan")
         holder.stdin.write("\n")
         holder.stdin.flush()
         holder.communicate(timeout=60)
@@ -308,9 +321,13 @@ def main() -> None:
     ap.add_argument("--mode", choices=["tun", "redirect"], default="tun",
                     help="tun: both TUNs; redirect: ztun's auto_redirect against sing-box's "
                     "redirect inbound behind an nftables redirect")  # fmt: skip
+    ap.add_argument("--workers", default="auto",
+                    help="ztun's `workers` (a number, or auto: the key left out)")
     ap.add_argument("--process-rule", action="store_true",
                     help="conn/s of ztun with a process rule against without (issue 16)")
     args = ap.parse_args()
+    global ZTUN_WORKERS
+    ZTUN_WORKERS = args.workers
     if args.process_rule:
         process_rule_main(args.rounds, args.seconds, args.json)
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +21,52 @@ def cpu_split(pid: int) -> tuple[float, float]:
     """(utime, stime) of `pid` in seconds: user space vs the kernel's work for it."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (ztun with workers: its supervisor and the workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` and the processes below it (those that are still running)."""
+    total = 0.0
+    for p in process_tree(pid):
+        # a process may end between the listing and the read
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += cpu_seconds(p)
+    return total
+
+
+def tree_pss_mib(pid: int, missing: float = float("nan")) -> float:
+    """The proportional set size of `pid` and the processes below it, in MiB: pages shared
+    between them (a fork's copy-on-write memory) count once in all, where a sum of their RSS
+    would count them in each."""
+    total, seen = 0, False
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    seen = True
+                    break
+        except (OSError, ValueError):
+            pass
+    return total / 1024 if seen else missing
 
 
 def rss_mib(pid: int, missing: float = float("nan")) -> float:

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from ztun.api.server import ApiServer
     from ztun.check import Compiled
     from ztun.dns.module import DnsModule
+    from ztun.runtime.workers import WorkerPool
 from ztun.runtime.network import NetworkFollower
 
 log = logging.getLogger("ztun")
@@ -143,8 +144,11 @@ class Box:
         base_dir: str | Path | None = None,
         config_path: str | Path | None = None,
         refresher: Any = None,
+        workers: WorkerPool | None = None,
     ) -> None:
         self.options = options
+        #: the worker processes that share the mixed and auto_redirect listeners (or None)
+        self.workers = workers
         self.grace = grace
         #: the config file a reload reads again (None: reloading is not offered)
         self.config_path = config_path
@@ -193,6 +197,8 @@ class Box:
         if not self.inbounds:
             raise ZtunError("the config has no inbound to run")
         self.follower: NetworkFollower | None = None
+        if workers is not None:
+            workers.adopt(self.inbounds)  # their listeners join a reuseport group
         self.monitor = self._network_monitor(options, outbounds)
         self._stop = asyncio.Event()
         self._signals = 0
@@ -227,6 +233,8 @@ class Box:
                                    auto_detect=route.auto_detect_interface)  # fmt: skip
         self.follower = follower
         tuns = [n for o in options.inbounds if (n := getattr(o, "interface_name", None))]
+        if self.workers is not None:
+            follower = self.workers.follow(follower)  # type: ignore[assignment]
         return NetworkMonitor(follower, ignore=tuns)
 
     def _on_signal(self, signum: int) -> None:
@@ -260,6 +268,7 @@ class Box:
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
+        router = self.dispatcher.router
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
         # Until reloading is possible (inbounds started), a SIGHUP is only logged: its default
@@ -281,6 +290,9 @@ class Box:
                 # already there to be left out (until the first decision, within
                 # milliseconds, sockets leave as without the monitor: marked, not bound).
                 await self.monitor.start()
+            if self.workers is not None:
+                self.workers.start(self.inbounds, tracker=self.tracker, router=router,
+                                   auto_detect=self.options.route.auto_detect_interface)
             return await self._run()
         except GeneratorExit:
             raise  # the coroutine is being closed: nothing may be awaited any more
@@ -300,6 +312,8 @@ class Box:
         finally:
             if self.monitor is not None:
                 self.monitor.stop()
+            if self.workers is not None:
+                self.workers.kill()  # a no-op after a clean stop
             for sig in (*STOP_SIGNALS, RELOAD_SIGNAL):
                 loop.remove_signal_handler(sig)
             for task in list(self._reload_tasks):
@@ -324,6 +338,8 @@ class Box:
         # reading its config sees the stop afterwards and switches nothing.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._switching.acquire(), 2 * RELOAD_INBOUND_TIMEOUT)
+        if self.workers is not None:
+            self.workers.stop()  # they drain alongside the inbounds
         if self.monitor is not None:
             self.monitor.stop()  # no resets while the inbounds drain
         for inbound in self.inbounds:
@@ -335,6 +351,8 @@ class Box:
         clean = await wait_closed(tasks, self.grace)
         if not clean:
             log.info("grace period over: closed the remaining flows")
+        if self.workers is not None:
+            await self.workers.wait_stopped(self.grace)
         if self.api is not None:
             await self.api.stop()
         await self.dispatcher.close()
@@ -688,6 +706,11 @@ def run(path: str | Path, log_level: str | None = None, *, grace: float = GRACE_
     # Remote rule sets started from their cached copy; revalidating them never delays start-up.
     from ztun.provider.ruleset import RuleSetRefresher
 
+    # Before any thread or event loop exists (runtime/workers.py says why).
+    from ztun.runtime.workers import fork_pool
+
+    pool = fork_pool(options, router, dns_router=compiled.dns_router,
+                     base_dir=compiled.loaded.base_dir, grace=grace)  # fmt: skip
     refresher = RuleSetRefresher(compiled.rule_set_refresh)
     refresher.start()
     runner = asyncio.Runner() if os.environ.get("ZTUN_LOOP") == "asyncio" else _runner()
@@ -695,10 +718,12 @@ def run(path: str | Path, log_level: str | None = None, *, grace: float = GRACE_
         with runner:
             return runner.run(
                 _serve(options, router, grace, compiled.dns_router,
-                       compiled.loaded.base_dir, path, refresher)
+                       compiled.loaded.base_dir, path, refresher, pool)
             )  # fmt: skip
     finally:
         refresher.stop()
+        if pool is not None:
+            pool.kill()
 
 
 async def _serve(
@@ -709,6 +734,8 @@ async def _serve(
     base_dir: str | Path | None = None,
     config_path: str | Path | None = None,
     refresher: Any = None,
+    workers: WorkerPool | None = None,
 ) -> int:
     return await Box(options, router, grace=grace, dns_router=dns_router, base_dir=base_dir,
-                     config_path=config_path, refresher=refresher).serve()  # fmt: skip
+                     config_path=config_path, refresher=refresher,
+                     workers=workers).serve()  # fmt: skip

@@ -702,6 +702,9 @@ class Options:
     experimental: ExperimentalOptions = field(
         default_factory=ExperimentalOptions, metadata={"convert": _one(ExperimentalOptions)}
     )
+    #: ztun's own: processes that accept mixed and auto_redirect connections, the main one
+    #: included; "auto" or a count (0 and 1: in-process). See ztun/stack/workers.py.
+    workers: int | Literal["auto"] = "auto"
 
 
 def build_options(data: Mapping[str, Any]) -> Options:

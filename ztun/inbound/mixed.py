@@ -115,6 +115,9 @@ class MixedInbound:
         self.sock: socket.socket | None = None
         self.refused = 0
         self.dropped_fragments = 0
+        #: SO_REUSEPORT on the listener, so that worker processes listen on the same port and
+        #: the kernel spreads connections over them (runtime/workers.py)
+        self.reuse_port = False
 
     # -- listening ------------------------------------------------------------------------
 
@@ -124,6 +127,8 @@ class MixedInbound:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             # Under auto_route, accepted sockets inherit the mark, so what this inbound sends
             # to a client beyond the default route is not routed into the TUN.
             dial.LOCAL.apply(sock)

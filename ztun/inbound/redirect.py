@@ -84,12 +84,17 @@ class RedirectListener:
         self.not_redirected = 0
         self._listeners: list[socket.socket] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: version → port, once open
+        self.ports: dict[int, int] = {}
 
-    def open(self, versions: list[int]) -> dict[int, int]:
-        """Bind and listen for these IP versions; returns version → port. OSError if a family
-        cannot listen (no ::1 without IPv6 on `lo`)."""
+    def open(self, versions: list[int], *, ports: dict[int, int] | None = None,
+             reuse_port: bool = False) -> dict[int, int]:  # fmt: skip
+        """Bind and listen for these IP versions (on `ports`, else a free port each); returns
+        version → port. `reuse_port`: SO_REUSEPORT, so that worker processes can listen on
+        the same ports and the kernel spreads connections over them (runtime/workers.py).
+        OSError if a family cannot listen (no ::1 without IPv6 on `lo`)."""
         loop = self._loop = asyncio.get_running_loop()
-        ports: dict[int, int] = {}
+        ports = dict(ports or {})
         try:
             for version in versions:
                 fam = socket.AF_INET if version == 4 else socket.AF_INET6
@@ -97,7 +102,9 @@ class RedirectListener:
                 self._listeners.append(ls)
                 if fam == socket.AF_INET6:
                     ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                ls.bind(("127.0.0.1" if version == 4 else "::1", 0))
+                if reuse_port:
+                    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                ls.bind(("127.0.0.1" if version == 4 else "::1", ports.get(version, 0)))
                 # Set once here: Linux copies it to every accepted socket.
                 with contextlib.suppress(OSError):
                     ls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -109,6 +116,7 @@ class RedirectListener:
         except BaseException:
             self.close()
             raise
+        self.ports = ports
         return ports
 
     def close(self) -> None:

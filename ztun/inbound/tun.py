@@ -130,6 +130,8 @@ class TunInbound:
         #: auto_redirect: the nftables table and its loopback listener (inbound/redirect.py)
         self.redirect: Any = None
         self.redirect_listener: Any = None
+        #: SO_REUSEPORT on auto_redirect's listeners, for worker processes (runtime/workers.py)
+        self.redirect_reuse_port = False
         # Every per-packet decision; its NATs are set in start(), once the listeners are bound.
         self.stack = TunStack(tag, dispatcher.route, nat4=None, nat6=None,
                               udp_timeout=udp_timeout, icmp=options.icmp,
@@ -235,7 +237,7 @@ class TunInbound:
         versions = [v for v, pair in ((4, self.v4), (6, self.v6)) if pair is not None]
         listener = RedirectListener(self.tag, self.dispatcher.route, self._serve)
         try:
-            ports = listener.open(versions)
+            ports = listener.open(versions, reuse_port=self.redirect_reuse_port)
             p = nftables.plan(interface=self.device.name, ports=ports, mark=dial.own_mark(),
                               route_exclude_address=self.route_exclude_address)  # fmt: skip
             self.redirect = nftables.AutoRedirect(p)
@@ -501,6 +503,13 @@ class TunInbound:
         task = self._loop.create_task(self._tcp_flow(conn, flow, outbound))  # type: ignore[union-attr]
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def serve_redirected(self) -> Any:
+        """The flow handler for auto_redirect's listener in a worker process
+        (runtime/worker.py): flows are served as in the main process, with no TUN, route or
+        table of this process's own."""
+        self._loop = asyncio.get_running_loop()
+        return self._serve
 
     async def _route_identified(self, flow: Flow, ask: LookupFirst) -> Any:
         """A flow routed once its owner is known: look it up (bounded), route it again."""
