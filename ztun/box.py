@@ -467,6 +467,8 @@ class Box:
                      for o in new.inbounds if o.tag in plan.restart + plan.start}  # fmt: skip
         except ZtunError as e:
             return [str(e)]
+        if self.workers is not None:
+            self.workers.adopt(fresh.values())  # a restarted listener stays shared
         # -- from here on, new flows get the new config
         gc.unfreeze()  # the old router and outbounds may go once their flows end
         if any(getattr(o, "auto_route", False) for o in new.inbounds):
@@ -513,6 +515,13 @@ class Box:
         else:
             self.refresher = None
         problems = await self._switch_inbounds(plan, fresh, old_options)
+        if self.workers is not None:
+            # They compile the same file in the supervisor and are replaced, their open flows
+            # left to end (runtime/supervisor.py).
+            self.workers.reload(self.inbounds, router)
+            if new.workers != old_options.workers:
+                log.warning("reload: workers changed but is not applied by a reload: the "
+                            "number of processes is set at start")  # fmt: skip
         if self.api is not None:
             self.api.context.options = self.options  # what runs, after any inbound put back
         await self._switch_monitor(plan, new)
@@ -618,8 +627,10 @@ class Box:
         """Tell `ztun reload` where this ztun is (platform/linux/runfile.py)."""
         if self.config_path is None or not sys.platform.startswith("linux"):
             return
-        from ztun.platform.linux.runfile import write_run_file
+        from ztun.platform.linux.runfile import remove_stale_run_files, write_run_file
 
+        if self.reloads == 0:
+            remove_stale_run_files()  # a killed run's (its pid and start time say so)
         api = self.options.experimental.clash_api.external_controller or None
         if self.api is not None and self.api.address is not None:
             host, port = self.api.address
@@ -710,7 +721,8 @@ def run(path: str | Path, log_level: str | None = None, *, grace: float = GRACE_
     from ztun.runtime.workers import fork_pool
 
     pool = fork_pool(options, router, dns_router=compiled.dns_router,
-                     base_dir=compiled.loaded.base_dir, grace=grace)  # fmt: skip
+                     base_dir=compiled.loaded.base_dir, grace=grace,
+                     config_path=path)  # fmt: skip
     refresher = RuleSetRefresher(compiled.rule_set_refresh)
     refresher.start()
     runner = asyncio.Runner() if os.environ.get("ZTUN_LOOP") == "asyncio" else _runner()

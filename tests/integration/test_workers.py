@@ -539,3 +539,52 @@ def test_redirect_host_state_restored_after_sigint_and_sigkill_with_restart(
         assert code == 0
         assert snapshot(t) == before
         assert not list((tmp_path / "state").glob("*.json"))
+
+
+def test_a_reload_replaces_the_workers_and_their_open_flows_go_on(mixed: Mixed) -> None:
+    """SIGHUP with workers: the supervisor compiles the new config and starts new workers;
+    the old ones stop accepting but their open flows go on, and they end with them. New
+    connections in every process follow the new rules (here: everything blocked)."""
+    before = mixed.workers()
+    pids = set(before.values()) | {mixed.main}
+    held: list[socket.socket] = []
+    in_worker: socket.socket | None = None
+    with echo_server() as echo:
+        try:
+            for _ in range(40):  # a connection held by an old worker
+                s, code = socks5_connect(mixed.port, Address("127.0.0.1", echo))
+                assert code == 0
+                s.settimeout(10)
+                s.sendall(b"hello")
+                assert s.recv(16) == b"hello"
+                held.append(s)
+                owner = socket_owner(mixed.port, s, pids)
+                if owner is not None and owner != mixed.main:
+                    in_worker = s
+                    break
+            assert in_worker is not None, "no connection reached a worker"
+            path = mixed.z.log.parent / "ztun.yaml"  # where start_ztun wrote it
+            path.write_text(path.read_text() + "route:\n  rules:\n    - {network: tcp, "
+                            "action: reject}\n")  # fmt: skip
+            os.kill(mixed.main, signal.SIGHUP)
+            compiled = "the supervisor compiled the reloaded config"
+            assert wait_until(lambda: compiled in mixed.z.text(), 15), mixed.z.text()[-3000:]
+            assert wait_until(lambda: set(mixed.workers().values()).isdisjoint(before.values()),
+                              10), mixed.z.text()[-3000:]  # fmt: skip
+            # new connections, whichever process takes them: the new rules
+            for _ in range(12):
+                s, code = socks5_connect(mixed.port, Address("127.0.0.1", echo))
+                s.close()
+                assert code != 0, mixed.z.text()[-3000:]
+            # the old worker's flow goes on
+            for _ in range(3):
+                in_worker.sendall(b"still")
+                assert in_worker.recv(16) == b"still"
+            assert any(alive(p) for p in before.values())
+        finally:
+            for s in held:
+                s.close()
+        # with its flows ended, the old generation goes
+        assert wait_until(lambda: not any(alive(p) for p in before.values()), 10), \
+            mixed.z.text()[-3000:]  # fmt: skip
+    assert "Traceback" not in mixed.z.text()

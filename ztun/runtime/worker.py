@@ -30,7 +30,10 @@ from ztun.stack.workers import decode, encode
 
 log = logging.getLogger("ztun.workers")
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: A hangup (a closed terminal's, a `kill -HUP` of the group) is the main process's to act
+#: on: there it reloads the config, and the supervisor then replaces the workers.
+IGNORED_SIGNALS = (signal.SIGHUP,)
 #: How often the totals of ended flows go to the main process (the Clash API's totals).
 TOTALS_INTERVAL = 1.0
 
@@ -57,6 +60,8 @@ def run_worker(sock: socket.socket, index: int, context: Any, start: dict[str, A
         return 0
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
+    for sig in IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     tag = _Tag(f"worker={index} pid={os.getpid()} ")
     for handler in logging.getLogger("ztun").handlers:
         handler.addFilter(tag)
@@ -78,6 +83,9 @@ class Worker:
         self.mixed: list[Any] = []
         self.redirect: list[tuple[Any, Any]] = []  # (listener, tun inbound)
         self._stop = asyncio.Event()
+        #: set by "retire": a reload replaced this worker; it ends with its open flows
+        self._retire = asyncio.Event()
+        self._retire_limit = 0.0
         self._signals = 0
         #: totals already sent: up, down, flows, per outbound
         self._sent: tuple[int, int, int, dict[str, tuple[int, int]]] = (0, 0, 0, {})
@@ -118,7 +126,9 @@ class Worker:
         gc.freeze()
         trim_heap()
         totals = loop.create_task(self._send_totals()) if box.tracker is not None else None
-        await self._stop.wait()
+        await self._first(self._stop, self._retire)
+        if not self._stop.is_set():
+            await self._retire_now()
         with contextlib.suppress(ValueError, OSError):
             loop.remove_reader(self.sock.fileno())
         await self._drain()
@@ -147,6 +157,37 @@ class Worker:
                                             inbound.serve_redirected())  # fmt: skip
                 listener.open(sorted(ports), ports=ports, reuse_port=True)
                 self.redirect.append((listener, inbound))
+
+    @staticmethod
+    async def _first(*events: asyncio.Event) -> None:
+        waits = [asyncio.ensure_future(e.wait()) for e in events]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def _retire_now(self) -> None:
+        """A reload replaced this worker: no new connections, and the open flows, mixed and
+        redirected alike, run to their end (at most `_retire_limit` seconds, or until the main
+        process stops, when `_drain` takes over)."""
+        for inbound in self.mixed:
+            await inbound.stop()
+        for listener, _inbound in self.redirect:
+            listener.close()
+        tasks = set().union(*(i.tasks for i in self.mixed), *(i.tasks for _l, i in self.redirect))
+        open_tasks = {t for t in tasks if not t.done()}
+        log.info("retiring after a reload: %d open flow(s) go on", len(open_tasks))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._retire_limit
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            while open_tasks and not stop.done() and (left := deadline - loop.time()) > 0:
+                await asyncio.wait({*open_tasks, stop}, timeout=left,
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                open_tasks = {t for t in open_tasks if not t.done()}
+        finally:
+            stop.cancel()
 
     async def _drain(self) -> None:
         """As box.py and the tun inbound: no new flows; mixed flows get the grace period,
@@ -210,6 +251,10 @@ class Worker:
                             reset(RESET_REASON)
         elif op == "stop":  # the main process stops (a signal of its own is counted apart)
             self._stop.set()
+        elif op == "retire":
+            limit = message.get("limit")
+            self._retire_limit = float(limit) if isinstance(limit, int | float) else 0.0
+            self._retire.set()
         elif op == "mode":
             cell = getattr(box.dispatcher.router, "mode", None)
             mode = message.get("mode")

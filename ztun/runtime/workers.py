@@ -84,6 +84,8 @@ class WorkerContext:
     base_dir: str | Path | None
     grace: float
     plan: WorkerPlan
+    #: the config file, which the supervisor compiles again on a reload (None: no reloads)
+    config_path: str | Path | None = None
 
 
 def usable_cores() -> int:
@@ -101,6 +103,7 @@ def fork_pool(
     dns_router: Any = None,
     base_dir: str | Path | None = None,
     grace: float,
+    config_path: str | Path | None = None,
 ) -> WorkerPool | None:
     """Fork the supervisor when the config gets workers; None when everything stays
     in-process. Call before any thread or event loop starts."""
@@ -114,7 +117,7 @@ def fork_pool(
         log.warning("workers: a thread is already running; every connection is handled "
                     "in-process")  # fmt: skip
         return None
-    context = WorkerContext(options, router, dns_router, base_dir, grace, plan)
+    context = WorkerContext(options, router, dns_router, base_dir, grace, plan, config_path)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     # What exists now lives until exit: frozen, the collectors of the forked processes do not
     # write to every object's header, and the pages stay shared.
@@ -231,6 +234,18 @@ class WorkerPool:
             self._mode_sent = self._mode_cell.current
             self._mode_timer = loop.call_later(MODE_CHECK_INTERVAL, self._check_mode)
 
+    def reload(self, inbounds: Iterable[Any], router: Any) -> None:
+        """The main process switched to a reloaded config: the supervisor compiles it too and
+        replaces every worker with one that runs it (ztun.runtime.supervisor)."""
+        if self._loop is None or self._stopping:
+            return
+        self._mode_cell = getattr(router, "mode", None)
+        self._mode_sent = self._mode_cell.current if self._mode_cell is not None else None
+        if self._mode_cell is not None and self._mode_timer is None:
+            self._mode_timer = self._loop.call_later(MODE_CHECK_INTERVAL, self._check_mode)
+        listeners = _listeners(inbounds, self.plan.inbounds)
+        self._send({"op": "reload", "listeners": listeners, "mode": self._mode_sent})
+
     # -- messages -------------------------------------------------------------------------
 
     def _send(self, message: dict[str, Any]) -> None:
@@ -245,6 +260,9 @@ class WorkerPool:
         """The Clash API switched the mode (PATCH /configs): the workers' rules follow."""
         assert self._loop is not None
         cell = self._mode_cell
+        if cell is None:  # a reloaded config without modes
+            self._mode_timer = None
+            return
         if cell.current != self._mode_sent:
             self._mode_sent = cell.current
             self._send({"op": "mode", "mode": cell.current})
@@ -279,6 +297,14 @@ class WorkerPool:
                 log.warning("worker %d (pid %s) %s; its flows were reset; started again in "
                             "%.1fs", index, pid, message.get("how", "exited"),
                             float(message.get("restart_in", 0)))  # fmt: skip
+        elif op == "reloaded":
+            log.info("workers: the supervisor compiled the reloaded config; new workers "
+                     "start, the old ones end with their open flows")  # fmt: skip
+        elif op == "reload-failed":
+            log.error("workers: the reloaded config did not compile in the supervisor, the "
+                      "workers keep the one before: %s", str(message.get("error", "?"))[:500])
+        elif op == "retired" and isinstance(pid, int):
+            log.info("worker %s (pid %d) of the config before the reload ended", index, pid)
         elif op == "failed" and isinstance(index, int):
             log.error("worker %d: %s", index, str(message.get("error", "?"))[:500])
         elif op == "totals":

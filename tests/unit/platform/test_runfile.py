@@ -66,3 +66,17 @@ def test_ztun_reload_without_a_running_ztun_says_so(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli.app, ["reload", str(config)])
     assert result.exit_code == 1
     assert "no running ztun found for" in result.output
+
+
+def test_a_killed_runs_file_is_removed_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ztun.platform.linux import runfile
+
+    monkeypatch.setenv("ZTUN_STATE_DIR", str(tmp_path / "state"))
+    runfile.write_run_file(tmp_path / "live.yaml", None)
+    dead = runfile.run_file(tmp_path / "dead.yaml")
+    state.write_state(dead, {"pid": 2**22 + 7, "start_time": 1, "config": "dead.yaml"})
+    assert dead.exists()
+    assert runfile.remove_stale_run_files() == 1
+    assert not dead.exists() and runfile.run_file(tmp_path / "live.yaml").exists()

@@ -8,7 +8,8 @@ namespace (127.0.0.1 of another namespace is another host), and the outcome of i
 (a counter, whether it was applied, the problems). `ztun reload CONFIG` reads it, signals
 only the exact process that wrote it (pid and start time, so a recycled pid is never signalled)
 and, after a SIGHUP, waits for the counter to move. The file goes when that ztun exits; one left
-by a killed ztun names a dead process and is ignored (and replaced at the next start).
+by a killed ztun names a dead process and is ignored, and the next `ztun run` removes it
+(whichever config it names).
 """
 
 from __future__ import annotations
@@ -34,6 +35,31 @@ def netns() -> int:
         return os.stat("/proc/self/ns/net").st_ino
     except OSError:
         return 0
+
+
+#: At most this many run files are looked at for leftovers of killed runs per start.
+STALE_SCAN_LIMIT = 256
+
+
+def remove_stale_run_files() -> int:
+    """Remove the run files of ztuns that no longer run (a SIGKILL leaves its file); how
+    many."""
+    removed = 0
+    with contextlib.suppress(OSError):
+        for i, path in enumerate(state.state_dir().glob("run-*.json")):
+            if i >= STALE_SCAN_LIMIT:
+                break
+            try:
+                data = state.read_state(path)
+            except state.StateError:
+                return removed
+            pid = data.get("pid") if isinstance(data, dict) else None
+            started = data.get("start_time") if isinstance(data, dict) else None
+            if isinstance(pid, int) and isinstance(started, int) and state.is_running(pid, started):
+                continue
+            state.remove_state(path)
+            removed += 1
+    return removed
 
 
 def write_run_file(config: str | Path, api: str | None, reloads: int = 0,
