@@ -292,7 +292,8 @@ class Box:
                 await self.monitor.start()
             if self.workers is not None:
                 self.workers.start(self.inbounds, tracker=self.tracker, router=router,
-                                   auto_detect=self.options.route.auto_detect_interface)
+                                   auto_detect=self.options.route.auto_detect_interface,
+                                   outbounds=self.dispatcher.outbounds)  # fmt: skip
             return await self._run()
         except GeneratorExit:
             raise  # the coroutine is being closed: nothing may be awaited any more
@@ -518,7 +519,7 @@ class Box:
         if self.workers is not None:
             # They compile the same file in the supervisor and are replaced, their open flows
             # left to end (runtime/supervisor.py).
-            self.workers.reload(self.inbounds, router)
+            self.workers.reload(self.inbounds, router, self.dispatcher.outbounds)
             if new.workers != old_options.workers:
                 log.warning("reload: workers changed but is not applied by a reload: the "
                             "number of processes is set at start")  # fmt: skip

@@ -588,3 +588,50 @@ def test_a_reload_replaces_the_workers_and_their_open_flows_go_on(mixed: Mixed) 
         assert wait_until(lambda: not any(alive(p) for p in before.values()), 10), \
             mixed.z.text()[-3000:]  # fmt: skip
     assert "Traceback" not in mixed.z.text()
+
+
+SELECTOR_CONFIG = """\
+workers: 3
+log: {{level: info}}
+experimental: {{clash_api: {{external_controller: "127.0.0.1:{api}"}}}}
+inbounds:
+  - {{type: mixed, tag: mixed-in, listen_port: {port}}}
+outbounds:
+  - {{type: selector, tag: pick, outbounds: [direct, block]}}
+  - {{type: direct, tag: direct}}
+  - {{type: block, tag: block}}
+route: {{final: pick}}
+"""
+
+
+def test_a_selector_switched_through_the_api_moves_every_process(tmp_path: Path) -> None:
+    """PUT /proxies/{name} reaches the workers: within the check interval (1 s) new
+    connections in every process take the new member."""
+    import json
+    import urllib.request
+
+    port, api = free_port(), free_port()
+    z = start_ztun(tmp_path, SELECTOR_CONFIG.format(port=port, api=api), port)
+    try:
+        assert wait_until(lambda: len(worker_pids(z.text())) == 2, 10), z.text()
+        with echo_server() as echo:
+            for _ in range(9):
+                echo_once(port, echo)  # direct, whichever process
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{api}/proxies/pick", method="PUT",
+                data=json.dumps({"name": "block"}).encode(),
+                headers={"Content-Type": "application/json"})  # fmt: skip
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                assert reply.status == 204
+            time.sleep(2.5)  # the workers look once a second
+            codes = []
+            for _ in range(30):
+                s, code = socks5_connect(port, Address("127.0.0.1", echo))
+                s.close()
+                codes.append(code)
+            assert all(code != 0 for code in codes), (codes, z.text()[-3000:])
+        served = {pid for pid, line in flows_by_pid(z.text(), z.pid) if "block" in line}
+        assert len(served) >= 2, z.text()[-3000:]  # the switch reached more than one process
+    finally:
+        z.stop()
+    assert "Traceback" not in z.text()

@@ -44,6 +44,14 @@ class SelectorOutbound(GroupOutbound):
     def now(self) -> str:
         return self._now
 
+    def follow(self, member: str) -> None:
+        """Use `member` as the main process's selector does (a worker process,
+        runtime/worker.py): as `select`, without writing the cache file, which the main
+        process keeps."""
+        if member in self.member_tags and member != self._now:
+            old, self._now = self._now, member
+            self.switched(old, member, "selected")
+
     def select(self, member: str) -> None:
         """Use `member` from now on; ZtunError when it is no member of the group."""
         if member not in self.member_tags:

@@ -274,7 +274,7 @@ class Supervisor:
                         os.kill(old.pid, signal.SIGTERM)
         elif op == "reload" and not self.stopping:
             self.reload(message)
-        elif op in ("network", "mode"):
+        elif op in ("network", "mode", "selected"):
             self.state[op] = message
             for slot in self.slots:
                 _send(slot.sock, message)
@@ -298,7 +298,11 @@ class Supervisor:
         cell = getattr(router, "mode", None)
         if cell is not None and isinstance(mode, str):
             cell.set(mode)
-        self.state.pop("mode", None)  # the new rules start in the main process's mode
+        # The new rules start in the main process's mode, the selectors with its members.
+        self.state.pop("mode", None)
+        selected = message.get("selected")
+        if isinstance(selected, dict):
+            self.state["selected"] = {"op": "selected", "now": selected}
         self.context = replace(self.context, options=compiled.options, router=router,
                                dns_router=compiled.dns_router,
                                base_dir=compiled.loaded.base_dir)  # fmt: skip

@@ -251,6 +251,13 @@ class Worker:
                             reset(RESET_REASON)
         elif op == "stop":  # the main process stops (a signal of its own is counted apart)
             self._stop.set()
+        elif op == "selected":
+            now = message.get("now")
+            for tag, member in (now.items() if isinstance(now, dict) else ()):
+                group = box.dispatcher.outbounds.get(tag)
+                follow = getattr(group, "follow", None)
+                if follow is not None and isinstance(member, str):
+                    follow(member)
         elif op == "retire":
             limit = message.get("limit")
             self._retire_limit = float(limit) if isinstance(limit, int | float) else 0.0

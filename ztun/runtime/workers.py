@@ -56,7 +56,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,6 +175,8 @@ class WorkerPool:
         self._mode_cell: Any = None
         self._mode_sent: str | None = None
         self._mode_timer: asyncio.TimerHandle | None = None
+        self._selectors: dict[str, Any] = {}
+        self._selected_sent: dict[str, str] = {}
         self._stopped: asyncio.Event | None = None
         self._stopping = False
         self._reaped = False
@@ -210,7 +212,8 @@ class WorkerPool:
         return both
 
     def start(self, inbounds: Iterable[Any], *, tracker: Any = None, router: Any = None,
-              auto_detect: bool = False) -> None:  # fmt: skip
+              auto_detect: bool = False,
+              outbounds: Mapping[str, Any] | None = None) -> None:  # fmt: skip
         """Once the main process's inbounds listen: the workers start on the same ports."""
         loop = self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
@@ -229,22 +232,30 @@ class WorkerPool:
         log.info("workers: %d process(es) accept connections of %s (the main one and %d "
                  "worker(s))", self.plan.count, ", ".join(sorted({x["tag"] for x in listeners})),
                  self.plan.forks)  # fmt: skip
-        self._mode_cell = getattr(router, "mode", None)
-        if self._mode_cell is not None:
-            self._mode_sent = self._mode_cell.current
-            self._mode_timer = loop.call_later(MODE_CHECK_INTERVAL, self._check_mode)
+        self._follow(router, outbounds)
 
-    def reload(self, inbounds: Iterable[Any], router: Any) -> None:
+    def _follow(self, router: Any, outbounds: Mapping[str, Any] | None) -> None:
+        """What the workers copy from the main process once a second: the Clash mode and the
+        member each selector group uses (both switched through the API)."""
+        assert self._loop is not None
+        self._mode_cell = getattr(router, "mode", None)
+        self._mode_sent = self._mode_cell.current if self._mode_cell is not None else None
+        self._selectors = {tag: o for tag, o in (outbounds or {}).items()
+                           if getattr(o, "type", None) == "selector"}  # fmt: skip
+        self._selected_sent = {tag: o.now for tag, o in self._selectors.items()}
+        if self._mode_timer is None and (self._mode_cell is not None or self._selectors):
+            self._mode_timer = self._loop.call_later(MODE_CHECK_INTERVAL, self._check_mode)
+
+    def reload(self, inbounds: Iterable[Any], router: Any,
+               outbounds: Mapping[str, Any] | None = None) -> None:  # fmt: skip
         """The main process switched to a reloaded config: the supervisor compiles it too and
         replaces every worker with one that runs it (ztun.runtime.supervisor)."""
         if self._loop is None or self._stopping:
             return
-        self._mode_cell = getattr(router, "mode", None)
-        self._mode_sent = self._mode_cell.current if self._mode_cell is not None else None
-        if self._mode_cell is not None and self._mode_timer is None:
-            self._mode_timer = self._loop.call_later(MODE_CHECK_INTERVAL, self._check_mode)
+        self._follow(router, outbounds)
         listeners = _listeners(inbounds, self.plan.inbounds)
-        self._send({"op": "reload", "listeners": listeners, "mode": self._mode_sent})
+        self._send({"op": "reload", "listeners": listeners, "mode": self._mode_sent,
+                    "selected": self._selected_sent})  # fmt: skip
 
     # -- messages -------------------------------------------------------------------------
 
@@ -257,15 +268,20 @@ class WorkerPool:
             pass  # the supervisor is gone: _on_message sees the EOF
 
     def _check_mode(self) -> None:
-        """The Clash API switched the mode (PATCH /configs): the workers' rules follow."""
+        """The Clash API switched the mode (PATCH /configs) or a selector's member
+        (PUT /proxies/{name}): the workers follow."""
         assert self._loop is not None
         cell = self._mode_cell
-        if cell is None:  # a reloaded config without modes
+        if cell is None and not self._selectors:  # a reloaded config without either
             self._mode_timer = None
             return
-        if cell.current != self._mode_sent:
+        if cell is not None and cell.current != self._mode_sent:
             self._mode_sent = cell.current
             self._send({"op": "mode", "mode": cell.current})
+        selected = {tag: o.now for tag, o in self._selectors.items()}
+        if selected != self._selected_sent:
+            self._selected_sent = selected
+            self._send({"op": "selected", "now": selected})
         if not self._stopping:
             self._mode_timer = self._loop.call_later(MODE_CHECK_INTERVAL, self._check_mode)
 
