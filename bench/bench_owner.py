@@ -15,7 +15,9 @@ and without the lookup, the lookup's wall time (p50/p99), fd links read per look
 share of lookups the worker thread had to search for.
 
 --hold N: the client holds N connections, then opens 200 more one at a time, each kept open;
-reports the same per-lookup figures for a process with a big fd table.
+reports the same per-lookup figures for a process with a big fd table. With --random, each
+new connection follows the close of one held at random (the hard case: any fd may be the new
+socket's).
 
 No root needed; loopback only.
 """
@@ -41,12 +43,15 @@ from ztun.platform.linux.owner import OwnerFinder  # noqa: E402
 LOAD = str(ROOT / "bench" / "tun_load.py")
 
 HOLDER = r"""
-import socket, sys
-port, n, more = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+import random, socket, sys
+port, n, more, swap = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 held = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
 print("ready", flush=True)
+random.seed(1)
 for _ in range(more):
     sys.stdin.readline()
+    if swap:
+        held.pop(random.randrange(len(held))).close()
     held.append(socket.create_connection(("127.0.0.1", port)))
     print("next", flush=True)
 sys.stdin.readline()
@@ -108,7 +113,7 @@ def figures(finder: OwnerFinder, took: list[float]) -> dict[str, Any]:
     }
 
 
-async def hold(n: int, more: int) -> dict[str, Any]:
+async def hold(n: int, more: int, swap: bool = False) -> dict[str, Any]:
     finder = OwnerFinder(process=True)
     took: list[float] = []
     accepted: list[socket.socket] = []
@@ -116,7 +121,8 @@ async def hold(n: int, more: int) -> dict[str, Any]:
     srv.bind(("127.0.0.1", 0))
     srv.listen(4096)
     port = srv.getsockname()[1]
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(port), str(n), str(more)],
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(port), str(n), str(more),
+                               "1" if swap else "0"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert holder.stdin is not None and holder.stdout is not None
     try:
@@ -141,7 +147,7 @@ async def hold(n: int, more: int) -> dict[str, Any]:
         for c in accepted:
             c.close()
         srv.close()
-    res = {"held": n, "lookups": more} | figures(finder, took)
+    res = {"held": n, "lookups": more, "random": swap} | figures(finder, took)
     finder.close()
     return res
 
@@ -151,9 +157,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--hold", type=int, default=0, help="hold N connections (a big fd table)")
+    ap.add_argument("--random", action="store_true", help="with --hold: close one at random first")
     args = ap.parse_args()
     if args.hold:
-        print(json.dumps(asyncio.run(hold(args.hold, 200)), indent=2))
+        print(json.dumps(asyncio.run(hold(args.hold, 200, args.random)), indent=2))
         return
     rounds: dict[str, list[dict[str, Any]]] = {"without": [], "with": []}
     for i in range(args.rounds):

@@ -4,7 +4,7 @@ For the rule items `user`, `user_id`, `process_name`, `process_path`, `process_p
 `OwnerFinder.find(network, src_ip, src_port, dst_ip, dst_port)` is the one call every inbound
 makes (the 5-tuple as the local application's socket sees it: its own address first):
 
-1. netlink `sock_diag` names the socket: its inode and uid, in one exact lookup (6 µs; done on
+1. netlink `sock_diag` names the socket: its inode and uid, in one exact lookup (about 8 µs; done on
    the caller's thread, since the kernel answers inside `send`). The uid alone serves `user`
    and `user_id`: configs with only those items never touch /proc.
 2. Only when a rule needs the process: which process holds an fd linking to
@@ -12,28 +12,35 @@ makes (the 5-tuple as the local application's socket sees it: its own address fi
    about 3 µs (procfs answers from memory, never a wait), so the search is about reading as
    few links as possible. On the caller's thread, within `INLINE_PROBES` links:
    - the index of sockets already seen in the fd tables of the processes of recent flows
-     (a socket read on the way to an earlier one): one link confirms it is still there;
+     (a socket read on the way to an earlier one): no link at all if it was read within
+     `INDEX_TRUST`, else one to confirm it is still there;
    - otherwise those processes' fds, likeliest first: just after where the last socket was
      found (a client's burst of new sockets takes free fds in ascending order), the lowest
-     fds seen closed (a new socket takes the lowest free fd), then its sockets oldest first.
-   A client opening many flows is found in one or two links a flow (figures below). Only a
-   miss goes to a worker thread, awaited with a deadline: every process of the socket's uid,
-   newest first, listed and probed, bounded in time and links; the process it finds is read
-   whole there and handed to the inline step, so its next sockets are found inline. A miss
-   while such a search runs waits for it first (the first flows of a new client come
-   together, and that search is likely to be theirs too). The path is /proc/PID/exe.
+     fds seen closed (a new socket takes the lowest free fd), past the highest fd, then its
+     sockets oldest first.
+   Only a miss goes to a worker thread, awaited with a deadline: the recent processes, then
+   every process of the socket's uid, newest first, listed and probed, bounded in time and
+   links; the process it finds, with its fd table as read there, goes to the inline step, so
+   its next sockets are found inline. A miss while such a search runs waits for it first
+   (the first flows of a new client come together, and that search is likely to find their
+   process too). The path is /proc/PID/exe.
 
-Measured with bench/bench_owner.py (a client process churning 64 parallel loopback
-connections, 2-core machine): 17 µs a lookup (sock_diag, links, exe) against about 330 µs of
-ztun's CPU per TUN connection; one or two links read per lookup on average.
+Measured with bench/bench_owner.py (a client process keeping 64 loopback connections busy,
+as bench_tun.py's load does; 2-core machine shared with other jobs): 27-35 µs of CPU a
+lookup (sock_diag about 8 µs of it), 2.5-3 links read and 0.3-0.6 % of lookups searched by
+the worker, against about 330 µs of ztun's CPU per TUN connection. Before the index and the
+walks: 91 links and 20 % searched, 350 µs. The hard case is a process closing its sockets in
+random order (any fd may hold the new one): 35 links a lookup with 64 sockets open.
 
-Bounds of a wrong owner: a process found is the one that holds the socket when its fd link is
-read (a /proc/PID directory opened earlier fails once that process exits, whatever reuses the
-pid, and an index entry is read again before it is believed); a socket held by two processes
-(fork, or passed over a Unix socket) names whichever was found, as `ss -p` would. The
-executable path of a process is read again after `EXE_TTL` (1 s): a process that `execve`s
-keeps its fds and pid, and is named by its old path for at most that long. A process that
-exits before its lookup leaves no socket: the flow is "unknown".
+Bounds of a wrong owner: a process found is one that held the socket when its fd link was
+read, at most `INDEX_TRUST` (1 s) ago; a /proc/PID directory opened earlier fails once that
+process exits, whatever reuses the pid, and a table the worker read is never believed without
+a link read again on this side. So a socket passed to another process (over a Unix socket, or
+kept across a fork by the child only) is named after its first holder for at most 1 s; a
+socket held by two processes names whichever was found, as `ss -p` would. The executable path
+of a process is read again after `EXE_TTL` (1 s): a process that `execve`s keeps its fds and
+pid, and is named by its old path for at most that long. A process that exits before its
+lookup leaves no socket: the flow is "unknown".
 
 Whatever fails (no such socket: gone, or in another network namespace; /proc unreadable; the
 deadline) gives `UNKNOWN` or an owner with only what was found: never an error to the flow.
@@ -54,7 +61,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from itertools import chain
+from itertools import chain, islice
 from typing import Any
 
 from ztun.platform.linux.owner_parse import (
@@ -87,11 +94,13 @@ MAX_RECENT_PIDS = 16
 MAX_USER_NAMES = 1024
 #: fd links the inline step may read per lookup (about 3 µs each) before the worker takes over.
 INLINE_PROBES = 64
-#: A recent process's fd table is listed and handed over whole (by the worker), or listed by
-#: the inline step, only up to this many fds (listing costs about 0.5 µs an fd).
+#: A process's fd table is read whole by the worker, or listed by the inline step, only up
+#: to this many fds (listing costs about 0.5 µs an fd).
 MAX_INLINE_LISTING = 256
-#: A recent process's fd numbers past the highest it had that the inline step probes too.
-PROBE_PAST_MAX = 2
+#: The most of a process's fd table the worker hands over (its highest fds), and the most
+#: closed fds remembered per process.
+MAX_SEED = 1024
+MAX_CLOSED = 256
 #: fds in a row without a new socket that end one of the inline step's walks.
 WALK_MISSES = 2
 #: How long the inline step believes a socket it saw in a process's fd table without reading
@@ -247,7 +256,7 @@ class OwnerFinder:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         searching = self._searching
-        if searching is not None:
+        if searching is not None and searching.get_loop() is loop:
             # The first flows of a new client come together: the search running for one
             # of them is likely to find this socket's process (and user) too, and then the
             # inline step finds the socket in a link or two instead of a search of its own.
@@ -368,14 +377,14 @@ class OwnerFinder:
         and had their fd reused), fd numbers never read, the other fds, the closed ones,
         and last the fds opened since, from a listing. Against a client churning 64
         connections, oldest-first alone read 8 links a lookup and missed 3 % (each miss a
-        search by the worker); with the walks first, 1.2 links and under 0.5 %."""
+        search by the worker); with the walks first, under 3 links and 0.5 %."""
         self._tried.clear()
         top = proc.max_fd + 1
         cursor, closed = proc.cursor, proc.closed
         walks = (
             range(cursor + 1, cursor + 1 + budget) if cursor >= 0 else (),
             heapq.nsmallest(budget, closed) if closed else (),
-            range(top, top + max(budget, PROBE_PAST_MAX)),
+            range(top, top + budget),
         )
         for walk in walks:
             found, budget = self._walk(proc, inode, walk, budget)
@@ -384,11 +393,11 @@ class OwnerFinder:
         sockets, others, closed = proc.sockets, proc.others, proc.closed
         # Lazily: the budget, not the size of the fd table, bounds what is looked at.
         rest = chain(
-            list(sockets),
+            list(islice(sockets, budget)),
             (fd for fd in range(top)
              if fd not in sockets and fd not in others and fd not in closed),
-            list(others),
-            list(closed),
+            list(islice(others, budget)),
+            list(islice(closed, budget)),
         )  # fmt: skip
         found, budget = self._each(proc, inode, rest, budget)
         if found or budget <= 0 or len(sockets) + len(others) + len(closed) > MAX_INLINE_LISTING:
@@ -469,7 +478,7 @@ class OwnerFinder:
                 del where[old]
         if ino == _CLOSED:
             proc.others.discard(fd)
-            if fd <= proc.max_fd:
+            if fd <= proc.max_fd and len(proc.closed) < MAX_CLOSED:
                 proc.closed.add(fd)
             return
         proc.closed.discard(fd)
@@ -508,8 +517,9 @@ class OwnerFinder:
             # a guide for the order of reading, never believed without a link read here.
             # The listing was in ascending order: below its last fd, what it lacked was closed.
             never = float("-inf")
-            last = max(table)
-            gone = [fd for fd in chain(proc.sockets, proc.others) if fd < last and fd not in table]
+            low, last = min(table), max(table)
+            gone = [fd for fd in chain(proc.sockets, proc.others)
+                    if low < fd < last and fd not in table]  # fmt: skip
             for fd in gone:
                 self._note(proc, fd, _CLOSED, never)
             for fd, ino in sorted(table.items()):
@@ -596,6 +606,10 @@ class OwnerFinder:
         if found is None:
             return Owner(uid, user), None
         pid, table = found
+        if len(table) > MAX_SEED:
+            # Read in ascending order up to this socket's fd: the highest fds, where new
+            # sockets go, are what the inline step needs.
+            table = dict(list(table.items())[-MAX_SEED:])
         try:
             path = parse_exe_link(os.readlink(f"{self.proc}/{pid}/exe"))
         except OSError:
