@@ -9,7 +9,7 @@ The I/O around it is `ztun.platform.linux.owner`.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 #: netlink: NETLINK_SOCK_DIAG protocol, SOCK_DIAG_BY_FAMILY message, NLMSG_ERROR / NLMSG_DONE
 NETLINK_SOCK_DIAG = 4
@@ -60,10 +60,10 @@ def diag_request(
     )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class DiagAnswer:
+class DiagAnswer(NamedTuple):
     """The kernel's answer to one `diag_request`: the socket's owner uid and inode, or
-    `errno` (ENOENT: no such socket in this namespace)."""
+    `errno` (ENOENT: no such socket in this namespace). A named tuple: made once per flow,
+    at a third of a frozen dataclass's cost."""
 
     seq: int
     uid: int = -1
