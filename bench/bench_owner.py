@@ -11,8 +11,8 @@ load on the machine), and what the lookup adds to it.
 
 churn: the client is bench/tun_load.py `rate` (64 workers connecting, echoing one byte,
 closing), the client bench_tun.py's `--process-rule` uses. Reports CPU-µs per connection with
-and without the lookup, the lookup's wall time (p50/p99), fd links read per lookup and the
-share of lookups the worker thread had to search for.
+and without the lookup, the lookup's wall time (p50/p99), fd links read per lookup, and the
+shares of lookups that read a whole fd table (a sweep) or had the worker thread search.
 
 --hold N: the client holds N connections, then opens 200 more one at a time, each kept open;
 reports the same per-lookup figures for a process with a big fd table. With --random, each
@@ -109,6 +109,7 @@ def figures(finder: OwnerFinder, took: list[float]) -> dict[str, Any]:
         "lookup_p99_us": round(pct(took, 0.99) * 1e6, 1),
         "links_per_lookup": round(finder.links / n, 2),
         "searched_share": round(finder.searches / n, 4),
+        "swept_share": round(finder.sweeps / n, 4),
         "found_share": round(finder.found / n, 4),
     }
 
