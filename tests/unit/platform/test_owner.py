@@ -316,8 +316,8 @@ LOAD = str(Path(__file__).resolve().parents[3] / "bench" / "tun_load.py")
 @linux
 def test_a_churning_client_costs_few_links_per_lookup() -> None:
     """Issue 16's cost bound, as what it is made of: fd links read per lookup (each about
-    3 µs) and the share of lookups the worker had to search for. Measured: about 2.5 links
-    and 0.4 % (bench/bench_owner.py); bounds with a wide margin, not timings."""
+    3 µs) and the share of lookups the worker had to search for. Measured: about 2 links
+    and under 0.1 % (bench/bench_owner.py); bounds with a wide margin, not timings."""
     import subprocess
 
     from ztun.platform.linux.owner import OwnerFinder

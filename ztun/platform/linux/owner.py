@@ -97,8 +97,8 @@ MAX_RECENT_PIDS = 16
 MAX_USER_NAMES = 1024
 #: fd links the inline step may read per lookup (about 3 µs each) before the worker takes over.
 INLINE_PROBES = 64
-#: A process's fd table is read whole by the worker, or listed by the inline step, only up
-#: to this many fds (listing costs about 0.5 µs an fd).
+#: A process's fd table is read whole (by the worker, or by the inline step's sweep) or
+#: listed by the inline step only up to this many fds (listing costs about 0.5 µs an fd).
 MAX_INLINE_LISTING = 256
 #: The most of a process's fd table the worker hands over (its highest fds), and the most
 #: closed fds remembered per process.
