@@ -363,7 +363,7 @@ class OwnerFinder:
             found, budget = self._probe(proc, inode, budget)
             if found:
                 return self._found(proc, uid, user)
-            if not proc.sockets and not proc.others and not proc.alive():
+            if not proc.alive():
                 self._forget(proc)  # it exited: probing it again would only waste links
             if budget <= 0:
                 break
