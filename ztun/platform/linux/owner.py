@@ -29,7 +29,7 @@ makes (the 5-tuple as the local application's socket sees it: its own address fi
    process too). The path is /proc/PID/exe.
 
 Measured with bench/bench_owner.py (a client process keeping 64 loopback connections busy,
-as bench_tun.py's load does; 2-core machine shared with other jobs): 24-35 µs of CPU a
+as bench_tun.py's load does; 2-core machine shared with other jobs): 24-40 µs of CPU a
 lookup (sock_diag about 8 µs of it), 2-3 links read, under 0.1 % of lookups searched by the
 worker, against about 330 µs of ztun's CPU per TUN connection. Before the index and the
 walks: 91 links and 20 % searched, 350 µs. The hard case is a process closing its sockets in
