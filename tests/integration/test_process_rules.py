@@ -6,7 +6,8 @@ HTTP and TCP/UDP echo run in a server namespace. Rules: the user `nobody` is blo
 program named `zt-blocked` (a copy of this Python) is blocked for TCP by name and for UDP by a
 path regex; everything else goes direct. curl runs as root and as nobody (`setpriv`), the
 Python client as itself and as `zt-blocked`; a client that exits before its lookup is routed as
-unknown, without an error.
+unknown, without an error. The same TCP rule holds with auto_redirect (a second ztun, in
+namespaces of its own), where the flow arrives through nftables instead of the TUN.
 """
 
 from __future__ import annotations
@@ -135,6 +136,14 @@ class Env:
     blocked_python: Path
 
 
+def blocked_copy(tmp: Path) -> Path:
+    """Another name for the same program: /proc/PID/exe gives the copy's path (a symlink
+    would resolve to the original)."""
+    blocked = tmp / "zt-blocked"
+    shutil.copy2(sys.executable, blocked)
+    return blocked
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     require_tun_environment()
@@ -148,10 +157,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     www = tmp / "www"
     www.mkdir()
     (www / "hello.txt").write_text("hello\n")
-    # Another name for the same program: /proc/PID/exe gives the copy's path (a symlink
-    # would resolve to the original).
-    blocked = tmp / "zt-blocked"
-    shutil.copy2(sys.executable, blocked)
+    blocked = blocked_copy(tmp)
     procs: list[Proc] = []
     with topology() as t:
         try:
@@ -283,3 +289,74 @@ def test_process_gone_before_lookup(env: Env, net: str) -> None:
     assert "Traceback" not in env.ztun.text()
     assert env.ztun.p.poll() is None
     assert python(env, "udp", DIRECT4, "7", "talk")["result"] == "ok"
+
+
+# -- auto_redirect ----------------------------------------------------------------------------
+
+#: The TUN config with auto_redirect: TCP reaches ztun through nftables and its loopback
+#: listener, and is routed once accepted (LookupFirst, as on the TUN).
+REDIRECT_CONFIG = """\
+log: {level: debug}
+inbounds:
+  - type: tun
+    tag: tun-in
+    interface_name: ztun0
+    address: [198.18.0.1/30, "fdfe:dcba:9876::1/126"]
+    auto_route: true
+    auto_redirect: true
+outbounds:
+  - {type: direct, tag: direct}
+  - {type: block, tag: block}
+route:
+  rules:
+    - {process_name: [zt-blocked], network: tcp, outbound: block}
+  final: direct
+"""
+
+
+@pytest.fixture(scope="module")
+def redirect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    from .test_tun_linux import start_ztun
+    from .test_tun_redirect import require_nftables
+
+    require_nftables()
+    tmp = tmp_path_factory.mktemp("procrule-redirect")
+    blocked = blocked_copy(tmp)
+    procs: list[Proc] = []
+    with topology() as t:
+        try:
+            procs.append(Proc(["ip", "netns", "exec", t.server, sys.executable,
+                               str(Path(__file__).parent / "tun_server.py")],
+                              tmp / "echo.log"))  # fmt: skip
+            wait_tcp(t.server, "127.0.0.1", 7)
+            z = start_ztun(t, tmp, "ztun-redirect", config=REDIRECT_CONFIG)
+            procs.append(z)
+            assert "auto_redirect" in z.text() and "auto_redirect is off" not in z.text()
+            yield Env(t, tmp, z, blocked)
+        finally:
+            for p in reversed(procs):
+                p.stop()
+
+
+@pytest.mark.parametrize("target", [DIRECT4, DIRECT6])
+def test_redirected_tcp_by_process_name(redirect_env: Env, target: str) -> None:
+    """A redirected flow is routed by its owner as a TUN flow is: this Python direct, its
+    copy named zt-blocked reset after the handshake; both went through nftables' redirect."""
+    from .test_tun_redirect import redirected
+
+    env = redirect_env
+    family = "ipv6" if ":" in target else "ipv4"
+    before = redirected(env.t)[family]
+    mine = python(env, "tcp", target, "7", "talk")
+    assert mine["result"] == "ok", mine
+    r = python(env, "tcp", target, "7", "talk", blocked=True)
+    assert r["result"] != "ok", r
+    assert redirected(env.t)[family] == before + 2  # the redirect, not the TUN, carried both
+    ok = lines_for(env, int(mine["port"]))  # type: ignore[call-overload]
+    assert ok and ok[0]["outbound"] == "direct", ok
+    assert ok[0]["process_path"] == os.path.realpath(sys.executable), ok
+    refused = lines_for(env, int(r["port"]))  # type: ignore[call-overload]
+    assert refused and refused[0]["outbound"] == "block", refused
+    assert refused[0]["process"] == "zt-blocked" and refused[0]["end"] == "blocked", refused
+    assert refused[0]["process_path"] == str(env.blocked_python)
+    assert "Traceback" not in env.ztun.text()

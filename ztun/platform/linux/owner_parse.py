@@ -9,7 +9,7 @@ The I/O around it is `ztun.platform.linux.owner`.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 #: netlink: NETLINK_SOCK_DIAG protocol, SOCK_DIAG_BY_FAMILY message, NLMSG_ERROR / NLMSG_DONE
 NETLINK_SOCK_DIAG = 4
@@ -26,12 +26,11 @@ AF_INET = 2
 AF_INET6 = 10
 
 _NLMSG = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
-# inet_diag_req_v2: family, protocol, ext, pad, states; then inet_diag_sockid: sport, dport
-# (big-endian), src[16], dst[16], interface, cookie[2]
-_REQ_HEAD = struct.Struct("=BBBBI")
-_PORTS = struct.Struct(">HH")
-_REQ_TAIL = struct.Struct("=III")
-REQUEST_LEN = _NLMSG.size + _REQ_HEAD.size + _PORTS.size + 32 + _REQ_TAIL.size
+# The whole request in one pack (a third of the cost of packing its parts): the netlink
+# header; inet_diag_req_v2: family, protocol, ext, pad, states; inet_diag_sockid: sport,
+# dport (big-endian, as bytes), src[16], dst[16], interface, cookie[2]
+_REQUEST = struct.Struct("=IHHIIBBBBI2s2s16s16sIII")
+REQUEST_LEN = _REQUEST.size
 # inet_diag_msg: family, state, timer, retrans, sockid (48 bytes), expires, rqueue, wqueue,
 # uid, inode
 _MSG_UID_INODE = struct.Struct("=II")
@@ -54,20 +53,17 @@ def diag_request(
         raise ValueError("port out of range")
     if len(src) not in (4, 16) or len(dst) not in (4, 16):
         raise ValueError("not a packed IPv4 or IPv6 address")
-    body = (
-        _REQ_HEAD.pack(family, protocol, 0, 0, _ALL_STATES)
-        + _PORTS.pack(sport, dport)
-        + src.ljust(16, b"\0")
-        + dst.ljust(16, b"\0")
-        + _REQ_TAIL.pack(0, _NO_COOKIE, _NO_COOKIE)
-    )
-    return _NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0) + body
+    return _REQUEST.pack(
+        REQUEST_LEN, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0,
+        family, protocol, 0, 0, _ALL_STATES,
+        sport.to_bytes(2, "big"), dport.to_bytes(2, "big"), src, dst, 0, _NO_COOKIE, _NO_COOKIE,
+    )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class DiagAnswer:
+class DiagAnswer(NamedTuple):
     """The kernel's answer to one `diag_request`: the socket's owner uid and inode, or
-    `errno` (ENOENT: no such socket in this namespace)."""
+    `errno` (ENOENT: no such socket in this namespace). A named tuple: made once per flow,
+    at a third of a frozen dataclass's cost."""
 
     seq: int
     uid: int = -1
