@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import json
 import logging
 import os
@@ -32,14 +31,12 @@ import socket
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ztun import __version__
 from ztun.config.duration import parse_duration
@@ -51,6 +48,10 @@ from ztun.route.ruleset import RuleSetError, parse_rule_set
 from ztun.route.source_stream import parse_source_bytes
 from ztun.route.srs import is_binary, parse_binary
 from ztun.runtime.dial import OWN
+
+if TYPE_CHECKING:
+    import urllib.request
+
 
 #: Larger rule-set files are refused (local and remote).
 MAX_RULE_SET_BYTES = 64 * 1024 * 1024
@@ -621,7 +622,12 @@ def _opener(deadline: _Deadline, socks: Mapping[str, Any] | None) -> urllib.requ
     """A urllib opener whose every connection `deadline` can cut; through the `socks` outbound
     when one is given (python-socks' synchronous client does the SOCKS handshake, the domain
     goes to the proxy unresolved; urllib keeps doing HTTP, TLS, redirects and conditional
-    requests; start-up code is synchronous, so the asyncio outbound is not used here)."""
+    requests; start-up code is synchronous, so the asyncio outbound is not used here).
+    urllib.request and http.client are imported here, at the first download: with the email
+    package they bring, 2 MiB of RSS a config without remote rule sets never needs."""
+    import http.client
+    import urllib.request
+
     through_proxy = _proxy_connector(socks) if socks is not None else None
 
     def connect(address: tuple[str, int], timeout: Any = None, *args: Any) -> socket.socket:
@@ -755,6 +761,10 @@ def _transfer(
     timeout: float,
     opener: urllib.request.OpenerDirector,
 ) -> _Response:
+    import http.client
+    import urllib.error
+    import urllib.request
+
     limit = MAX_RULE_SET_BYTES
     too_large = f"refused: the file is larger than the {_size(limit)} limit for rule sets"
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})

@@ -13,7 +13,6 @@ No sockets or loop here: a table, a clock read per flow start, and the callables
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -83,6 +82,8 @@ class Tracker:
             self.untracked += 1
             return None
         inbound = flow.meta.inbound or ""
+        import uuid  # only with the Clash API (0.3 MiB a router without one never needs)
+
         entry = Tracked(str(uuid.uuid4()), flow, network,
                         self.inbound_types.get(inbound, inbound), time.time(), counts,
                         close)  # fmt: skip
