@@ -20,6 +20,7 @@ from ztun.config.unexecuted import not_executed
 from ztun.config.validate import format_path, validate
 from ztun.dns.router import DnsRouter
 from ztun.errors import ConfigError, Diagnostic, ZtunError
+from ztun.provider.validated import config_key, passed_before, remember
 from ztun.route.compile import as_list, compile_dns_router, compile_router
 from ztun.route.router import Router
 
@@ -154,18 +155,35 @@ def _redirect_unavailable(data: Any) -> list[Diagnostic]:
     return out
 
 
-def check_file(path: str | Path, *, offline: bool = True) -> CheckResult:
+def _cache_dir() -> Path:
+    from ztun.provider.ruleset import default_cache_dir
+
+    return default_cache_dir()
+
+
+def check_file(
+    path: str | Path, *, offline: bool = True, trust_validated: bool = False
+) -> CheckResult:
     """Every diagnostic for the config at `path`, and its router when there are no errors.
 
     `offline=True` (what `ztun check` does) never downloads remote rule sets: their cached copy
-    is checked, or a warning says they were not.
+    is checked, or a warning says they were not. `trust_validated=True` (`ztun run`) skips the
+    JSON schema for a config that passed it unchanged before (ztun.provider.validated).
     """
     try:
         loaded = load_config(path, env=os.environ)
     except ConfigError as exc:
         return CheckResult(None, _place(None, exc.diagnostics))
     diagnostics = list(loaded.diagnostics)
-    diagnostics.extend(validate(loaded))
+    key = config_key(loaded.data) if trust_validated else None
+    cache_dir = _cache_dir() if key is not None else None
+    known = cache_dir is not None and key is not None and passed_before(cache_dir, key)
+    found = validate(loaded, schema=not known)
+    diagnostics.extend(found)
+    # A marker only when the schema found nothing: no findings beyond the other checks'.
+    if (cache_dir is not None and key is not None and not known
+            and len(found) == len(validate(loaded, schema=False))):  # fmt: skip
+        remember(cache_dir, key)
     diagnostics.extend(
         Diagnostic(message, path, severity="warning") for path, message in not_executed(loaded.data)
     )
@@ -221,7 +239,7 @@ class Compiled(NamedTuple):
 
 def load_and_compile(path: str | Path, *, offline: bool = False) -> Compiled:
     """The loaded config, its options and its router; raises ConfigError listing every error."""
-    result = check_file(path, offline=offline)
+    result = check_file(path, offline=offline, trust_validated=True)
     if result.errors or result.loaded is None or result.router is None or result.options is None:
         raise ConfigError(result.errors or result.diagnostics)
     return Compiled(

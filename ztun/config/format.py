@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonschema import Draft202012Validator
 
 from ztun.config.loader import LoadedConfig, resolve_plain_scalar
 from ztun.config.validate import SCHEMA_PATH, load_schema
@@ -66,6 +65,8 @@ def _resolve(schema: Any, root: dict[str, Any]) -> dict[str, Any]:
 def _applies(condition: Any, value: Any) -> bool:
     if not isinstance(condition, dict):
         return bool(condition)
+    from jsonschema import Draft202012Validator  # only when formatting (`ztun format`)
+
     try:
         return bool(Draft202012Validator(condition).is_valid(value))
     except Exception:  # an odd value must not stop formatting

@@ -17,16 +17,17 @@ import difflib
 import ipaddress
 from collections.abc import Iterator, Sequence
 from functools import cache
-from typing import Any
-
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError
+from typing import TYPE_CHECKING, Any
 
 from ztun.config.legacy_dns import is_legacy_server, legacy_server, typed_text
 from ztun.config.loader import LoadedConfig
 from ztun.config.schema import SCHEMA_PATH
 from ztun.config.schema import schema as load_schema
 from ztun.errors import ConfigPath, Diagnostic, Mark, Severity
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import ValidationError
 
 __all__ = ["SCHEMA_PATH", "format_path", "load_schema", "validate"]
 
@@ -45,17 +46,24 @@ _TYPE_WORDS = {
 
 @cache
 def _validator() -> Draft202012Validator:
+    # Imported here: jsonschema and what it brings are 5 MiB of RSS that a `ztun run` of a
+    # config the schema passed before does not need (check.py, provider/validated.py).
+    from jsonschema import Draft202012Validator
+
     return Draft202012Validator(load_schema())
 
 
-def validate(loaded: LoadedConfig) -> list[Diagnostic]:
+def validate(loaded: LoadedConfig, *, schema: bool = True) -> list[Diagnostic]:
     """Every schema and reference problem of the merged config, sorted by position.
 
     Does not repeat `loaded.diagnostics` (problems found while loading): callers report both.
+    `schema=False` leaves out the JSON schema (for data that passed it before, unchanged); the
+    other checks always run.
     """
     findings: list[_Finding] = []
     try:
-        findings.extend(_schema_findings(loaded.data))
+        if schema:
+            findings.extend(_schema_findings(loaded.data))
     except RecursionError:
         findings.append(((), "the config is nested too deeply to check", "error"))
     except Exception as exc:  # never raise: report, and let the other checks run
