@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
-DEBIAN_PACKAGES=(curl iproute2 procps iperf3 iputils-ping util-linux dnsmasq-base dnsperf tcpdump openssl nftables python3-nftables chromium dante-server)
+DEBIAN_PACKAGES=(curl iproute2 procps iperf3 iputils-ping util-linux dnsmasq-base dnsperf tcpdump openssl nftables python3-nftables chromium dante-server microsocks)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

@@ -1,8 +1,7 @@
 """Outbound groups against real SOCKS5 servers in network namespaces (issue 15).
 
 Server namespace: sing-box (SOCKS5, port 1081) and Debian's dante-server (port 1082) as the
-two members (microsocks is not one: it drops a SOCKS5 request pipelined behind the greeting,
-which ztun's socks outbound sends), plus the shared peers (a web server on 8080, the TCP echo
+two members (microsocks has its own test, test_socks_microsocks.py), plus the shared peers (a web server on 8080, the TCP echo
 on 7). ztun runs in the client namespace with a mixed inbound and the Clash API on loopback; no
 TUN is needed, so nothing is routed: the members are reached over the veth.
 

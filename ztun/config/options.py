@@ -256,6 +256,8 @@ class SocksOutboundOptions:
     network: Literal["tcp", "udp"] | None = None
     connect_timeout: float = _conv(_duration, DEFAULT_CONNECT_TIMEOUT)
     udp_timeout: float = _conv(_duration, DEFAULT_UDP_TIMEOUT)
+    #: ztun's own: the SOCKS5 CONNECT request goes out without waiting for the greeting's answer
+    pipeline: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

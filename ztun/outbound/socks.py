@@ -1,7 +1,8 @@
 """The `socks` outbound: TCP through a SOCKS5 (or 4/4a) proxy, UDP through SOCKS5 UDP ASSOCIATE.
 
-Owns: CONNECT (SOCKS5 on ztun's own codec, pipelined: python-socks cannot pipeline, and its
-step-by-step CONNECT cost about a fifth of the CPU per proxied connection, see `_connect5`;
+Owns: CONNECT (SOCKS5 on ztun's own codec, which can pipeline when asked: python-socks cannot,
+and its step-by-step CONNECT cost about a fifth of the CPU per proxied connection, see
+`_connect5`;
 SOCKS4/4a via python-socks; a domain destination goes to the proxy unresolved), the UDP
 ASSOCIATE client (RFC 1928 §7, on ztun's own codec because python-socks has none), and the
 mapping of proxy failures to OutboundError kinds. Every socket it opens (CONNECT, SOCKS4/4a,
@@ -102,6 +103,8 @@ class SocksOutbound:
         self.network = options.network
         self.connect_timeout = options.connect_timeout
         self.udp_timeout = options.udp_timeout
+        #: greeting and CONNECT request in one write (`pipeline: true`; see `_connect5`)
+        self.pipeline = options.pipeline
         self.counters = Counters()
         #: open UDP associations (a dict: ordered), for reset_network
         self._sessions: dict[SocksUdpSession, None] = {}
@@ -180,14 +183,17 @@ class SocksOutbound:
         return sock
 
     async def _connect5(self, dest: Address, handover: netio.Handover | None) -> socket.socket:
-        """SOCKS5 CONNECT on ztun's own codec, pipelined.
+        """SOCKS5 CONNECT on ztun's own codec, pipelined when the outbound says so.
 
         Why not python-socks here (it still does SOCKS4/4a): it cannot pipeline, and it reads
         the reply in three awaited reads of 3, 1 and 6 bytes, each a trip through the event
-        loop (with uvloop, a poll handle set up and torn down each time). Greeting and request
-        in one write, each answer in one exact read: 165-178 → 110-114 CPU-µs per connect
-        in-process against sing-box's SOCKS5 server (3000 connects, 16 at a time), and
-        315 → 245 CPU-µs per connection in bench/bench_mixed.py's connection-rate phase.
+        loop (with uvloop, a poll handle set up and torn down each time). Each answer in one
+        exact read, and with `pipeline` greeting and request in one write: 165-178 → 110-114
+        CPU-µs per connect in-process against sing-box's SOCKS5 server (3000 connects, 16 at
+        a time), and 315 → 245 CPU-µs per connection in bench/bench_mixed.py's
+        connection-rate phase. Pipelining is off by default: microsocks reads the greeting
+        with one recv and drops the request that came with it, so the flow waited out its
+        connect_timeout; without it the same phase measured 255 against 225 CPU-µs.
 
         Reads ask for `hs.need` bytes, never more, so bytes the target sends right after the
         reply (a server-first banner) stay in the socket for the relay.
@@ -222,7 +228,7 @@ class SocksOutbound:
                 why = f"{self._where}: cannot reach the proxy: {describe(e)}"
                 raise OutboundError(ErrorKind.PROXY_DOWN, why) from None
             hs = socks5.ClientHandshake(
-                Command.CONNECT, dest, self.username, self.password, pipeline=True
+                Command.CONNECT, dest, self.username, self.password, pipeline=self.pipeline
             )
             await netio.send_all(sock, hs.data_to_send(), waiter)
             ready = False  # nothing can be back yet: wait before the first read

@@ -97,7 +97,7 @@ def test_no_auth_is_pipelined_and_reads_exactly(bound: Address, bytewise: bool) 
     got: list[bytes] = []
 
     async def call(port: int) -> None:
-        ob = _socks(port)
+        ob = _socks(port, pipeline=True)
         sock = await ob.connect_tcp(DEST, None)  # type: ignore[arg-type]
         loop = asyncio.get_running_loop()
         data = b""
@@ -126,8 +126,33 @@ def test_auth_sends_credentials_and_request_together() -> None:
         await _read(r, ch, 100)
 
     async def call(port: int) -> None:
-        ob = _socks(port, username="alice", password="secret")
+        ob = _socks(port, username="alice", password="secret", pipeline=True)
         (await ob.connect_tcp(DEST, None)).close()  # type: ignore[arg-type]
+
+    _run(_with_proxy(script, call))
+
+
+def test_by_default_the_request_waits_for_the_greetings_answer() -> None:
+    """A server that reads the greeting with one read and drops the rest (microsocks) gets
+    the request only after it answered: nothing follows the greeting until then."""
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, ch: list[bytes]) -> None:
+        assert await _read(r, ch, 4096) == b"\x05\x01\x00"
+        with contextlib.suppress(TimeoutError):  # nothing more before the answer
+            early = await asyncio.wait_for(r.read(1), 0.2)
+            raise AssertionError(f"request sent before the answer: {early!r}")
+        w.write(b"\x05\x00")
+        await w.drain()
+        got = b""
+        while len(got) < len(REQUEST):
+            got += await _read(r, ch, 4096)
+        assert got == REQUEST
+        w.write(socks5.build_reply(Reply.SUCCEEDED))
+        await w.drain()
+        await _read(r, ch, 100)
+
+    async def call(port: int) -> None:
+        (await _socks(port).connect_tcp(DEST, None)).close()  # type: ignore[arg-type]
 
     _run(_with_proxy(script, call))
 
