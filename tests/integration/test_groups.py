@@ -2,8 +2,9 @@
 
 Server namespace: sing-box (SOCKS5, port 1081) and Debian's dante-server (port 1082) as the
 two members (microsocks has its own test, test_socks_microsocks.py), plus the shared peers
-(a web server on 8080, the TCP echo on 7). ztun runs in the client namespace with a mixed inbound and the Clash API on loopback; no
-TUN is needed, so nothing is routed: the members are reached over the veth.
+(a web server on 8080, the TCP echo on 7). ztun runs in the client namespace with a mixed
+inbound and the Clash API on loopback; no TUN is needed, so nothing is routed: the members are
+reached over the veth.
 
 - urltest: the member in use is killed; the first flow after that already goes through the
   other member (the bound asserted: that flow takes < 1 s end to end, its connect through the
