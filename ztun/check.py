@@ -9,6 +9,7 @@ gets the file:line:column where the offending value was written.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,33 @@ def _cache_dir() -> Path:
     return default_cache_dir()
 
 
+def _schema_checked_in_child(loaded: LoadedConfig, cache_dir: Path, key: str) -> bool:
+    """A config's first `ztun run`: the schema check in a forked child, which leaves the
+    marker when the schema finds nothing; True when it did. jsonschema (5 MiB) then never
+    enters this process; a config with findings is checked here again, to report them. Only
+    where a fork is safe (one thread: start-up, the workers' supervisor)."""
+    fork = getattr(os, "fork", None)
+    if fork is None or threading.active_count() > 1:
+        return False
+    pid = fork()
+    if pid == 0:
+        code = 1
+        try:
+            found = validate(loaded, schema=True)
+            if len(found) == len(validate(loaded, schema=False)):
+                remember(cache_dir, key)
+                code = 0
+        except BaseException:  # the parent checks again and says what is wrong
+            code = 1
+        finally:
+            os._exit(code)
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return False
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and passed_before(cache_dir, key)
+
+
 def check_file(
     path: str | Path, *, offline: bool = True, trust_validated: bool = False
 ) -> CheckResult:
@@ -178,6 +206,8 @@ def check_file(
     key = config_key(loaded.data) if trust_validated else None
     cache_dir = _cache_dir() if key is not None else None
     known = cache_dir is not None and key is not None and passed_before(cache_dir, key)
+    if cache_dir is not None and key is not None and not known:
+        known = _schema_checked_in_child(loaded, cache_dir, key)
     found = validate(loaded, schema=not known)
     diagnostics.extend(found)
     # A marker only when the schema found nothing: no findings beyond the other checks'.

@@ -14,6 +14,7 @@ from ztun.provider import validated
 
 #: the module (`ztun.config.validate` the attribute is the function the package re-exports)
 validate_module = importlib.import_module("ztun.config.validate")
+check_module = importlib.import_module("ztun.check")
 
 GOOD = """\
 inbounds: [{type: mixed, tag: m, listen: 127.0.0.1, listen_port: 1081}]
@@ -24,6 +25,8 @@ outbounds: [{type: direct, tag: direct}]
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # in this process, where the counting below can see it (the child is tested apart)
+    monkeypatch.setattr(check_module, "_schema_checked_in_child", lambda *_: False)
     return tmp_path / "cache" / "ztun" / "validated"
 
 
@@ -75,3 +78,25 @@ def test_the_markers_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         validated.remember(tmp_path, f"{i:032x}")
     assert len(list((tmp_path / "validated").iterdir())) == 3
     assert validated.config_key({"a": {1, 2}}) is None  # not JSON: never trusted
+
+
+def test_a_first_start_checks_the_schema_in_a_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child leaves the marker for a clean config (so jsonschema never enters `ztun
+    run`'s process: tests/unit/test_run_memory.py) and none for one with findings."""
+    import threading
+
+    monkeypatch.setattr(threading, "active_count", lambda: 1)  # pytest may run threads
+    loaded_ok = tmp_path / "ok.yaml"
+    loaded_ok.write_text(GOOD)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("listen_port: 1081", "listen_port: 1081, sniff_bogus: 1"))
+    from ztun.config.loader import load_config
+
+    for path, clean in ((loaded_ok, True), (bad, False)):
+        loaded = load_config(path, env={})
+        key = validated.config_key(loaded.data)
+        assert key is not None
+        assert check_module._schema_checked_in_child(loaded, tmp_path / "c", key) is clean
+        assert validated.passed_before(tmp_path / "c", key) is clean

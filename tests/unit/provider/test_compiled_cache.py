@@ -382,3 +382,41 @@ def test_a_warm_start_lets_the_source_go_and_reads_it_again_only_for_a_bad_cache
     for meta in (FlowMeta(domain="upper.example"), FlowMeta(domain="x.s1.example")):
         answers = {compile_headless_rules(r).match(meta) for r in (first, second, third)}
         assert len(answers) == 1
+
+
+def test_a_first_start_parses_a_big_set_in_a_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big source with no compiled file is parsed in a forked child that writes the
+    compiled file; this process reads that back, with the same answers and warnings as a
+    parse here. A source the child cannot parse is parsed here, so its error reads as before."""
+    import threading
+
+    monkeypatch.setattr(threading, "active_count", lambda: 1)  # pytest may run threads
+    monkeypatch.setattr(ruleset_provider, "CHILD_PARSE_BYTES", 1)
+    parsed_here: list[int] = []
+    original = ruleset_provider._parse_packed
+
+    def counted(*args: Any) -> Any:
+        parsed_here.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(ruleset_provider, "_parse_packed", counted)
+    _write_source(tmp_path)
+    child, warnings = _load(tmp_path)
+    assert parsed_here == []  # the child parsed (its calls are not counted here)
+    assert list((tmp_path / "cache").glob("compiled-*"))
+    assert any("upper-case" in w for w in warnings)
+    monkeypatch.setattr(ruleset_provider, "CHILD_PARSE_BYTES", 1 << 40)
+    for f in (tmp_path / "cache").glob("compiled-*"):
+        f.unlink()
+    here, _ = _load(tmp_path)
+    assert parsed_here == [1]
+    for meta in _queries(_rules()):
+        assert compile_headless_rules(child).match(meta) == compile_headless_rules(here).match(meta)
+    (tmp_path / "big.json").write_text('{"version": 3, "rules": [{"domain": [1]}]}' + " " * 100)
+    monkeypatch.setattr(ruleset_provider, "CHILD_PARSE_BYTES", 1)
+    result = load_rule_sets([{"tag": "big", "type": "local", "path": "big.json"}],
+                            base_dir=tmp_path, cache_dir=tmp_path / "cache")  # fmt: skip
+    errors = [d.message for d in result.diagnostics if d.severity == "error"]
+    assert errors and parsed_here == [1, 1]  # parsed here after the child failed
