@@ -9,7 +9,6 @@ gets the file:line:column where the offending value was written.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from ztun.errors import ConfigError, Diagnostic, ZtunError
 from ztun.provider.validated import config_key, passed_before, remember
 from ztun.route.compile import as_list, compile_dns_router, compile_router
 from ztun.route.router import Router
+from ztun.runtime.child import in_child
 
 
 @dataclass
@@ -163,30 +163,19 @@ def _cache_dir() -> Path:
 
 
 def _schema_checked_in_child(loaded: LoadedConfig, cache_dir: Path, key: str) -> bool:
-    """A config's first `ztun run`: the schema check in a forked child, which leaves the
-    marker when the schema finds nothing; True when it did. jsonschema (5 MiB) then never
-    enters this process; a config with findings is checked here again, to report them. Only
-    where a fork is safe (one thread: start-up, the workers' supervisor)."""
-    fork = getattr(os, "fork", None)
-    if fork is None or threading.active_count() > 1:
-        return False
-    pid = fork()
-    if pid == 0:
-        code = 1
-        try:
-            found = validate(loaded, schema=True)
-            if len(found) == len(validate(loaded, schema=False)):
-                remember(cache_dir, key)
-                code = 0
-        except BaseException:  # the parent checks again and says what is wrong
-            code = 1
-        finally:
-            os._exit(code)
-    try:
-        _, status = os.waitpid(pid, 0)
-    except ChildProcessError:
-        return False
-    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and passed_before(cache_dir, key)
+    """A config's first `ztun run`: the schema check in a forked child (ztun.runtime.child),
+    which leaves the marker when the schema finds nothing; True when it did. jsonschema
+    (5 MiB) then never enters this process; a config with findings is checked here again, to
+    report them."""
+
+    def check() -> bool:
+        found = validate(loaded, schema=True)
+        if len(found) != len(validate(loaded, schema=False)):
+            return False
+        remember(cache_dir, key)
+        return True
+
+    return in_child(check) and passed_before(cache_dir, key)
 
 
 def check_file(

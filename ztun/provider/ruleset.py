@@ -47,6 +47,7 @@ from ztun.route.compiled import cache_key
 from ztun.route.ruleset import RuleSetError, parse_rule_set
 from ztun.route.source_stream import parse_source_bytes
 from ztun.route.srs import is_binary, parse_binary
+from ztun.runtime.child import in_child
 from ztun.runtime.dial import OWN
 
 if TYPE_CHECKING:
@@ -504,30 +505,19 @@ def _parse_in_child(cache: CompiledCache, key: bytes, data: bytes, fmt: str,
     Why: parsing leaves the heap fragmented by millions of short-lived objects, which no
     collection or malloc_trim hands back; at 1.8M entries a first start ended 12.6 MiB above
     a restart of the same config (84.7 against 72.1 MiB), and its peak stayed in the process.
-    In a child both go when it exits; the parent's peak is the source's bytes. Only where a
-    fork is safe: one thread (start-up, the workers' supervisor; a reload runs in a thread and
-    parses here). A child that fails, or a cache that cannot be written, leaves the parse to
-    this process, so every error reads as before.
+    In a child (ztun.runtime.child: only where a fork is safe; a reload runs in a thread and
+    parses here) both go when it exits. A child that fails, or a cache that cannot be
+    written, leaves the parse to this process, so every error reads as before.
     """
-    fork = getattr(os, "fork", None)
-    if fork is None or len(data) < CHILD_PARSE_BYTES or threading.active_count() > 1:
+    if len(data) < CHILD_PARSE_BYTES:
         return False
-    pid = fork()
-    if pid == 0:  # the child: parse, store, exit without running any of the parent's exits
-        code = 1
-        try:
-            parsed = _parse_packed(data, fmt, behavior)
-            cache.store(key, parsed.rules, parsed.warnings)
-            code = 0 if cache.path(key).is_file() else 1
-        except BaseException:  # any failure: the parent parses and says why
-            code = 1
-        finally:
-            os._exit(code)
-    try:
-        _, status = os.waitpid(pid, 0)
-    except ChildProcessError:
-        return False
-    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and cache.path(key).is_file()
+
+    def parse() -> bool:
+        parsed = _parse_packed(data, fmt, behavior)
+        cache.store(key, parsed.rules, parsed.warnings)
+        return cache.path(key).is_file()
+
+    return in_child(parse) and cache.path(key).is_file()
 
 
 def _parse_packed(data: bytes, fmt: str, behavior: str) -> Any:
