@@ -20,7 +20,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,59 +92,14 @@ def owners(ss_output: str, pids: set[int]) -> set[int]:
 
 
 @contextlib.contextmanager
-def stream_server() -> Iterator[int]:
-    """A TCP server on loopback that sends to every client until it goes away (a download
-    without end), and echoes nothing."""
-    ls = socket.socket()
-    ls.bind(("127.0.0.1", 0))
-    ls.listen(64)
-    stop = threading.Event()
-
-    def serve(c: socket.socket) -> None:
-        chunk = b"z" * 65536
-        with c:
-            c.settimeout(10)
-            while not stop.is_set():
-                try:
-                    c.sendall(chunk)
-                except OSError:
-                    return
-
-    def accept() -> None:
-        ls.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                c, _ = ls.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(c,), daemon=True).start()
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    try:
-        yield ls.getsockname()[1]
-    finally:
-        stop.set()
-        ls.close()
-        t.join(2)
-
-
-@contextlib.contextmanager
-def echo_server() -> Iterator[int]:
+def tcp_server(serve: Callable[[socket.socket, threading.Event], None]) -> Iterator[int]:
+    """A TCP server on loopback that runs `serve(connection, stop)` in a thread per client;
+    its port."""
     ls = socket.socket()
     ls.bind(("127.0.0.1", 0))
     ls.listen(128)
     stop = threading.Event()
 
-    def serve(c: socket.socket) -> None:
-        with c:
-            c.settimeout(10)
-            with contextlib.suppress(OSError):
-                while data := c.recv(65536):
-                    c.sendall(data)
-
     def accept() -> None:
         ls.settimeout(0.2)
         while not stop.is_set():
@@ -154,7 +109,7 @@ def echo_server() -> Iterator[int]:
                 continue
             except OSError:
                 return
-            threading.Thread(target=serve, args=(c,), daemon=True).start()
+            threading.Thread(target=serve, args=(c, stop), daemon=True).start()
 
     t = threading.Thread(target=accept, daemon=True)
     t.start()
@@ -164,6 +119,34 @@ def echo_server() -> Iterator[int]:
         stop.set()
         ls.close()
         t.join(2)
+
+
+def _stream(c: socket.socket, stop: threading.Event) -> None:
+    chunk = b"z" * 65536
+    with c:
+        c.settimeout(10)
+        while not stop.is_set():
+            try:
+                c.sendall(chunk)
+            except OSError:
+                return
+
+
+def _echo(c: socket.socket, stop: threading.Event) -> None:
+    with c:
+        c.settimeout(10)
+        with contextlib.suppress(OSError):
+            while data := c.recv(65536):
+                c.sendall(data)
+
+
+def stream_server() -> contextlib.AbstractContextManager[int]:
+    """Sends to every client until it goes away (a download without end), echoes nothing."""
+    return tcp_server(_stream)
+
+
+def echo_server() -> contextlib.AbstractContextManager[int]:
+    return tcp_server(_echo)
 
 
 def echo_once(port: int, echo: int) -> None:

@@ -26,7 +26,8 @@ from ztun.runtime import dial
 from ztun.runtime.dispatch import wait_closed
 from ztun.runtime.network import RESET_REASON
 from ztun.runtime.supervisor import die_with_parent
-from ztun.stack.workers import decode, encode
+from ztun.runtime.workers import read_messages
+from ztun.stack.workers import encode
 
 log = logging.getLogger("ztun.workers")
 
@@ -222,19 +223,11 @@ class Worker:
             self.sock.send(encode(message))
 
     def _on_message(self) -> None:
-        for _ in range(16):
-            try:
-                data = self.sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:  # the supervisor is gone (PR_SET_PDEATHSIG is on its way)
-                self._stop.set()
-                return
-            message = decode(data)
-            if message is not None:
-                self._handle(message)
+        messages, gone = read_messages(self.sock, 16)
+        for message in messages:
+            self._handle(message)
+        if gone:  # the supervisor is gone (PR_SET_PDEATHSIG is on its way)
+            self._stop.set()
 
     def _handle(self, message: dict[str, Any]) -> None:
         op = message.get("op")

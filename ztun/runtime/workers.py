@@ -162,6 +162,25 @@ def _listeners(inbounds: Iterable[Any], tags: Iterable[str]) -> list[dict[str, A
     return out
 
 
+def read_messages(sock: socket.socket, limit: int) -> tuple[list[dict[str, Any]], bool]:
+    """Up to `limit` messages waiting on a non-blocking pipe end (one per datagram; a bad one
+    is skipped), and whether the other end has gone (EOF or an error)."""
+    out: list[dict[str, Any]] = []
+    for _ in range(limit):
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return out, False
+        except OSError:
+            data = b""
+        if not data:
+            return out, True
+        message = decode(data)
+        if message is not None:
+            out.append(message)
+    return out, False
+
+
 class WorkerPool:
     """The main process's handle on the supervisor: start, messages, stop."""
 
@@ -286,19 +305,11 @@ class WorkerPool:
             self._mode_timer = self._loop.call_later(MODE_CHECK_INTERVAL, self._check_mode)
 
     def _on_message(self) -> None:
-        for _ in range(64):
-            try:
-                data = self._sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._gone()
-                return
-            message = decode(data)
-            if message is not None:
-                self._handle(message)
+        messages, gone = read_messages(self._sock, 64)
+        for message in messages:
+            self._handle(message)
+        if gone:
+            self._gone()
 
     def _handle(self, message: dict[str, Any]) -> None:
         op = message.get("op")
