@@ -243,6 +243,19 @@ class OwnerFinder:
 
     # -- the call every inbound makes ------------------------------------------------------
 
+    def _known(self, uid: int, user: Any, inode: int) -> Owner | None:
+        """The owner without a search: the user's name known (`...` when it is not yet), and
+        the process not wanted or found inline among recent ones; None when it takes one."""
+        if user is ...:
+            return None
+        if not self.process:
+            self.found += 1
+            return Owner(uid, user)
+        quick = self._recent_owner(uid, user, inode)
+        if quick is not None:
+            self.found += 1
+        return quick
+
     async def find(
         self, network: str, src_ip: Any, src_port: int, dst_ip: Any, dst_port: int
     ) -> Owner:
@@ -255,14 +268,9 @@ class OwnerFinder:
             return UNKNOWN
         uid, inode = answer
         user = self._users.get(uid, ...)
-        if user is not ...:
-            if not self.process:
-                self.found += 1
-                return Owner(uid, user)  # type: ignore[arg-type]
-            quick = self._recent_owner(uid, user, inode)  # type: ignore[arg-type]
-            if quick is not None:
-                self.found += 1
-                return quick
+        quick = self._known(uid, user, inode)
+        if quick is not None:
+            return quick
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         searching = self._searching
@@ -272,14 +280,9 @@ class OwnerFinder:
             # inline step finds the socket in a link or two instead of a search of its own.
             await asyncio.wait((searching,), timeout=self.timeout)
             user = self._users.get(uid, ...)
-            if user is not ...:
-                if not self.process:
-                    self.found += 1
-                    return Owner(uid, user)  # type: ignore[arg-type]
-                quick = self._recent_owner(uid, user, inode)  # type: ignore[arg-type]
-                if quick is not None:
-                    self.found += 1
-                    return quick
+            quick = self._known(uid, user, inode)
+            if quick is not None:
+                return quick
         if self._pending >= MAX_PENDING or loop.time() >= deadline:
             self.timeouts += 1
             return Owner(uid, None if user is ... else user)  # type: ignore[arg-type]
