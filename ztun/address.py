@@ -114,6 +114,16 @@ def _ip_or_none(text: str) -> IPAddress | None:
         return None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback IP literal (an IPv4-mapped IPv6 one too): a listener
+    there is reachable from this host only. A name, `localhost` included, is not."""
+    ip = ip_or_none(host)
+    if ip is None:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
 @dataclass(frozen=True, slots=True)
 class Address:
     """Where a flow goes: `host` is an IP literal (no brackets) or a domain name."""

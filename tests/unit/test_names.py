@@ -406,3 +406,16 @@ def test_mixed_inbound_logs_are_bounded(caplog: pytest.LogCaptureFixture) -> Non
     for record in caplog.records:
         assert len(record.getMessage()) < 1000
 
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.9.9.9", True), ("::1", True), ("::ffff:127.0.0.1", True),
+     ("198.51.100.1", False), ("::", False), ("0.0.0.0", False), ("localhost", False),
+     ("x" * 300, False)],
+)
+def test_is_loopback(host: str, loopback: bool) -> None:
+    """The one loopback check of `check` (open proxies, an open API) and the mixed inbound."""
+    from ztun.address import is_loopback
+
+    assert is_loopback(host) is loopback

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
+from ztun.address import is_loopback
 from ztun.config.legacy_dns import is_legacy_server, legacy_server, typed_text
 from ztun.config.loader import LoadedConfig
 from ztun.config.schema import SCHEMA_PATH
@@ -719,15 +720,6 @@ def _unmarked_resolver(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
             )
 
 
-def _is_loopback(listen: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(listen)
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
-
-
 def _open_proxies(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
     """A mixed inbound beyond loopback without users is an open proxy; it must be asked for."""
     del loaded
@@ -735,7 +727,7 @@ def _open_proxies(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
         if not isinstance(inbound, dict) or inbound.get("type") != "mixed":
             continue
         listen = inbound.get("listen", "127.0.0.1")
-        if not isinstance(listen, str) or _is_loopback(listen) or inbound.get("users"):
+        if not isinstance(listen, str) or is_loopback(listen) or inbound.get("users"):
             continue
         if inbound.get("allow_unauthenticated_remote") is True:
             continue
@@ -778,7 +770,7 @@ def _open_api(data: Any, loaded: LoadedConfig) -> Iterator[_Finding]:
                "(such as 127.0.0.1:9090 or [::1]:9090)", "error")  # fmt: skip
         return
     host = parsed[0]
-    if host == "localhost" or (host and _is_loopback(host)) or api.get("secret"):
+    if host == "localhost" or (host and is_loopback(host)) or api.get("secret"):
         return
     where = host or "every address"
     yield (

@@ -26,7 +26,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ztun.address import Address, clip
+from ztun.address import Address, clip, is_loopback
 from ztun.config.options import MixedInboundOptions
 from ztun.errors import BadNameError, ProtocolError, ZtunError
 from ztun.log import limited
@@ -73,15 +73,6 @@ class _TcpRequest:
     http: http_proxy.ProxyRequest | None = None
 
 
-def _loopback(listen: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(listen)
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
-
-
 class MixedInbound:
     type = "mixed"
 
@@ -101,7 +92,7 @@ class MixedInbound:
         self.listen_port = options.listen_port
         self.users = {u.username: u.password for u in options.users}
         self.auth = UserAuth((u.username, u.password) for u in options.users)
-        if not self.users and not options.allow_unauthenticated_remote and not _loopback(
+        if not self.users and not options.allow_unauthenticated_remote and not is_loopback(
             options.listen
         ):
             raise ZtunError(
