@@ -455,21 +455,22 @@ class OwnerFinder:
             list(islice(others, budget)),
             list(islice(closed, budget)),
         )  # fmt: skip
-        found, budget = self._each(proc, inode, rest, budget)
+        found, budget = self._walk(proc, inode, rest, budget, None)
         if found or budget <= 0 or len(sockets) + len(others) + len(closed) > MAX_INLINE_LISTING:
             return found, budget  # a big fd table is listed by the worker, not inline
         try:
             listed = [int(n) for n in os.listdir(proc.fd_dir)]
         except (OSError, ValueError):
             return False, budget
-        return self._each(proc, inode, (fd for fd in listed if fd not in sockets), budget)
+        return self._walk(proc, inode, (fd for fd in listed if fd not in sockets), budget, None)
 
     def _walk(
-        self, proc: _Process, inode: int, fds: Iterable[int], budget: int
-    ) -> tuple[bool, int]:
+        self, proc: _Process, inode: int, fds: Iterable[int], budget: int,
+        misses_allowed: int | None = WALK_MISSES,
+    ) -> tuple[bool, int]:  # fmt: skip
         """Read `fds` in turn while they hold sockets not seen there before (a burst of new
-        sockets); up to `WALK_MISSES` fds in a row that do not (closed, or as before) end the
-        walk."""
+        sockets); up to `misses_allowed` fds in a row that do not (closed, or as before) end
+        the walk (None: every fd of `fds` is read, within `budget`)."""
         tried, sockets = self._tried, proc.sockets
         misses = 0
         for fd in fds:
@@ -484,28 +485,14 @@ class OwnerFinder:
             if ino == inode:
                 proc.cursor = fd
                 return True, budget
+            if misses_allowed is None:
+                continue
             if ino > 0 and ino != before:
                 misses = 0
             else:
                 misses += 1
-                if misses >= WALK_MISSES:
+                if misses >= misses_allowed:
                     break
-        return False, budget
-
-    def _each(
-        self, proc: _Process, inode: int, fds: Iterable[int], budget: int
-    ) -> tuple[bool, int]:
-        tried = self._tried
-        for fd in fds:
-            if fd in tried:
-                continue
-            if budget <= 0:
-                return False, 0
-            tried.add(fd)
-            budget -= 1
-            if self._read(proc, fd) == inode:
-                proc.cursor = fd
-                return True, budget
         return False, budget
 
     def _read(self, proc: _Process, fd: int) -> int:
