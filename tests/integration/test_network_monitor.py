@@ -178,6 +178,34 @@ def fetch(net: Net, tmp: Path) -> str:
     return hashlib.sha256(out.read_bytes()).hexdigest()
 
 
+def start_ztun(net: Net, tmp: Path, config: str) -> Proc:
+    """ztun in the client namespace on `config`, once it says it started (or has exited);
+    killed here when it does neither in time."""
+    cfg = tmp / "ztun.yaml"
+    cfg.write_text(config)
+    env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(tmp / "state"))
+    z = Proc(["ip", "netns", "exec", net.client, sys.executable, "-m", "ztun", "run",
+              str(cfg)], tmp / "ztun.log", env)  # fmt: skip
+    if not wait_until(lambda: "ztun started" in z.text() or z.p.poll() is not None, 20):
+        z.stop(signal.SIGKILL)
+        raise AssertionError(f"ztun did not start within 20 s: {z.text()[-2000:]}")
+    return z
+
+
+def start_peers(net: Net, tmp: Path, www: Path, *whoami: str) -> list[Proc]:
+    """In the server namespace: whoami (port 9, on each address in `whoami`) and a web server
+    for `www` on DEST4, both accepting."""
+    procs = [
+        Proc(["ip", "netns", "exec", net.server, sys.executable, str(HERE / "whoami.py"),
+              "serve", *whoami], tmp / "whoami.log"),
+        Proc(["ip", "netns", "exec", net.server, sys.executable, "-m", "http.server",
+              str(HTTP_PORT), "--bind", DEST4, "--directory", str(www)], tmp / "http.log"),
+    ]  # fmt: skip
+    wait_tcp(net.server, DEST4, 9)
+    wait_tcp(net.server, DEST4, HTTP_PORT)
+    return procs
+
+
 def test_flows_follow_the_uplink(tmp_path: Path) -> None:
     require_tun_environment()
     www = tmp_path / "www"
@@ -189,21 +217,9 @@ def test_flows_follow_the_uplink(tmp_path: Path) -> None:
     with two_uplinks() as net:
         before = net.snapshot()
         try:
-            who = Proc(["ip", "netns", "exec", net.server, sys.executable, str(HERE / "whoami.py"),
-                        "serve", DEST4, DEST6], tmp_path / "whoami.log")  # fmt: skip
-            procs.append(who)
-            procs.append(Proc(["ip", "netns", "exec", net.server, sys.executable, "-m",
-                               "http.server", str(HTTP_PORT), "--bind", DEST4, "--directory",
-                               str(www)], tmp_path / "http.log"))  # fmt: skip
-            wait_tcp(net.server, DEST4, 9)
-            wait_tcp(net.server, DEST4, HTTP_PORT)
-            cfg = tmp_path / "ztun.yaml"
-            cfg.write_text(CONFIG)
-            env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(tmp_path / "state"))
-            z = Proc(["ip", "netns", "exec", net.client, sys.executable, "-m", "ztun", "run",
-                      str(cfg)], tmp_path / "ztun.log", env)  # fmt: skip
+            procs += start_peers(net, tmp_path, www, DEST4, DEST6)
+            z = start_ztun(net, tmp_path, CONFIG)
             procs.append(z)
-            assert wait_until(lambda: "ztun started" in z.text() or z.p.poll() is not None, 20)
             assert z.p.poll() is None, z.text()
             assert f"network: egress upa via {GW_A4}" in z.text()
 
@@ -318,13 +334,8 @@ def test_socks5_associations_reconnect_on_the_new_uplink(tmp_path: Path) -> None
                                str(sb_cfg)], tmp_path / "sing-box.log"))  # fmt: skip
             wait_tcp(net.server, DEST4, 9)
             wait_tcp(net.server, PROXY4, SOCKS_PORT)
-            cfg = tmp_path / "ztun.yaml"
-            cfg.write_text(SOCKS_CONFIG)
-            env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(tmp_path / "state"))
-            z = Proc(["ip", "netns", "exec", net.client, sys.executable, "-m", "ztun", "run",
-                      str(cfg)], tmp_path / "ztun.log", env)  # fmt: skip
+            z = start_ztun(net, tmp_path, SOCKS_CONFIG)
             procs.append(z)
-            assert wait_until(lambda: "ztun started" in z.text() or z.p.poll() is not None, 20)
             assert z.p.poll() is None, z.text()
 
             udp = UdpProbe(net, DEST4)
@@ -363,21 +374,9 @@ def test_a_transfer_keeps_going_while_the_egress_moves(tmp_path: Path) -> None:
     with two_uplinks() as net:
         before = net.snapshot()
         try:
-            procs.append(Proc(["ip", "netns", "exec", net.server, sys.executable,
-                               str(HERE / "whoami.py"), "serve", DEST4],
-                              tmp_path / "whoami.log"))  # fmt: skip
-            procs.append(Proc(["ip", "netns", "exec", net.server, sys.executable, "-m",
-                               "http.server", str(HTTP_PORT), "--bind", DEST4, "--directory",
-                               str(www)], tmp_path / "http.log"))  # fmt: skip
-            wait_tcp(net.server, DEST4, 9)
-            wait_tcp(net.server, DEST4, HTTP_PORT)
-            cfg = tmp_path / "ztun.yaml"
-            cfg.write_text(CONFIG)
-            env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(tmp_path / "state"))
-            z = Proc(["ip", "netns", "exec", net.client, sys.executable, "-m", "ztun", "run",
-                      str(cfg)], tmp_path / "ztun.log", env)  # fmt: skip
+            procs += start_peers(net, tmp_path, www, DEST4)
+            z = start_ztun(net, tmp_path, CONFIG)
             procs.append(z)
-            assert wait_until(lambda: "ztun started" in z.text() or z.p.poll() is not None, 20)
             assert probe(net, DEST4)[0] == A4, z.text()
             got = tmp_path / "slow.bin"
             # 16 MiB at 4 MiB/s: about 4 s, the change comes in its first second
@@ -414,13 +413,8 @@ def test_stop_is_not_delayed_by_the_monitor(tmp_path: Path) -> None:
     require_tun_environment()
     with two_uplinks() as net:
         before = net.snapshot()
-        cfg = tmp_path / "ztun.yaml"
-        cfg.write_text(CONFIG)
-        env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(tmp_path / "state"))
-        z = Proc(["ip", "netns", "exec", net.client, sys.executable, "-m", "ztun", "run",
-                  str(cfg)], tmp_path / "ztun.log", env)  # fmt: skip
+        z = start_ztun(net, tmp_path, CONFIG)
         try:
-            assert wait_until(lambda: "ztun started" in z.text() or z.p.poll() is not None, 20)
             t0 = time.monotonic()
             code = z.stop(signal.SIGTERM, timeout=15)
             took = time.monotonic() - t0
