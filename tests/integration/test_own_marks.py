@@ -17,7 +17,6 @@ packets left by eth0 carrying the mark.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
@@ -30,8 +29,9 @@ import pytest
 
 from tests.support import need
 
-from .netns import Topology, in_ns, require_tun_environment, topology, wait_tcp, wait_until
-from .peers import REPO, Proc, flow_lines, singbox_path
+from .netns import Topology, in_ns, require_tun_environment, topology, wait_tcp
+from .peers import Proc, flow_lines, singbox_path
+from .test_tun_linux import start_ztun
 
 pytestmark = [pytest.mark.netns, pytest.mark.singbox]
 
@@ -138,14 +138,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             procs.append(dns)
             wait_tcp(s, SOCKS_REAL, 1080)
             wait_tcp(s, "127.0.0.1", 7)
-            cfg = tmp / "ztun.yaml"
-            cfg.write_text(CONFIG)
-            env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(tmp / "state"))
-            z = Proc(["ip", "netns", "exec", t.client, sys.executable, "-m", "ztun", "run",
-                      str(cfg)], tmp / "ztun.log", env)  # fmt: skip
+            z = start_ztun(t, tmp, config=CONFIG)
             procs.append(z)
-            ok = wait_until(lambda: "ztun started" in z.text() or z.p.poll() is not None, 20)
-            assert ok and z.p.poll() is None, z.text()
             yield Env(t, tmp, z, dns)
         finally:
             for p in reversed(procs):

@@ -36,7 +36,8 @@ from .netns import (
     wait_tcp,
     wait_until,
 )
-from .peers import REPO, Proc, flow_lines
+from .peers import Proc, flow_lines
+from .test_tun_linux import start_ztun
 
 pytestmark = [pytest.mark.netns]
 
@@ -170,14 +171,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                               tmp / "echo.log"))  # fmt: skip
             for port in (HTTP_PORT, 7):
                 wait_tcp(s, "127.0.0.1", port)
-            cfg = tmp / "ztun.yaml"
-            cfg.write_text(CONFIG)
-            env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(tmp / "state"))
-            z = Proc(["ip", "netns", "exec", t.client, sys.executable, "-m", "ztun", "run",
-                      str(cfg)], tmp / "ztun.log", env)  # fmt: skip
+            z = start_ztun(t, tmp, config=CONFIG)
             procs.append(z)
-            ok = wait_until(lambda: "ztun started" in z.text() or z.p.poll() is not None, 20)
-            assert ok and z.p.poll() is None, z.text()
             yield Env(t, tmp, z, blocked)
         finally:
             for p in reversed(procs):
@@ -316,7 +311,6 @@ route:
 
 @pytest.fixture(scope="module")
 def redirect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    from .test_tun_linux import start_ztun
     from .test_tun_redirect import require_nftables
 
     require_nftables()

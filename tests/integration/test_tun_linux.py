@@ -81,7 +81,9 @@ def start_ztun(
     proc = Proc(["ip", "netns", "exec", t.client, sys.executable, "-m", "ztun", "run", str(cfg)],
                 tmp / f"{name}.log", env)  # fmt: skip
     ok = wait_until(lambda: "ztun started" in proc.text() or proc.p.poll() is not None, 20)
-    assert ok and proc.p.poll() is None, proc.text()
+    if not ok or proc.p.poll() is not None:
+        proc.stop()  # a ztun that did not start never outlives the test's namespaces
+        raise AssertionError(proc.text())
     return proc
 
 
