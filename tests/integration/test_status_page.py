@@ -12,7 +12,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +129,9 @@ def test_the_page_shows_a_live_flow_and_closes_it(tmp_path: Path) -> None:
             ztun.stop()
 
 
-async def _drive(browser: str, url: str, server_port: int) -> None:
+@contextlib.asynccontextmanager
+async def status_page(browser: str, url: str) -> AsyncIterator[Page]:
+    """A new tab of the headless browser on `url`, once the status page has loaded."""
     timeout = aiohttp.ClientTimeout(total=90)
     async with aiohttp.ClientSession(timeout=timeout) as http, http.ws_connect(
         browser, max_msg_size=0
@@ -141,6 +143,11 @@ async def _drive(browser: str, url: str, server_port: int) -> None:
         await page.send("Page.enable")
         await page.send("Page.navigate", {"url": url})
         await page.wait("document.title === 'ztun status'")
+        yield page
+
+
+async def _drive(browser: str, url: str, server_port: int) -> None:
+    async with status_page(browser, url) as page:
         # the live flow, with its rule and outbound
         row = await page.wait("""(() => { const r = document.querySelector('#connections tr');
             return r && r.innerText; })()""")  # fmt: skip
@@ -190,17 +197,7 @@ def test_the_page_switches_a_selector(tmp_path: Path) -> None:
 
 
 async def _switch(browser: str, url: str) -> None:
-    timeout = aiohttp.ClientTimeout(total=90)
-    async with aiohttp.ClientSession(timeout=timeout) as http, http.ws_connect(
-        browser, max_msg_size=0
-    ) as ws:
-        target = await command(ws, "Target.createTarget", {"url": "about:blank"}, ident=1)
-        attach = {"targetId": target["targetId"], "flatten": True}
-        attached = await command(ws, "Target.attachToTarget", attach, ident=2)
-        page = Page(ws, attached["sessionId"])
-        await page.send("Page.enable")
-        await page.send("Page.navigate", {"url": url})
-        await page.wait("document.title === 'ztun status'")
+    async with status_page(browser, url) as page:
         row = await page.wait("""(() => { const r = document.querySelector('#groups tr');
             return r && r.innerText; })()""")  # fmt: skip
         assert "pick" in row and "Selector" in row, row
