@@ -4,11 +4,14 @@ this process's own sockets (loopback only, no namespace needed)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -190,8 +193,6 @@ def test_a_process_of_recent_flows_is_found_inline() -> None:
 
 @linux
 def test_an_exited_process_leaves_the_recent_list(tmp_path: Path) -> None:
-    import subprocess
-
     from ztun.platform.linux.owner import OwnerFinder
 
     finder = OwnerFinder(process=True)
@@ -235,33 +236,40 @@ for line in sys.stdin:
 """
 
 
+@contextlib.contextmanager
+def held_by_child(n: int) -> Iterator[tuple[subprocess.Popen[str], list[socket.socket]]]:
+    """A child process (HOLDER) with `n` TCP connections to a listener here: the child and
+    this side's accepted sockets, once the child says it is ready."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(64)
+        port = srv.getsockname()[1]
+        child = subprocess.Popen([sys.executable, "-c", HOLDER, str(port), str(n)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None and child.stdin is not None
+        conns = [srv.accept()[0] for _ in range(n)]
+        try:
+            assert child.stdout.readline().strip() == "ready"
+            yield child, conns
+        finally:
+            child.stdin.close()
+            child.wait(10)
+            for c in conns:
+                c.close()
+
+
 @linux
 def test_concurrent_first_lookups_share_one_search() -> None:
     """The first flows of a new client, looked up together: one search by the worker finds
     the process and hands its fd table over; the others wait for it and are found inline."""
-    import subprocess
 
     from ztun.platform.linux.owner import OwnerFinder
 
     async def main() -> tuple[list[int | None], int, int]:
         finder = OwnerFinder(process=True)
-        with socket.socket() as srv:
-            srv.bind(("127.0.0.1", 0))
-            srv.listen(64)
-            port = srv.getsockname()[1]
-            child = subprocess.Popen([sys.executable, "-c", HOLDER, str(port), "20"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            assert child.stdout is not None and child.stdin is not None
-            conns = [srv.accept()[0] for _ in range(20)]
-            try:
-                assert child.stdout.readline().strip() == "ready"
-                owners = await asyncio.gather(*(
-                    finder.find("tcp", *c.getpeername(), *c.getsockname()) for c in conns))
-            finally:
-                child.stdin.close()
-                child.wait(10)
-                for c in conns:
-                    c.close()
+        with held_by_child(20) as (child, conns):
+            owners = await asyncio.gather(*(
+                finder.find("tcp", *c.getpeername(), *c.getsockname()) for c in conns))
         finder.close()
         return [o.pid for o in owners], child.pid, finder.searches
 
@@ -276,36 +284,22 @@ def test_concurrent_first_lookups_share_one_search() -> None:
 def test_a_passed_socket_names_its_new_holder_within_the_trust_bound() -> None:
     """A socket passed to another process (SCM_RIGHTS) and closed by its first owner: named
     by its old owner for at most INDEX_TRUST, then by the process that holds it."""
-    import subprocess
 
     from ztun.platform.linux import owner as mod
 
     finder = mod.OwnerFinder(process=True)
-    with socket.socket() as srv:
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(8)
-        port = srv.getsockname()[1]
-        child = subprocess.Popen([sys.executable, "-c", HOLDER, str(port), "3"],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    with held_by_child(3) as (child, conns):
         assert child.stdout is not None and child.stdin is not None
-        conns = [srv.accept()[0] for _ in range(3)]
-        try:
-            assert child.stdout.readline().strip() == "ready"
-            args = ("tcp", *conns[-1].getpeername(), *conns[-1].getsockname())
-            first = finder.lookup(*args)
-            if first.pid is None:
-                pytest.skip("sock_diag is not available here")
-            assert first.pid == child.pid
-            child.stdin.write("swap\n")
-            child.stdin.flush()
-            holder = int(child.stdout.readline())
-            time.sleep(mod.INDEX_TRUST + 0.1)
-            assert finder.lookup(*args).pid == holder
-        finally:
-            child.stdin.close()
-            child.wait(10)
-            for c in conns:
-                c.close()
+        args = ("tcp", *conns[-1].getpeername(), *conns[-1].getsockname())
+        first = finder.lookup(*args)
+        if first.pid is None:
+            pytest.skip("sock_diag is not available here")
+        assert first.pid == child.pid
+        child.stdin.write("swap\n")
+        child.stdin.flush()
+        holder = int(child.stdout.readline())
+        time.sleep(mod.INDEX_TRUST + 0.1)
+        assert finder.lookup(*args).pid == holder
     finder.close()
 
 
@@ -318,7 +312,6 @@ def test_a_churning_client_costs_few_links_per_lookup() -> None:
     """Issue 16's cost bound, as what it is made of: fd links read per lookup (each about
     3 µs) and the share of lookups the worker had to search for. Measured: about 2 links
     and under 0.1 % (bench/bench_owner.py); bounds with a wide margin, not timings."""
-    import subprocess
 
     from ztun.platform.linux.owner import OwnerFinder
 
