@@ -13,33 +13,17 @@ import socket
 import time
 
 import pytest
+from mixed_to_block import mixed_to_block
 
-from ztun.config.options import BlockOutboundOptions, MixedInboundOptions, build
 from ztun.errors import ZtunError
 from ztun.inbound.mixed import MixedInbound
-from ztun.outbound.block import BlockOutbound
-from ztun.route.action import Decision, Route
-from ztun.route.metadata import FlowMeta
-from ztun.runtime.dispatch import Dispatcher
 from ztun.stack.auth import MAX_FAILURES, UserAuth
 
 USERS = [{"username": "alice", "password": "wonderland"}]
 
 
-class _ToBlock:
-    final = "block"
-
-    def decide(
-        self, meta: FlowMeta, start: int = 0, options: dict[str, object] | None = None
-    ) -> Decision:
-        return Decision(Route("block"), None, "final")
-
-
 def _inbound(**options: object) -> MixedInbound:
-    block = BlockOutbound(build(BlockOutboundOptions, {"tag": "block"}))
-    dispatcher = Dispatcher(_ToBlock(), {"block": block})
-    data = {"tag": "mixed-in", "listen": "127.0.0.1", "listen_port": 0, **options}
-    return MixedInbound(build(MixedInboundOptions, data), dispatcher)
+    return mixed_to_block(options)
 
 
 async def _exchange(port: int, source: str, data: bytes, want: int) -> bytes:

@@ -10,14 +10,10 @@ import socket
 import time
 
 import pytest
+from mixed_to_block import mixed_to_block
 
 from ztun.address import NAME_REFUSALS
-from ztun.config.options import BlockOutboundOptions, MixedInboundOptions, build
 from ztun.inbound.mixed import MixedInbound
-from ztun.outbound.block import BlockOutbound
-from ztun.route.action import Decision, Route
-from ztun.route.metadata import FlowMeta
-from ztun.runtime.dispatch import Dispatcher
 
 BAD = {
     "254": (".".join(["a" * 49] * 5) + ".abcd").encode(),
@@ -30,26 +26,9 @@ SOCKS4_REFUSED = b"\x00\x5b" + bytes(6)
 BOUND = 0.005
 
 
-class _ToBlock:
-    final = "block"
-
-    def __init__(self) -> None:
-        self.seen: list[FlowMeta] = []
-
-    def decide(
-        self, meta: FlowMeta, start: int = 0, options: dict[str, object] | None = None
-    ) -> Decision:
-        self.seen.append(meta)
-        return Decision(Route("block"), None, "final")
-
-
 def inbound(users: bool = False) -> MixedInbound:
-    block = BlockOutbound(build(BlockOutboundOptions, {"tag": "block"}))
-    dispatcher = Dispatcher(_ToBlock(), {"block": block})
-    data: dict[str, object] = {"tag": "mixed-in", "listen": "127.0.0.1", "listen_port": 0}
-    if users:
-        data["users"] = [{"username": "alice", "password": "wonderland"}]
-    return MixedInbound(build(MixedInboundOptions, data), dispatcher)
+    alice = [{"username": "alice", "password": "wonderland"}]
+    return mixed_to_block({"users": alice} if users else None)
 
 
 async def talk(port: int, before: bytes, data: bytes = b"") -> tuple[bytes, float]:

@@ -9,34 +9,17 @@ import asyncio
 import socket
 import time
 
+from mixed_to_block import mixed_to_block
+
 from ztun.address import Address
-from ztun.config.options import BlockOutboundOptions, MixedInboundOptions, build
 from ztun.inbound import mixed
 from ztun.inbound.mixed import MixedInbound
-from ztun.outbound.block import BlockOutbound
 from ztun.proto import socks5
 from ztun.proto.socks5 import Reply
-from ztun.route.action import Decision, Route
-from ztun.route.metadata import FlowMeta
-from ztun.runtime.dispatch import Dispatcher
-
-
-class _ToBlock:
-    final = "block"
-
-    def decide(
-        self, meta: FlowMeta, start: int = 0, options: dict[str, object] | None = None
-    ) -> Decision:
-        return Decision(Route("block"), None, "final")
 
 
 def _inbound(udp_idle_timeout: float) -> MixedInbound:
-    block = BlockOutbound(build(BlockOutboundOptions, {"tag": "block"}))
-    dispatcher = Dispatcher(_ToBlock(), {"block": block}, udp_idle_timeout=udp_idle_timeout)
-    options = build(
-        MixedInboundOptions, {"tag": "mixed-in", "listen": "127.0.0.1", "listen_port": 0}
-    )
-    return MixedInbound(options, dispatcher)
+    return mixed_to_block(udp_idle_timeout=udp_idle_timeout)
 
 
 async def _associate(port: int) -> tuple[socket.socket, socket.socket]:
