@@ -21,12 +21,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from ztun.route import compiled
+from ztun.runtime.cache_file import write_atomic
 
 #: All compiled files together stay under this many bytes (oldest removed first).
 MAX_CACHE_BYTES = 256 * 1024 * 1024
@@ -85,7 +85,7 @@ class CompiledCache:
             chunks = compiled.encode(key, rules, warnings)
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             path = self.path(key)
-            _write_atomic(path, chunks)
+            write_atomic(path, chunks)
             self.evict(keep=path)
         except (OSError, ValueError) as exc:
             log.info("cannot cache the compiled rule set in %s: %s", self.directory, exc)
@@ -119,15 +119,3 @@ class CompiledCache:
                 total -= size
 
 
-def _write_atomic(path: Path, chunks: list[bytes | memoryview]) -> None:
-    # Write then rename, so a crash or a concurrent reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -47,6 +46,7 @@ from ztun.route.compiled import cache_key
 from ztun.route.ruleset import RuleSetError, parse_rule_set
 from ztun.route.source_stream import parse_source_bytes
 from ztun.route.srs import is_binary, parse_binary
+from ztun.runtime.cache_file import write_atomic
 from ztun.runtime.child import in_child
 from ztun.runtime.dial import OWN
 
@@ -597,23 +597,12 @@ class _Cache:
     ) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         if not meta_only:
-            _write_atomic(self.data_path, data)
+            write_atomic(self.data_path, [data])
         meta = {"url": self.url, "fetched_at": fetched_at, "etag": etag,
                 "last_modified": last_modified, "size": len(data)}  # fmt: skip
-        _write_atomic(self.meta_path, json.dumps(meta, indent=1).encode("utf-8"))
+        write_atomic(self.meta_path, [json.dumps(meta, indent=1).encode("utf-8")])
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    # Write then rename, so a crash or a concurrent reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class _Deadline:

@@ -4,7 +4,8 @@ Owns where the file is (`cache_path`) and writing one part of it without losing 
 (`update_state`): the DNS module keeps its FakeIP table under "fakeip", the selector groups
 their choices under "selected". JSON, as the DNS module already wrote it: a handful of small
 entries that a person can read and fix, no sqlite schema or migrations for them. Every write
-goes to a temporary file renamed over the old one, so a crash never leaves half a file.
+goes to a temporary file renamed over the old one, so a crash never leaves half a file
+(`write_atomic`, which the rule-set downloads and the compiled cache use too).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,16 +58,23 @@ def update_state(path: Path, key: str, value: Any) -> bool:
     state[key] = value
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ztun-cache-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(state))
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                Path(tmp).unlink()
-            raise
+        write_atomic(path, [json.dumps(state).encode("utf-8")])
     except OSError as e:
         log.warning("cache file %s cannot be written: %s", path, e)
         return False
     return True
+
+
+def write_atomic(path: Path, chunks: Sequence[bytes | memoryview]) -> None:
+    """`chunks` as the file at `path`: written to a temporary file beside it (`<name>…tmp`),
+    then renamed over it, so a crash or a concurrent reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

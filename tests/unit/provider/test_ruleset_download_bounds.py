@@ -9,6 +9,7 @@ import json
 import logging
 import socket
 import socketserver
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -262,7 +263,7 @@ def test_read_only_cache_on_revalidation_is_a_warning(
     def read_only(*args: Any, **kwargs: Any) -> Any:
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(provider.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)  # every atomic write makes one
     server.behaviour = answer(SOURCE_B, etag='"v2"')
     result = load([remote(server.url())], tmp_path, now=T0 + 2 * DAY)
     assert result.sets == {"r": [{"domain_suffix": ["b.example"]}]}
