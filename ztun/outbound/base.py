@@ -131,6 +131,17 @@ class UdpSession(Protocol):
     def close(self) -> None: ...
 
 
+def send_burst(session: UdpSession, items: list[tuple[Address, bytes]]) -> None:
+    """`items` through `session`, in order: in one burst where the session can (`send_many`,
+    an optional part of a session: UDP_SEGMENT, sendmmsg), else one datagram at a time."""
+    many = getattr(session, "send_many", None)
+    if many is not None:
+        many(items)
+    else:
+        for dest, payload in items:
+            session.send(dest, payload)
+
+
 class Outbound(Protocol):
     tag: str
     type: str

@@ -28,6 +28,7 @@ from ztun.outbound.base import (
     DatagramHandler,
     Outbound,
     UdpSession,
+    send_burst,
 )
 from ztun.route.metadata import FlowMeta
 from ztun.runtime.netio import Handover
@@ -188,15 +189,8 @@ class GroupUdpSession:
             self.inner.send(dest, payload)
 
     def send_many(self, items: list[tuple[Address, bytes]]) -> None:
-        inner = self.inner
-        if inner is None:
-            return
-        many = getattr(inner, "send_many", None)
-        if many is not None:
-            many(items)
-        else:
-            for dest, payload in items:
-                inner.send(dest, payload)
+        if self.inner is not None:
+            send_burst(self.inner, items)
 
     def closed_by_member(self, why: str) -> None:
         if not self._ended:

@@ -17,7 +17,7 @@ from typing import Any
 from ztun.address import Address
 from ztun.log import LIMITER, limited
 from ztun.nat.udp import UdpFlow, UdpSessions
-from ztun.outbound.base import Outbound, OutboundError, UdpSession
+from ztun.outbound.base import Outbound, OutboundError, UdpSession, send_burst
 from ztun.runtime.dispatch import log_flow
 from ztun.runtime.tracker import Tracked, Tracker
 from ztun.stack.commands import (
@@ -138,13 +138,7 @@ class UdpSessionRunner:
         held = self.sessions.get(key)
         if held is None or held[1].closed:
             return
-        session = held[1]
-        many = getattr(session, "send_many", None)  # an optional part of UdpSession
-        if many is not None:
-            many(items)
-        else:
-            for dest, payload in items:
-                session.send(dest, payload)
+        send_burst(held[1], items)
 
     def execute(self, c: Command) -> None:
         if isinstance(c, SendDatagram):
