@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from ztun.config.loader import LoadedConfig, load_config
 from ztun.config.options import Options, build_options
 from ztun.config.unexecuted import not_executed
-from ztun.config.validate import format_path, validate
+from ztun.config.validate import format_path, schema_passes, validate
 from ztun.dns.router import DnsRouter
 from ztun.errors import ConfigError, Diagnostic, ZtunError
 from ztun.provider.validated import config_key, passed_before, remember
@@ -169,8 +169,7 @@ def _schema_checked_in_child(loaded: LoadedConfig, cache_dir: Path, key: str) ->
     report them."""
 
     def check() -> bool:
-        found = validate(loaded, schema=True)
-        if len(found) != len(validate(loaded, schema=False)):
+        if not schema_passes(loaded.data):
             return False
         remember(cache_dir, key)
         return True
@@ -193,14 +192,14 @@ def check_file(
         return CheckResult(None, _place(None, exc.diagnostics))
     diagnostics = list(loaded.diagnostics)
     key = config_key(loaded.data) if trust_validated else None
-    cache_dir = _cache_dir() if key is not None else None
-    known = cache_dir is not None and key is not None and passed_before(cache_dir, key)
-    if cache_dir is not None and key is not None and not known:
-        known = _schema_checked_in_child(loaded, cache_dir, key)
+    cache_dir = _cache_dir()
+    known = key is not None and (passed_before(cache_dir, key)
+                                 or _schema_checked_in_child(loaded, cache_dir, key))  # fmt: skip
     found = validate(loaded, schema=not known)
     diagnostics.extend(found)
-    # A marker only when the schema found nothing: no findings beyond the other checks'.
-    if (cache_dir is not None and key is not None and not known
+    # No child (threads, no fork): a marker only when the schema found nothing, i.e. no
+    # findings beyond the other checks'.
+    if (key is not None and not known
             and len(found) == len(validate(loaded, schema=False))):  # fmt: skip
         remember(cache_dir, key)
     diagnostics.extend(

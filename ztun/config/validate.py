@@ -54,6 +54,15 @@ def _validator() -> Draft202012Validator:
     return Draft202012Validator(load_schema())
 
 
+def schema_passes(data: Any) -> bool:
+    """Whether the JSON schema finds nothing at all in `data` (stops at the first finding; an
+    error while checking counts as one)."""
+    try:
+        return next(iter(_schema_findings(data)), None) is None
+    except Exception:  # RecursionError and the rest: `validate` reports them
+        return False
+
+
 def validate(loaded: LoadedConfig, *, schema: bool = True) -> list[Diagnostic]:
     """Every schema and reference problem of the merged config, sorted by position.
 
