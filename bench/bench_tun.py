@@ -24,11 +24,17 @@ has no redirect counterpart in sing-box there, so the UDP figure is left out in 
     python bench/bench_tun.py --mode redirect [--seconds 5] [--rounds 1]
     python bench/bench_tun.py --only ztun --rounds 1 --profile   # py-spy over the iperf3 runs
     python bench/bench_tun.py --process-rule [--rounds 3]        # issue 16, see below
+    python bench/bench_tun.py --udp-echo [--rounds 3] [--busy-poll 0]  # the UDP echo alone
 
 `--process-rule` measures only connections per second (and CPU-µs per connection), of ztun
 alone, with and without a `process_name` rule that matches nothing (so every flow pays for the
 owner lookup: sock_diag, the /proc search, and the route after accept), rounds alternating;
 it prints both medians and `with / without` (goal: ≥ 0.90).
+
+`--udp-echo` measures only the UDP echo (3 × 2000 round trips per tunnel and round, rounds
+alternating): p50, p99, and the tunnel's CPU-µs (user, system) per round trip. `--busy-poll D`
+writes `busy_poll: D` into ztun's tun inbound (0 turns busy polling off; the default leaves the
+key out), to see what busy polling buys and costs.
 
 `--profile` needs py-spy: it samples ztun during each iperf3 run and the connection test, and
 prints where the time went (self time per line, and the share of functions with callees).
@@ -49,7 +55,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from procstat import Profiler, rss_mib, tree_pss_mib  # noqa: E402
+from procstat import Profiler, cpu_split, rss_mib, tree_pss_mib  # noqa: E402
 from procstat import tree_cpu_seconds as cpu_seconds  # noqa: E402
 from ratios import report  # noqa: E402
 
@@ -130,6 +136,8 @@ SINGBOX_CONFIG = {
 #: `--workers`: ztun's top-level `workers` ("auto": the key left out; with auto_redirect, auto
 #: means the cores up to 4). CPU figures are of the tunnel's whole process tree either way.
 ZTUN_WORKERS = "auto"
+#: `--busy-poll`: the tun inbound's `busy_poll` (None: the key left out, ztun's default).
+ZTUN_BUSY_POLL: str | None = None
 
 
 def start(name: str, t: Topology, tmp: Path, mode: str = "tun") -> Proc:
@@ -143,6 +151,9 @@ def start(name: str, t: Topology, tmp: Path, mode: str = "tun") -> Proc:
             text = ZTUN_REDIRECT_CONFIG if redirect else ZTUN_CONFIG
             if ZTUN_WORKERS != "auto":
                 text = f"workers: {int(ZTUN_WORKERS)}\n" + text
+            if ZTUN_BUSY_POLL is not None:
+                poll = f"stack: system, busy_poll: {ZTUN_BUSY_POLL}}}"
+                text = text.replace("stack: system}", poll)
             cfg.write_text(text)
         args = [sys.executable, "-m", "ztun", "run", str(cfg)]
     else:
@@ -288,6 +299,35 @@ def measure_conns(name: str, t: Topology, tmp: Path, seconds: float) -> dict[str
     }
 
 
+def measure_udp_echo(name: str, t: Topology, tmp: Path) -> dict[str, Any]:
+    """The UDP echo alone (`--udp-echo`): 3 × 2000 round trips, medians of their p50 and p99,
+    and the tunnel's CPU per round trip (user and system)."""
+    proc = start(name, t, tmp)
+    try:
+        time.sleep(1)
+        p50s, p99s, count = [], [], 2000
+        u0, s0 = cpu_split(proc.pid)
+        for _ in range(3):
+            out = json.loads(in_ns(t.client, sys.executable, LOAD, "udp", DIRECT4, "7",
+                                   str(count), timeout=120).stdout)  # fmt: skip
+            p50s.append(out["p50_us"])
+            p99s.append(out["p99_us"])
+        u1, s1 = cpu_split(proc.pid)
+    except BaseException:
+        print(f"--- {name} log ---\n{proc.text()[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        proc.stop()
+    n = 3 * count
+    return {
+        "udp_p50_us": sorted(p50s)[1],
+        "udp_p99_us": sorted(p99s)[1],
+        "udp_cpu_us_per_echo": ((u1 - u0) + (s1 - s0)) / n * 1e6,
+        "udp_user_us_per_echo": (u1 - u0) / n * 1e6,
+        "udp_sys_us_per_echo": (s1 - s0) / n * 1e6,
+    }
+
+
 def process_rule_main(rounds: int, seconds: float, json_path: Path | None) -> None:
     """ztun with and without a process rule, rounds alternating (issue 16's figure)."""
     import tempfile
@@ -328,9 +368,14 @@ def main() -> None:
                     help="ztun's `workers` (a number, or auto: the key left out)")
     ap.add_argument("--process-rule", action="store_true",
                     help="conn/s of ztun with a process rule against without (issue 16)")
+    ap.add_argument("--udp-echo", action="store_true",
+                    help="the UDP echo alone, with the tunnels' CPU per round trip")
+    ap.add_argument("--busy-poll", default=None,
+                    help="ztun's tun `busy_poll` (e.g. 0 or 200us; default: the key left out)")
     args = ap.parse_args()
-    global ZTUN_WORKERS
+    global ZTUN_WORKERS, ZTUN_BUSY_POLL
     ZTUN_WORKERS = args.workers
+    ZTUN_BUSY_POLL = args.busy_poll
     if args.process_rule:
         process_rule_main(args.rounds, args.seconds, args.json)
         return
@@ -348,9 +393,12 @@ def main() -> None:
                             tmp / "echo.log")  # fmt: skip
                 try:
                     wait_tcp(t.server, "127.0.0.1", 7)
-                    results[name].append(
-                        measure(name, t, tmp, args.seconds, args.profile, args.mode)
-                    )
+                    if args.udp_echo:
+                        results[name].append(measure_udp_echo(name, t, tmp))
+                    else:
+                        results[name].append(
+                            measure(name, t, tmp, args.seconds, args.profile, args.mode)
+                        )
                 finally:
                     echo.stop()
     report(results, args.json)

@@ -426,3 +426,47 @@ def test_strict_route_keeps_lan_and_other_family_off_the_side_path(tmp_path: Pat
                 code, _ = stop(z, signal.SIGTERM)
             assert code == 0, z.text()
             assert t.snapshot() == before, z.text()
+
+
+# -- busy polling -------------------------------------------------------------------------------
+
+
+def test_busy_poll_while_echoes_flow_and_never_when_idle(tmp_path: Path) -> None:
+    """The default polls the loop during a stream of UDP round trips, and stops once they stop:
+    an idle ztun uses no CPU. `busy_poll: 0` never polls. (What it buys is measured in
+    bench/bench_tun.py --udp-echo, not here.)"""
+    require_tun_environment()
+    with topology() as t:
+        server = str(Path(__file__).parent / "tun_server.py")
+        echo = Proc(["ip", "netns", "exec", t.server, sys.executable, server],
+                    tmp_path / "echo.log")  # fmt: skip
+        try:
+            wait_tcp(t.server, "127.0.0.1", 7)
+            for name, poll in (("default", None), ("off", "0")):
+                cfg = config_text()
+                if poll is not None:
+                    extra = f"udp_timeout: 30s\n    busy_poll: {poll}"
+                    cfg = cfg.replace("udp_timeout: 30s", extra)
+                z = start_ztun(t, tmp_path, name, config=cfg)
+                try:
+                    for target in (DIRECT4, DIRECT6):
+                        r = json.loads(t.client_python("tun_client.py", "echoes", target, "7",
+                                                       "2000"))  # fmt: skip
+                        assert r == {"exact": 2000}, r
+                    time.sleep(0.5)
+                    c0 = cpu_seconds(z.pid)
+                    time.sleep(2)
+                    idle = cpu_seconds(z.pid) - c0
+                    assert idle < 0.2, f"{name}: {idle:.2f} CPU-s in 2 s with no traffic"
+                finally:
+                    assert stop(z, signal.SIGTERM)[0] == 0, z.text()
+                polled = "busy polling:" in z.text()
+                assert polled == (poll is None), z.text()[-2000:]
+        finally:
+            echo.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` from /proc (bench/procstat.py reads it the same way)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

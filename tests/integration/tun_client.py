@@ -1,6 +1,7 @@
 """Clients for the TUN tests, run inside the client namespace; each prints one JSON line.
 
 udp HOST PORT SIZE...       one connected UDP socket: echo each size, or the error
+echoes HOST PORT N          N 64-byte UDP echoes one after the other: how many came back exact
 conns HOST PORT N           N connections open at once, each echoes its own message
 refused HOST PORT           how a TCP connect ends and how long it took
 """
@@ -36,6 +37,22 @@ def udp(host: str, port: int, sizes: list[int]) -> dict[str, object]:
             break
         out[str(size)] = result
     return out
+
+
+def echoes(host: str, port: int, n: int) -> dict[str, object]:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.connect((host, port))
+    s.settimeout(1.0)
+    exact = 0
+    for i in range(n):
+        msg = i.to_bytes(4, "big") * 16
+        try:
+            s.send(msg)
+            exact += s.recv(2048) == b"echo:" + msg
+        except (TimeoutError, OSError):
+            pass
+    return {"exact": exact}
 
 
 async def conns(host: str, port: int, n: int) -> dict[str, object]:
@@ -99,6 +116,8 @@ def main() -> None:
     cmd, host, port, *rest = sys.argv[1:]
     if cmd == "udp":
         res = udp(host, int(port), [int(x) for x in rest])
+    elif cmd == "echoes":
+        res = echoes(host, int(port), int(rest[0]))
     elif cmd == "conns":
         res = asyncio.run(conns(host, int(port), int(rest[0])))
     elif cmd == "refused":

@@ -30,6 +30,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Hashable
 from typing import Any
 
@@ -42,6 +43,7 @@ from ztun.outbound.base import Outbound, OutboundError
 from ztun.packet.ip import Drop
 from ztun.packet.virtio import HEADER_LEN, PLAIN
 from ztun.runtime import dial
+from ztun.runtime.busy_poll import BusyPoll
 from ztun.runtime.dispatch import Dispatcher, log_flow
 from ztun.runtime.netio import Handover
 from ztun.runtime.sniff import sniff_and_route
@@ -149,6 +151,9 @@ class TunInbound:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._flush_due = False  # a `_flush` of the replies' commands is scheduled
+        self._replies_from = 0.0  # when the first reply of the scheduled `_flush` came
+        #: polls the loop a moment after each burst (runtime/busy_poll.py); set in start()
+        self.busy_poll: BusyPoll | None = None
         self._closed = False
         self._error_logged_at = float("-inf")
         self._errors_unlogged = 0
@@ -160,6 +165,7 @@ class TunInbound:
         from ztun.platform.linux.tun_device import TunDevice
 
         loop = self._loop = asyncio.get_running_loop()
+        self.busy_poll = BusyPoll(loop, self.options.busy_poll)
         self._udp = UdpSessionRunner(self.stack.udp, loop, self.tasks, self._udp_reply,
                                      self._run_commands,
                                      tracker=getattr(self.dispatcher, "tracker", None),
@@ -267,9 +273,15 @@ class TunInbound:
         log.info("inbound %s: %d packets read, dropped: %s, failed writes: %d, UDP datagrams "
                  "filtered: %d", self.tag, self.stack.packets, counts or "none",
                  self.write_errors, self.stack.udp_filtered)  # fmt: skip
+        bp = self.busy_poll
+        if bp is not None and bp.polls:
+            log.info("inbound %s: busy polling: %d loop turns, %.1f ms in all", self.tag,
+                     bp.polls, bp.polled * 1000)  # fmt: skip
 
     async def _drain(self) -> None:
         self.stack.accepting = False
+        if self.busy_poll is not None:
+            self.busy_poll.stop()
         if self.redirect_listener is not None:
             self.redirect_listener.close()
         loop = asyncio.get_running_loop()
@@ -355,6 +367,7 @@ class TunInbound:
     # carries nearly every packet.
 
     def _on_tun(self) -> None:
+        started = time.monotonic()
         fd = self.device.fd
         buf, view = self._buf, self._view
         readv, write = os.readv, os.write
@@ -380,10 +393,13 @@ class TunInbound:
                 self._run_batch()
         if out:
             self._run_batch()
+        if self.busy_poll is not None:
+            self.busy_poll.after(started)
 
     def _on_tun_vnet(self) -> None:
         """`_on_tun` for a device with virtio-net headers: a forwarded packet goes back with
         its header (only addresses, ports and checksums changed, so the header still fits)."""
+        started = time.monotonic()
         fd = self.device.fd
         buf, view, hdr, iov = self._buf, self._view, self._hdr, self._iov
         readv, writev = os.readv, os.writev
@@ -409,6 +425,8 @@ class TunInbound:
                 self._run_batch()
         if out:
             self._run_batch()
+        if self.busy_poll is not None:
+            self.busy_poll.after(started)
 
     def _run_batch(self) -> None:
         """The commands of up to `FLUSH` packets (or replies), carried out together: a UDP
@@ -589,12 +607,15 @@ class TunInbound:
             self._run_batch()
         elif not self._flush_due:
             self._flush_due = True
+            self._replies_from = time.monotonic()
             loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_due = False
         if self.stack.out and not self._closed:
             self._run_batch()
+            if self.busy_poll is not None:
+                self.busy_poll.after(self._replies_from)
 
 
 def _reset(conn: socket.socket) -> None:

@@ -610,10 +610,11 @@ def test_field_names_follow_sing_box() -> None:
     # tun icmp handling, clash rule-set behavior; domain_strategy on direct outbounds is hidden
     # from sing-box 1.14's schema (deprecated) but part of ztun's format, as is dns
     # independent_cache (deprecated in 1.14); allow_unauthenticated_remote (mixed inbound);
-    # pipeline (socks outbound)
+    # pipeline (socks outbound); busy_poll (tun inbound)
     own = {"description", "include", "geoip", "source_geoip", "icmp", "behavior", "rcode",
            "answer", "download_detour", "domain_strategy", "independent_cache",
-           "override_destination", "allow_unauthenticated_remote", "pipeline"}  # fmt: skip
+           "override_destination", "allow_unauthenticated_remote", "pipeline",
+           "busy_poll"}  # fmt: skip
     assert ours - props_of(theirs) - own == set()
 
 
