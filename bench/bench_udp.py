@@ -13,6 +13,7 @@ iperf3 target through its `socks` outbound. Per round and tunnel:
 
     python bench/bench_udp.py [--rate 500M] [--seconds 5] [--rounds 3] [--json out.json]
     python bench/bench_udp.py --only ztun --rounds 1    # one tunnel
+    python bench/bench_udp.py --busy-poll 0             # ztun's tun `busy_poll` set (0: off)
 """
 
 from __future__ import annotations
@@ -76,11 +77,14 @@ PROXY_CONFIG = {
 }
 
 
-def start_tunnel(name: str, t: Topology, tmp: Path) -> Proc:
+def start_tunnel(name: str, t: Topology, tmp: Path, busy_poll: str | None = None) -> Proc:
     env = dict(os.environ, PYTHONPATH=str(REPO), ZTUN_STATE_DIR=str(tmp / "state"))
     if name == "ztun":
         cfg = tmp / "ztun.yaml"
-        cfg.write_text(ZTUN_CONFIG)
+        text = ZTUN_CONFIG
+        if busy_poll is not None:
+            text = text.replace("stack: system}", f"stack: system, busy_poll: {busy_poll}}}")
+        cfg.write_text(text)
         args = [sys.executable, "-m", "ztun", "run", str(cfg)]
     else:
         cfg = tmp / "sing-box.json"
@@ -93,8 +97,10 @@ def start_tunnel(name: str, t: Topology, tmp: Path) -> Proc:
     return proc
 
 
-def measure(name: str, t: Topology, tmp: Path, rate: str, seconds: float) -> dict[str, Any]:
-    proc = start_tunnel(name, t, tmp)
+def measure(
+    name: str, t: Topology, tmp: Path, rate: str, seconds: float, busy_poll: str | None = None
+) -> dict[str, Any]:
+    proc = start_tunnel(name, t, tmp, busy_poll)
     try:
         time.sleep(1.0)  # let the tunnel settle
         c0 = cpu_seconds(proc.pid)
@@ -123,6 +129,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--only", choices=["ztun", "sing-box"], help="measure one tunnel")
+    ap.add_argument("--busy-poll", default=None,
+                    help="ztun's tun `busy_poll` (e.g. 0 or 200us; default: the key left out)")
     args = ap.parse_args()
     results: dict[str, list[dict[str, Any]]] = {"ztun": [], "sing-box": []}
     names = [n for n in ("sing-box", "ztun") if not args.only or n == args.only]
@@ -138,7 +146,9 @@ def main() -> None:
                 try:
                     wait_tcp(t.server, "127.0.0.1", SOCKS_PORT)
                     wait_tcp(t.server, "127.0.0.1", 5201)
-                    results[name].append(measure(name, t, tmp, args.rate, args.seconds))
+                    results[name].append(
+                        measure(name, t, tmp, args.rate, args.seconds, args.busy_poll)
+                    )
                 finally:
                     for p in peers:
                         p.stop()
