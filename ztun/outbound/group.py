@@ -161,7 +161,7 @@ class GroupOutbound:
         self.touch()
         self.counters.udp_sessions += 1
         tag = self.now
-        session = GroupUdpSession(tag, on_close)
+        session = GroupUdpSession(self.tag, tag, on_close)
         member = self.members[tag]
         session.inner = await member.open_udp(meta, on_datagram, session.closed_by_member)
         self._sessions.add(session)
@@ -174,7 +174,8 @@ class GroupOutbound:
 class GroupUdpSession:
     """A member's UDP session, as the group hands it out: the group can end it."""
 
-    def __init__(self, member_tag: str, on_close: CloseHandler) -> None:
+    def __init__(self, group_tag: str, member_tag: str, on_close: CloseHandler) -> None:
+        self.group_tag = group_tag
         self.member_tag = member_tag
         self.on_close = on_close
         self.inner: UdpSession | None = None
@@ -183,6 +184,15 @@ class GroupUdpSession:
     @property
     def closed(self) -> bool:
         return self._ended or self.inner is None or self.inner.closed
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        """The group and the member carrying the session (down through inner groups), as
+        `GroupOutbound.attach` gives a TCP flow's."""
+        inner = self.inner
+        if isinstance(inner, GroupUdpSession):
+            return (self.group_tag, *inner.chain)
+        return (self.group_tag, self.member_tag)
 
     def send(self, dest: Address, payload: bytes) -> None:
         if self.inner is not None:

@@ -64,8 +64,17 @@ class UdpSessionRunner:
         #: table bounds them: each leaves at its FlowEnded)
         self.tracker = tracker
         self._tracked: dict[int, Tracked] = {}
-        if tracker is not None:
-            core.on_flow = self._track
+        core.on_flow = self._on_flow
+
+    def _on_flow(self, uf: UdpFlow) -> None:
+        """A routed flow joins the core: through a group whose session is already open (a
+        SOCKS5 association's next destination), it carries the session's chain; with the API
+        on, the tracker lists it."""
+        held = self.sessions.get(uf.session_key)
+        if held is not None:
+            _set_chain(uf.flow, held[1])
+        if self.tracker is not None:
+            self._track(uf)
 
     def _track(self, uf: UdpFlow) -> None:
         assert self.tracker is not None
@@ -196,6 +205,8 @@ class UdpSessionRunner:
             return
         if self.core.opened(key, ident):
             self.sessions[key] = (ident, session)
+            for uf in self.core.members(key):
+                _set_chain(uf.flow, session)
         else:
             session.close()  # late: a newer session of this key, or none, is the live one
         self.drain()
@@ -219,3 +230,11 @@ class UdpSessionRunner:
                 self.tracker.remove(entry)
         self._tracked.clear()
 
+
+
+def _set_chain(flow: Flow, session: UdpSession) -> None:
+    """Through a group, a flow's log line and its /connections entry name the member that
+    carries it (the session's `chain`), as a TCP flow's do."""
+    chain = getattr(session, "chain", None)
+    if chain:
+        flow.chain = chain

@@ -20,12 +20,16 @@ from ztun.config.options import (
     URLTestOutboundOptions,
 )
 from ztun.errors import ZtunError
+from ztun.nat.udp import UdpSessions
 from ztun.outbound import probe
 from ztun.outbound.base import Counters, ErrorKind, OutboundError
 from ztun.outbound.registry import build_outbounds
 from ztun.outbound.selector import SelectorOutbound
 from ztun.outbound.urltest import URLTestOutbound
 from ztun.route.metadata import FlowMeta
+from ztun.runtime.udp import UdpSessionRunner
+from ztun.stack.commands import Command
+from ztun.stack.flow import Flow
 
 T = TypeVar("T")
 META = FlowMeta(network="tcp", domain="example.com", destination_port=80)
@@ -319,3 +323,42 @@ def test_udp_through_a_group_reaches_the_member_and_its_end_reaches_the_owner() 
 
     sent, ends, closed = run(go())
     assert sent == [b"one", b"two", b"three"] and ends == ["proxy gone"] and closed
+
+
+def test_udp_flows_through_groups_name_the_member_that_carries_them() -> None:
+    """The UDP runner gives each flow of a group's session the session's chain (down through
+    inner groups), also a flow that joins the session once it is open (a SOCKS5 association's
+    next destination), as a TCP flow gets it from `attach`."""
+    a, b = Member("a"), Member("b")
+    outbounds: dict[str, Any] = {"a": a, "b": b}
+    inner = SelectorOutbound(SelectorOutboundOptions(tag="inner", outbounds=("a", "b"),
+                                                     default="b"))  # fmt: skip
+    outer = SelectorOutbound(SelectorOutboundOptions(tag="outer", outbounds=("inner", "a")))
+    outbounds.update(inner=inner, outer=outer)
+    inner.bind(outbounds)
+    outer.bind(outbounds)
+
+    async def go() -> tuple[tuple[str, ...], tuple[str, ...]]:
+        loop = asyncio.get_running_loop()
+        out: list[Command] = []
+        core = UdpSessions(out, timeout=60.0, max_flows=16)
+        tasks: set[asyncio.Task[None]] = set()
+
+        def drain() -> None:
+            commands = out[:]
+            out.clear()
+            runner.execute_all(commands, lambda _p: None)
+
+        runner = UdpSessionRunner(core, loop, tasks, lambda *_: None, drain)
+        first = Flow(META, DEST, 0.0)
+        # one session for the association, as the mixed inbound keys it (by outbound)
+        core.send(core.add("f1", first, outer, "outer", 0.0), b"q1", 0.0)
+        drain()
+        await asyncio.gather(*tasks)
+        second = Flow(META, Address("203.0.113.8", 53), 0.0)
+        core.send(core.add("f2", second, outer, "outer", 0.0), b"q2", 0.0)
+        drain()
+        return first.chain, second.chain
+
+    assert run(go()) == (("outer", "inner", "b"), ("outer", "inner", "b"))
+    assert [p for _, p in b.sessions[0].sent] == [b"q1", b"q2"]
