@@ -48,6 +48,9 @@ log = logging.getLogger("ztun.inbound")
 
 MAX_FLOWS = 4096
 HANDSHAKE_TIMEOUT = 10.0
+#: The listener's queue of connections not yet accepted, and how many one wake-up accepts.
+BACKLOG = 1024
+ACCEPT_BATCH = 64
 MAX_UDP_FLOWS = 1024
 #: TCP keepalive on a UDP ASSOCIATE's control connection: a client that vanished without a
 #: FIN (suspended laptop, lost network) is noticed after about 30 + 10 * 3 = 60 seconds.
@@ -127,7 +130,7 @@ class MixedInbound:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind((self.listen, self.listen_port))
-            sock.listen(1024)
+            sock.listen(BACKLOG)
             sock.setblocking(False)
         except (OSError, dial.DialError) as e:
             sock.close()
@@ -146,8 +149,15 @@ class MixedInbound:
         host = f"[{self.listen}]" if ":" in self.listen else self.listen
         return f"{host}:{self.listen_port}"
 
-    async def stop(self) -> None:
-        """Stop accepting; flows already open go on."""
+    async def stop(self, serve_queued: bool = False) -> None:
+        """Stop accepting; flows already open go on. `serve_queued`: first accept and serve
+        what waits in the listener's queue (a worker retiring after a reload: closing one
+        socket of a SO_REUSEPORT group resets the connections queued on it, which the
+        other sockets never see), up to one full backlog."""
+        if self.sock is not None and serve_queued:
+            for _ in range(BACKLOG // ACCEPT_BATCH):
+                if self._accept_batch():
+                    break
         if self.sock is not None:
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
             self.sock.close()
@@ -157,17 +167,22 @@ class MixedInbound:
         """Nothing on the host to put back (see Inbound.abort)."""
 
     def _on_accept(self) -> None:
+        self._accept_batch()
+
+    def _accept_batch(self) -> bool:
+        """Accept up to `ACCEPT_BATCH` connections; True once the queue is empty (or accept
+        failed: EMFILE and friends, said in a line; the next wake-up tries again)."""
         loop = asyncio.get_running_loop()
         assert self.sock is not None
-        for _ in range(64):
+        for _ in range(ACCEPT_BATCH):
             try:
                 conn, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # EMFILE and friends: say so, try again on the next wake-up
+                return True
+            except OSError as e:
                 limited(log, logging.WARNING, ("accept", self.tag),
                         "inbound %s: accept failed: %s", self.tag, e.strerror or e)  # fmt: skip
-                return
+                return True
             if len(self.tasks) >= self.max_flows:
                 self.refused += 1
                 conn.close()
@@ -183,6 +198,7 @@ class MixedInbound:
             task = loop.create_task(self._handle(conn, (str(addr[0]), int(addr[1]))))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+        return False
 
     # -- one connection -------------------------------------------------------------------
 

@@ -83,6 +83,8 @@ class RedirectListener:
         #: connections reset because nftables had not redirected them
         self.not_redirected = 0
         self._listeners: list[socket.socket] = []
+        #: each listener's family and own address (what `_on_accept` takes)
+        self._accept_args: dict[socket.socket, tuple[int, tuple[bytes, int]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         #: version → port, once open
         self.ports: dict[int, int] = {}
@@ -112,6 +114,7 @@ class RedirectListener:
                 ls.setblocking(False)
                 ports[version] = ls.getsockname()[1]
                 own = (socket.inet_pton(fam, ls.getsockname()[0]), ports[version])
+                self._accept_args[ls] = (fam, own)
                 loop.add_reader(ls.fileno(), self._on_accept, ls, fam, own)
         except BaseException:
             self.close()
@@ -119,9 +122,18 @@ class RedirectListener:
         self.ports = ports
         return ports
 
-    def close(self) -> None:
-        """No new connections (a redirected SYN now gets the kernel's RST)."""
+    def close(self, serve_queued: bool = False) -> None:
+        """No new connections (a redirected SYN now gets the kernel's RST). `serve_queued`:
+        first accept and serve what waits in each listener's queue (a worker retiring after a
+        reload: closing one socket of a SO_REUSEPORT group resets the connections queued on
+        it), up to one full backlog each."""
+        if serve_queued and self.accepting and self._loop is not None:
+            for ls, (fam, own) in self._accept_args.items():
+                for _ in range(BACKLOG // ACCEPT_BATCH):
+                    if self._on_accept(ls, fam, own):
+                        break
         self.accepting = False
+        self._accept_args.clear()
         for ls in self._listeners:
             if self._loop is not None:
                 with contextlib.suppress(ValueError, OSError, RuntimeError):
@@ -129,20 +141,21 @@ class RedirectListener:
             ls.close()
         self._listeners.clear()
 
-    def _on_accept(self, ls: socket.socket, family: int, own: tuple[bytes, int]) -> None:
-        """`own`: the listener's packed address and port, what a connection that was not
-        redirected reports as its original destination."""
+    def _on_accept(self, ls: socket.socket, family: int, own: tuple[bytes, int]) -> bool:
+        """Accept up to `ACCEPT_BATCH` connections; True once the queue is empty (or accept
+        failed). `own`: the listener's packed address and port, what a connection that was
+        not redirected reports as its original destination."""
         loop = self._loop
         assert loop is not None
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, addr = ls.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return True
             except OSError as e:
                 limited(log, logging.WARNING, ("redirect-accept", self.tag),
                         "inbound %s: accept failed: %s", self.tag, e.strerror or e)  # fmt: skip
-                return
+                return True
             if not self.accepting:
                 reset(conn)
                 continue
@@ -166,6 +179,7 @@ class RedirectListener:
                     reset(conn)
                 continue
             self.serve(conn, flow, verdict)
+        return False
 
 
 def reset(conn: socket.socket) -> None:

@@ -172,10 +172,12 @@ class Worker:
         """A reload replaced this worker: no new connections, and the open flows, mixed and
         redirected alike, run to their end (at most `_retire_limit` seconds, or until the main
         process stops, when `_drain` takes over)."""
+        # What is queued on this worker's listeners is served here: closing a SO_REUSEPORT
+        # socket would reset it, and the new workers' sockets never see it.
         for inbound in self.mixed:
-            await inbound.stop()
+            await inbound.stop(serve_queued=True)
         for listener, _inbound in self.redirect:
-            listener.close()
+            listener.close(serve_queued=True)
         tasks = set().union(*(i.tasks for i in self.mixed), *(i.tasks for _l, i in self.redirect))
         open_tasks = {t for t in tasks if not t.done()}
         log.info("retiring after a reload: %d open flow(s) go on", len(open_tasks))
