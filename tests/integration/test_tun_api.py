@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from .netns import DIRECT4, Topology, in_ns, require_tun_environment, topology, wait_tcp
+from .netns import DIRECT4, Topology, in_ns, require_tun_environment, topology
 from .peers import REPO, Proc
-from .test_tun_linux import start_ztun
+from .test_tun_linux import echo_server, start_ztun
 
 pytestmark = [pytest.mark.netns]
 
@@ -38,19 +38,12 @@ experimental:
 @pytest.fixture
 def ns(tmp_path: Path) -> Iterator[tuple[Topology, Proc]]:
     require_tun_environment()
-    with topology() as t:
-        server = str(Path(__file__).parent / "tun_server.py")
-        echo = Proc(["ip", "netns", "exec", t.server, sys.executable, server],
-                    tmp_path / "echo.log")  # fmt: skip
-        z: Proc | None = None
+    with topology() as t, echo_server(t, tmp_path):
+        z = start_ztun(t, tmp_path, config=CONFIG)
         try:
-            wait_tcp(t.server, "127.0.0.1", 7)
-            z = start_ztun(t, tmp_path, config=CONFIG)
             yield t, z
         finally:
-            if z is not None:
-                z.stop()
-            echo.stop()
+            z.stop()
 
 
 def test_tun_flows_are_listed_counted_and_closed(ns: tuple[Topology, Proc]) -> None:

@@ -8,6 +8,7 @@ direct. Route restoration (SIGTERM, SIGKILL + restart) runs in namespaces of its
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -99,6 +100,19 @@ def start_socks_server(t: Topology, tmp: Path, procs: list[Proc], *, wait: bool 
                       tmp / "sing-box.log"))  # fmt: skip
     if wait:
         wait_tcp(t.server, "127.0.0.1", SOCKS_PORT)
+
+
+@contextlib.contextmanager
+def echo_server(t: Topology, tmp: Path) -> Iterator[Proc]:
+    """The TCP and UDP echo (tun_server.py, port 7) in the server namespace, up, for the
+    block; stopped after it."""
+    echo = Proc(["ip", "netns", "exec", t.server, sys.executable,
+                 str(Path(__file__).parent / "tun_server.py")], tmp / "echo.log")  # fmt: skip
+    try:
+        wait_tcp(t.server, "127.0.0.1", 7)
+        yield echo
+    finally:
+        echo.stop()
 
 
 def start_server_peers(t: Topology, tmp: Path, www: Path, procs: list[Proc],
@@ -236,26 +250,19 @@ def test_plain_mode_without_offload(tmp_path: Path) -> None:
     """ZTUN_TUN_OFFLOAD=0: the TUN without virtio-net headers still carries TCP both ways
     byte-exact, UDP and ICMP (the fallback when a kernel refuses the offload ioctls)."""
     require_tun_environment()
-    with topology() as t:
-        server = str(Path(__file__).parent / "tun_server.py")
-        echo = Proc(["ip", "netns", "exec", t.server, sys.executable, server],
-                    tmp_path / "echo.log")  # fmt: skip
+    with topology() as t, echo_server(t, tmp_path):
+        z = start_ztun(t, tmp_path, offload=False)
         try:
-            wait_tcp(t.server, "127.0.0.1", 7)
-            z = start_ztun(t, tmp_path, offload=False)
-            try:
-                assert "offload off" in z.text(), z.text()
-                for target in (DIRECT4, DIRECT6):
-                    assert bulk_echo(t, target, 8 << 20) == "exact"
-                    r = json.loads(t.client_python("tun_client.py", "udp", target, "7", "1",
-                                                   "1400", "8000"))  # fmt: skip
-                    assert set(r.values()) == {"ok"}, r
-                r = in_ns(t.client, "ping", "-c", "1", "-W", "2", "203.0.113.99", check=False)
-                assert r.returncode == 0, r.stdout + r.stderr
-            finally:
-                assert stop(z, signal.SIGTERM)[0] == 0, z.text()
+            assert "offload off" in z.text(), z.text()
+            for target in (DIRECT4, DIRECT6):
+                assert bulk_echo(t, target, 8 << 20) == "exact"
+                r = json.loads(t.client_python("tun_client.py", "udp", target, "7", "1",
+                                               "1400", "8000"))  # fmt: skip
+                assert set(r.values()) == {"ok"}, r
+            r = in_ns(t.client, "ping", "-c", "1", "-W", "2", "203.0.113.99", check=False)
+            assert r.returncode == 0, r.stdout + r.stderr
         finally:
-            echo.stop()
+            assert stop(z, signal.SIGTERM)[0] == 0, z.text()
 
 
 def test_1000_concurrent_connections(env: Env) -> None:
@@ -347,27 +354,20 @@ def test_routes_restored_after_sigkill_and_restart(tmp_path: Path) -> None:
 
 def test_open_flow_gets_fin_on_shutdown(tmp_path: Path) -> None:
     require_tun_environment()
-    with topology() as t:
-        server = str(Path(__file__).parent / "tun_server.py")
-        echo = Proc(["ip", "netns", "exec", t.server, sys.executable, server],
-                    tmp_path / "echo.log")  # fmt: skip
-        try:
-            wait_tcp(t.server, "127.0.0.1", 7)
-            z = start_ztun(t, tmp_path)
-            code = ("import socket,time\n"
-                    f"s=socket.create_connection(({DIRECT4!r},7),5)\n"
-                    "s.sendall(b'x'); assert s.recv(1)==b'x'\n"
-                    "print('open',flush=True)\n"
-                    "s.settimeout(10); t=time.monotonic(); d=s.recv(10)\n"
-                    "print('eof' if d==b'' else 'data')\n")  # fmt: skip
-            p = subprocess.Popen(["ip", "netns", "exec", t.client, sys.executable, "-c", code],
-                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
-            assert p.stdout is not None and p.stdout.readline().strip() == "open"
-            rc, _ = stop(z, signal.SIGTERM)
-            out = p.communicate(timeout=15)[0]
-            assert rc == 0 and out.startswith("eof"), out
-        finally:
-            echo.stop()
+    with topology() as t, echo_server(t, tmp_path):
+        z = start_ztun(t, tmp_path)
+        code = ("import socket,time\n"
+                f"s=socket.create_connection(({DIRECT4!r},7),5)\n"
+                "s.sendall(b'x'); assert s.recv(1)==b'x'\n"
+                "print('open',flush=True)\n"
+                "s.settimeout(10); t=time.monotonic(); d=s.recv(10)\n"
+                "print('eof' if d==b'' else 'data')\n")  # fmt: skip
+        p = subprocess.Popen(["ip", "netns", "exec", t.client, sys.executable, "-c", code],
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert p.stdout is not None and p.stdout.readline().strip() == "open"
+        rc, _ = stop(z, signal.SIGTERM)
+        out = p.communicate(timeout=15)[0]
+        assert rc == 0 and out.startswith("eof"), out
 
 
 def test_clear_error_without_tun_permission(tmp_path: Path) -> None:
@@ -436,34 +436,26 @@ def test_busy_poll_while_echoes_flow_and_never_when_idle(tmp_path: Path) -> None
     an idle ztun uses no CPU. `busy_poll: 0` never polls. (What it buys is measured in
     bench/bench_tun.py --udp-echo, not here.)"""
     require_tun_environment()
-    with topology() as t:
-        server = str(Path(__file__).parent / "tun_server.py")
-        echo = Proc(["ip", "netns", "exec", t.server, sys.executable, server],
-                    tmp_path / "echo.log")  # fmt: skip
-        try:
-            wait_tcp(t.server, "127.0.0.1", 7)
-            for name, poll in (("default", None), ("off", "0")):
-                cfg = config_text()
-                if poll is not None:
-                    extra = f"udp_timeout: 30s\n    busy_poll: {poll}"
-                    cfg = cfg.replace("udp_timeout: 30s", extra)
-                z = start_ztun(t, tmp_path, name, config=cfg)
-                try:
-                    for target in (DIRECT4, DIRECT6):
-                        r = json.loads(t.client_python("tun_client.py", "echoes", target, "7",
-                                                       "2000"))  # fmt: skip
-                        assert r == {"exact": 2000}, r
-                    time.sleep(0.5)
-                    c0 = cpu_seconds(z.pid)
-                    time.sleep(2)
-                    idle = cpu_seconds(z.pid) - c0
-                    assert idle < 0.2, f"{name}: {idle:.2f} CPU-s in 2 s with no traffic"
-                finally:
-                    assert stop(z, signal.SIGTERM)[0] == 0, z.text()
-                polled = "busy polling:" in z.text()
-                assert polled == (poll is None), z.text()[-2000:]
-        finally:
-            echo.stop()
+    with topology() as t, echo_server(t, tmp_path):
+        for name, poll in (("default", None), ("off", "0")):
+            cfg = config_text()
+            if poll is not None:
+                cfg = cfg.replace("udp_timeout: 30s", f"udp_timeout: 30s\n    busy_poll: {poll}")
+            z = start_ztun(t, tmp_path, name, config=cfg)
+            try:
+                for target in (DIRECT4, DIRECT6):
+                    r = json.loads(t.client_python("tun_client.py", "echoes", target, "7",
+                                                   "2000"))  # fmt: skip
+                    assert r == {"exact": 2000}, r
+                time.sleep(0.5)
+                c0 = cpu_seconds(z.pid)
+                time.sleep(2)
+                idle = cpu_seconds(z.pid) - c0
+                assert idle < 0.2, f"{name}: {idle:.2f} CPU-s in 2 s with no traffic"
+            finally:
+                assert stop(z, signal.SIGTERM)[0] == 0, z.text()
+            polled = "busy polling:" in z.text()
+            assert polled == (poll is None), z.text()[-2000:]
 
 
 def cpu_seconds(pid: int) -> float:

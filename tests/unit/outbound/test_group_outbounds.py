@@ -139,7 +139,9 @@ def test_selector_choice_survives_a_restart_in_the_cache_file(tmp_path: Path) ->
         build_outbounds([DirectOutboundOptions(tag="a"), options], path)
 
 
-def test_nested_groups_chain_and_attach() -> None:
+def nested_groups() -> tuple[Member, Member, SelectorOutbound]:
+    """Members a and b; selector `inner` over a and b (b chosen); selector `outer` over inner
+    and a (inner chosen). Returns a, b and outer."""
     a, b = Member("a"), Member("b")
     outbounds: dict[str, Any] = {"a": a, "b": b}
     inner = SelectorOutbound(SelectorOutboundOptions(tag="inner", outbounds=("a", "b"),
@@ -148,6 +150,11 @@ def test_nested_groups_chain_and_attach() -> None:
     outbounds.update(inner=inner, outer=outer)
     inner.bind(outbounds)
     outer.bind(outbounds)
+    return a, b, outer
+
+
+def test_nested_groups_chain_and_attach() -> None:
+    _, _, outer = nested_groups()
     assert outer.now_chain() == ("outer", "inner", "b")
 
     async def go() -> tuple[str, ...]:
@@ -329,14 +336,7 @@ def test_udp_flows_through_groups_name_the_member_that_carries_them() -> None:
     """The UDP runner gives each flow of a group's session the session's chain (down through
     inner groups), also a flow that joins the session once it is open (a SOCKS5 association's
     next destination), as a TCP flow gets it from `attach`."""
-    a, b = Member("a"), Member("b")
-    outbounds: dict[str, Any] = {"a": a, "b": b}
-    inner = SelectorOutbound(SelectorOutboundOptions(tag="inner", outbounds=("a", "b"),
-                                                     default="b"))  # fmt: skip
-    outer = SelectorOutbound(SelectorOutboundOptions(tag="outer", outbounds=("inner", "a")))
-    outbounds.update(inner=inner, outer=outer)
-    inner.bind(outbounds)
-    outer.bind(outbounds)
+    _, b, outer = nested_groups()
 
     async def go() -> tuple[tuple[str, ...], tuple[str, ...]]:
         loop = asyncio.get_running_loop()
