@@ -548,6 +548,11 @@ class Box:
         old options, and the problem is reported."""
         problems: list[str] = []
         running = {i.tag: i for i in self.inbounds}
+        new_by_tag = {o.tag: o for o in self.options.inbounds}
+        for tag in plan.retune:  # kept: only options it applies while it runs changed
+            kept = running.get(tag)
+            if kept is not None and tag in new_by_tag:
+                kept.retune(new_by_tag[tag])  # type: ignore[attr-defined]
         for tag in (*plan.stop, *plan.restart):
             inbound = running.pop(tag, None)
             if inbound is None:  # an earlier reload could not start it

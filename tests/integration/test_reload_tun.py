@@ -51,6 +51,7 @@ inbounds:
     address: [198.18.0.1/30, "fdfe:dcba:9876::1/126"]
     auto_route: true
     udp_timeout: {udp_timeout}
+    busy_poll: {busy_poll}
   - {{type: mixed, tag: mixed-in, listen: 127.0.0.1, listen_port: {mixed}}}
 outbounds:
   - {{type: direct, tag: direct}}
@@ -65,8 +66,10 @@ experimental:
 TO_PROXY = f"[{{ip_cidr: [{DIRECT4}/32], outbound: proxy}}]"
 
 
-def config_text(rules: str = "[]", final: str = "direct", udp_timeout: str = "30s") -> str:
-    return CONFIG.format(udp_timeout=udp_timeout, mixed=MIXED_PORT, socks=SERVER4,
+def config_text(rules: str = "[]", final: str = "direct", udp_timeout: str = "30s",
+                busy_poll: str = "200us") -> str:  # fmt: skip
+    return CONFIG.format(udp_timeout=udp_timeout, busy_poll=busy_poll, mixed=MIXED_PORT,
+                         socks=SERVER4,
                          socks_port=SOCKS_PORT, rules=rules, final=final,
                          api=API_PORT)  # fmt: skip
 
@@ -220,6 +223,19 @@ def test_changed_tun_options_restart_it_with_its_routes(env: Env) -> None:
     assert env.routing() == routing
     assert new_flow(env)["outbound"] == "proxy"
     assert new_flow(env, *MIXED)["outbound"] == "proxy"
+
+
+def test_changed_busy_poll_applies_without_a_restart(env: Env) -> None:
+    index = env.tun_index()
+    done = env.reloads()
+    env.config.write_text(config_text(rules=TO_PROXY, udp_timeout="45s", busy_poll="50us"))
+    os.kill(env.ztun.pid, signal.SIGHUP)
+    assert wait_for(lambda: env.reloads() > done, 30), env.ztun.text()
+    tail = env.ztun.text().rsplit("reload (SIGHUP): reading", 1)[1]
+    assert "inbounds kept: tun-in, mixed-in" in tail, tail
+    assert "inbound tun-in: busy_poll is now 50 µs" in tail, tail
+    assert env.tun_index() == index  # the same device: nothing was restarted
+    assert new_flow(env)["outbound"] == "proxy"
 
 
 def test_the_stop_after_reloads_restores_the_namespace(env: Env) -> None:

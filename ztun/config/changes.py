@@ -21,6 +21,9 @@ class ReloadPlan:
     keep: tuple[str, ...] = ()
     #: same tag, other options: stopped, then started again with the new options
     restart: tuple[str, ...] = ()
+    #: kept inbounds whose changed options apply without a restart (`LIVE_OPTIONS`): handed
+    #: their new options
+    retune: tuple[str, ...] = ()
     #: tags the new config no longer has
     stop: tuple[str, ...] = ()
     #: tags only the new config has
@@ -39,6 +42,16 @@ class ReloadPlan:
     @property
     def inbounds_changed(self) -> bool:
         return bool(self.restart or self.stop or self.start)
+
+
+#: Inbound options a running inbound applies when told (`retune`), so that changing only them
+#: keeps the inbound, its device and its flows: the TUN's busy polling is a loop setting.
+LIVE_OPTIONS: dict[str, tuple[str, ...]] = {"tun": ("busy_poll",)}
+
+
+def _without_live(inbound: InboundOptions) -> InboundOptions:
+    live = LIVE_OPTIONS.get(inbound.type, ())
+    return replace(inbound, **{name: None for name in live}) if live else inbound  # type: ignore[arg-type]
 
 
 def _route_view(inbound: InboundOptions, options: Options) -> object:
@@ -64,13 +77,18 @@ def plan_reload(old: Options, new: Options, *, old_hijacks: bool = False,
     module then runs even without `dns.servers`)."""
     before = {o.tag: o for o in old.inbounds}
     after = {o.tag: o for o in new.inbounds}
-    keep, restart, start = [], [], []
+    keep, retune, restart, start = [], [], [], []
     for tag, options in after.items():
         previous = before.get(tag)
         if previous is None:
             start.append(tag)
-        elif previous == options and _route_view(previous, old) == _route_view(options, new):
+        elif _route_view(previous, old) != _route_view(options, new):
+            restart.append(tag)
+        elif previous == options:
             keep.append(tag)
+        elif _without_live(previous) == _without_live(options):
+            keep.append(tag)
+            retune.append(tag)
         else:
             restart.append(tag)
     stop = [tag for tag in before if tag not in after]
@@ -90,5 +108,7 @@ def plan_reload(old: Options, new: Options, *, old_hijacks: bool = False,
                            "page; they change at the next start)")  # fmt: skip
     if old.log != new.log:
         not_applied.append("log (applies at the next start)")
-    return ReloadPlan(tuple(keep), tuple(restart), tuple(stop), tuple(start), rebuild_dns,
-                      bool(rebuild_monitor), tuple(not_applied))  # fmt: skip
+    return ReloadPlan(keep=tuple(keep), restart=tuple(restart), retune=tuple(retune),
+                      stop=tuple(stop), start=tuple(start), rebuild_dns=rebuild_dns,
+                      rebuild_monitor=bool(rebuild_monitor),
+                      not_applied=tuple(not_applied))  # fmt: skip

@@ -210,6 +210,14 @@ class TunInbound:
                  ", auto_route" if self.auto_route else "",
                  ", auto_redirect" if self.redirect is not None else "")  # fmt: skip
 
+    def retune(self, options: TunInboundOptions) -> None:
+        """A reload changed only options this inbound applies while it runs
+        (config/changes.py `LIVE_OPTIONS`): busy polling's limit."""
+        self.options = options
+        if self.busy_poll is not None:
+            self.busy_poll.window.limit = max(0.0, options.busy_poll)
+        log.info("inbound %s: busy_poll is now %.0f µs", self.tag, options.busy_poll * 1e6)
+
     async def _setup_routes(self) -> None:
         from ztun.platform.linux import routes
 

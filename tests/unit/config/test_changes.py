@@ -52,6 +52,18 @@ def test_changed_tun_option_restarts_the_tun() -> None:
     assert plan.restart == ("tun-in",) and plan.keep == ("mixed-in",)
 
 
+def test_changed_busy_poll_keeps_the_tun_and_retunes_it() -> None:
+    new = options(inbounds=[{**TUN, "busy_poll": "50us"}, MIXED])
+    plan = plan_reload(options(), new)
+    assert plan.keep == ("tun-in", "mixed-in") and plan.retune == ("tun-in",)
+    assert not plan.inbounds_changed
+    # with another change too, the TUN restarts (and starts with the new busy_poll)
+    both = options(inbounds=[{**TUN, "busy_poll": "50us", "mtu": 1400}, MIXED])
+    plan = plan_reload(options(), both)
+    assert plan.restart == ("tun-in",) and plan.retune == ()
+    assert plan_reload(options(), options()).retune == ()
+
+
 def test_default_mark_restarts_an_auto_route_tun_only() -> None:
     new = options(route={**options_route(), "default_mark": 1234})
     plan = plan_reload(options(), new)
