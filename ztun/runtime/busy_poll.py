@@ -20,6 +20,13 @@ What it costs is bounded twice, and both bounds are pure (`PollWindow`, tested w
   most three times as long as it spent handling packets. Where the poll catches the next
   packet it costs about what the wake-up it saves would have: 113-120 µs of CPU per UDP
   echo with it, 107-115 µs without (docs/tun.md has the table).
+- *Whether it helps*: a poll that ends before the next burst comes (it came later, or the
+  credit ran out first) saved nothing; while the window is still growing towards the gap
+  that is expected, but after `MISSES_BEFORE_PAUSE` other such polls in a row, the
+  next `FIRST_PAUSE` bursts are not followed by a poll, and each pause in a row doubles, up
+  to `MAX_PAUSE` bursts; one poll that catches its burst ends the pauses. A stream whose
+  packets come too far apart for the credit (a download of 100 Mbit/s: a datagram each
+  ~120 µs, 10 µs of work each) so costs a few polls in hundreds of bursts, not a poll each.
 
 `BusyPoll` is the thin layer on the loop: while a window is open it keeps one callback
 scheduled with `call_soon`, which makes asyncio's and uvloop's loops poll their file
@@ -41,6 +48,11 @@ CREDIT_CAP = 2e-3
 #: window ran out before the reply came, and ztun slept all the same), 2 gave 117, 3 gave 104,
 #: as much as unbounded polling.
 CREDIT_PER_WORK = 3.0
+#: Polls in a row that catch nothing before polling pauses.
+MISSES_BEFORE_PAUSE = 4
+#: Bursts without a poll after the first pause, and after the longest run of them.
+FIRST_PAUSE = 16
+MAX_PAUSE = 256
 #: The tun inbound's default `busy_poll`: the longest window, and the gap beyond which bursts
 #: are too sparse to poll for.
 DEFAULT_LIMIT = DEFAULT_BUSY_POLL
@@ -50,13 +62,21 @@ class PollWindow:
     """How long to poll after each burst of work (pure: takes the times, returns a deadline).
     `limit` 0 turns busy polling off."""
 
-    __slots__ = ("credit", "idle_since", "limit", "window")
+    __slots__ = ("credit", "deadline", "idle_since", "limit", "misses", "next_pause", "pause",
+                 "window")  # fmt: skip
 
     def __init__(self, limit: float = DEFAULT_LIMIT) -> None:
         self.limit = max(0.0, limit)
         self.window = 0.0
         self.credit = 0.0
         self.idle_since: float | None = None
+        #: the deadline handed out after the last burst (0: none)
+        self.deadline = 0.0
+        #: polls in a row that ended before their burst came
+        self.misses = 0
+        #: bursts left that get no poll, and the length of the next pause
+        self.pause = 0
+        self.next_pause = FIRST_PAUSE
 
     def work(self, start: float, end: float) -> float:
         """A burst of work ran from `start` to `end`: the time until which to poll, or 0."""
@@ -64,17 +84,30 @@ class PollWindow:
             return 0.0
         gap = float("inf") if self.idle_since is None else start - self.idle_since
         self.idle_since = end
-        w = self.window
+        w = before = self.window
         if gap > w:  # the burst came after the window had ended (or there was none)
             if gap <= self.limit:
                 w = min(self.limit, w * 2 if w else GROW_START)
             else:
                 w = w / 2 if w > GROW_START else 0.0
             self.window = w
+        if self.deadline:
+            if start <= self.deadline:  # the poll caught this burst
+                self.misses, self.next_pause = 0, FIRST_PAUSE
+            elif w <= before:  # missed, and a longer window is not what would help
+                self.misses += 1
+                if self.misses >= MISSES_BEFORE_PAUSE:
+                    self.misses, self.pause = 0, self.next_pause
+                    self.next_pause = min(MAX_PAUSE, self.next_pause * 2)
+            self.deadline = 0.0
+        if self.pause:  # a pause earns no credit: it would buy the polls after it
+            self.pause -= 1
+            return 0.0
         self.credit = min(CREDIT_CAP, self.credit + CREDIT_PER_WORK * max(0.0, end - start))
         if w <= 0 or self.credit <= 0:
             return 0.0
-        return end + min(w, self.credit)
+        self.deadline = end + min(w, self.credit)
+        return self.deadline
 
     def polled(self, seconds: float) -> None:
         """`seconds` were spent polling: they are paid from the credit."""

@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 from ztun.runtime.busy_poll import (
     CREDIT_CAP,
     CREDIT_PER_WORK,
+    FIRST_PAUSE,
     GROW_START,
+    MAX_PAUSE,
+    MISSES_BEFORE_PAUSE,
     BusyPoll,
     PollWindow,
 )
@@ -89,6 +92,42 @@ def test_polling_is_paid_by_work() -> None:
     until = w.work(start, start + 2 * US)
     # 2 µs of work buy 6 µs of polling, not the 200 µs window
     assert abs(until - (start + 2 * US + CREDIT_PER_WORK * 2 * US)) < 1e-9
+
+
+def polled_stream(w: PollWindow, gap: float, work: float, count: int) -> list[bool]:
+    """Bursts `gap` apart, each polled for as long as the window says (the credit spent):
+    whether each burst was followed by a poll."""
+    t, polled = 1.0, []
+    for _ in range(count):
+        until = w.work(t, t + work)
+        t += work
+        polled.append(until > t)
+        if until > t:
+            w.polled(until - t)
+        t += gap
+    return polled
+
+
+def test_polls_that_never_catch_their_burst_pause_polling() -> None:
+    """A download's datagrams 120 µs apart, 10 µs of work each: the credit (30 µs) never
+    reaches the next one. After the window has grown, a few misses pause polling, and the
+    pauses double up to MAX_PAUSE: a handful of polls in thousands of bursts."""
+    w = PollWindow(200 * US)
+    polled = polled_stream(w, 120 * US, 10 * US, 4000)
+    # growing (10 to 160 µs), the first misses, the first pause, the misses after it
+    assert sum(polled[:30]) <= 4 + 2 * MISSES_BEFORE_PAUSE
+    assert sum(polled[1000:]) <= (3000 // MAX_PAUSE + 1) * MISSES_BEFORE_PAUSE
+    assert w.next_pause == MAX_PAUSE
+
+
+def test_a_caught_burst_ends_the_pauses() -> None:
+    w = PollWindow(200 * US)
+    polled_stream(w, 120 * US, 10 * US, 1000)  # paused for long stretches now
+    assert w.next_pause > FIRST_PAUSE
+    # request and answer: 40 µs of work, the next burst 60 µs later, well inside the credit
+    polled = polled_stream(w, 60 * US, 40 * US, MAX_PAUSE + 50)
+    assert all(polled[-40:])
+    assert w.next_pause == FIRST_PAUSE and w.pause == 0
 
 
 @given(st.lists(st.tuples(st.floats(0, 2e-3), st.floats(0, 1e-3)), max_size=200),
