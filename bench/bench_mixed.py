@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 
-from procstat import Profiler, rss_mib, tree_pss_mib  # noqa: E402
+from procstat import Profiler, rss_mib, tree_cpu_split, tree_pss_mib  # noqa: E402
 from procstat import tree_cpu_seconds as cpu_seconds  # noqa: E402
 
 from ztun.address import Address  # noqa: E402
@@ -375,19 +375,24 @@ def main() -> None:
                         callees=False,
                     ):
                         cpu0 = cpu_seconds(pid_of[n])
+                        split0 = tree_cpu_split(pid_of[n])
                         others0 = others_cpu()
                         cps, p99 = asyncio.run(
                             conn_rate(port_of[n], ports["target"], args.conns, args.concurrency)
                         )
                         cpu_us = (cpu_seconds(pid_of[n]) - cpu0) / args.conns * 1e6
                         others_us = (others_cpu() - others0) / args.conns * 1e6
+                        split1 = tree_cpu_split(pid_of[n])
+                        sys_us = (split1[1] - split0[1]) / args.conns * 1e6
                     res[n].setdefault("conn_per_s", []).append(cps)  # type: ignore[union-attr]
                     res[n].setdefault("p99_setup_ms", []).append(p99)  # type: ignore[union-attr]
                     res[n].setdefault("cpu_us_per_conn", []).append(cpu_us)  # type: ignore[union-attr]
                     res[n].setdefault("others_cpu_us_per_conn", []).append(others_us)  # type: ignore[union-attr]
+                    res[n].setdefault("sys_cpu_us_per_conn", []).append(sys_us)  # type: ignore[union-attr]
                     print(
                         f"connrate round {r + 1} {n:9s} {cps:8.0f} conn/s  p99 {p99:.2f} ms"
-                        f"  {cpu_us:.0f} CPU-µs/conn (client, SOCKS5 server and target:"
+                        f"  {cpu_us:.0f} CPU-µs/conn ({sys_us:.0f} in the kernel; the client,"
+                        f" SOCKS5 server and target:"
                         f" {others_us:.0f})",
                         flush=True,
                     )
@@ -422,6 +427,7 @@ def main() -> None:
     print("\nztun / sing-box (median of rounds):")
     for k, goal in (("mbps", "≥ 1.0"), ("cpu_s_per_gb", "≤ 1.0"), ("conn_per_s", "≥ 1.0"),
                     ("p99_setup_ms", "(lower is better)"), ("cpu_us_per_conn", "(lower is better)"),
+                    ("sys_cpu_us_per_conn", "(of cpu_us_per_conn: in the kernel)"),
                     ("others_cpu_us_per_conn", "(the client, SOCKS5 server and target)"),
                     ("rss_mib_hold", "≤ 1.5"),
                     ("pss_mib_tree_hold", "(all processes)")):  # fmt: skip

@@ -52,6 +52,17 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def tree_cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of `pid` and the processes below it: user space against the kernel's
+    work for them."""
+    user = system = 0.0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            u, s = cpu_split(p)
+            user, system = user + u, system + s
+    return user, system
+
+
 def tree_pss_mib(pid: int, missing: float = float("nan")) -> float:
     """The proportional set size of `pid` and the processes below it, in MiB: pages shared
     between them (a fork's copy-on-write memory) count once in all, where a sum of their RSS
