@@ -180,6 +180,7 @@ class Box:
             tracker=self.tracker,
             owners=_owner_finder(router, dns_router),
         )
+        self.dispatcher.dns_needs_owner = bool(getattr(dns_router, "owner_needs", ()))
         self.api: ApiServer | None = None
         if self.tracker is not None:
             # Imported here: aiohttp costs start-up time that a config without the API skips.
@@ -495,6 +496,7 @@ class Box:
             if d.owners is not None:
                 d.owners.close()
             d.owners = _owner_finder(router, compiled.dns_router)
+        d.dns_needs_owner = bool(getattr(compiled.dns_router, "owner_needs", ()))
         self.dns, self.dns_router, self.options = dns, compiled.dns_router, new
         if self.tracker is not None:
             self.tracker.inbound_types = {o.tag: o.type for o in new.inbounds}

@@ -43,6 +43,8 @@ pytestmark = [pytest.mark.netns]
 
 HTTP_PORT = 8080
 MIXED_PORT = 1080
+#: a port the first rule sends direct, before any rule on the owner (nothing listens there)
+EARLY_PORT = 9
 
 CONFIG = f"""\
 log: {{level: debug}}
@@ -59,6 +61,7 @@ outbounds:
   - {{type: block, tag: block}}
 route:
   rules:
+    - {{port: [{EARLY_PORT}], outbound: direct}}
     - {{user: [nobody], outbound: block}}
     - {{process_name: [zt-blocked], network: tcp, outbound: block}}
     - {{process_path_regex: ["/zt-blocked$"], network: udp, outbound: block}}
@@ -234,6 +237,20 @@ def test_tcp_by_process_name(env: Env, target: str) -> None:
     lines = lines_for(env, int(r["port"]))  # type: ignore[call-overload]
     assert lines and lines[0]["outbound"] == "block" and lines[0]["process"] == "zt-blocked"
     assert lines[0]["process_path"] == str(env.blocked_python)
+
+
+@pytest.mark.parametrize("target", [DIRECT4, DIRECT6])
+def test_flows_decided_before_the_owner_rules_are_not_looked_up(env: Env, target: str) -> None:
+    """The first rule decides port 9 before any rule on the owner: even zt-blocked's flow
+    there goes direct, and its line has no owner (no lookup ran); its flow to port 7 reaches
+    the owner rules and is looked up (and blocked)."""
+    early = python(env, "tcp", target, str(EARLY_PORT), "talk", blocked=True)
+    line = lines_for(env, int(early["port"]))[0]  # type: ignore[call-overload]
+    assert line["outbound"] == "direct" and line["rule"] == "0", line
+    assert "uid" not in line and "process" not in line, line
+    late = python(env, "tcp", target, "7", "talk", blocked=True)
+    line = lines_for(env, int(late["port"]))[0]  # type: ignore[call-overload]
+    assert line["outbound"] == "block" and line["process"] == "zt-blocked", line
 
 
 @pytest.mark.parametrize("target", [DIRECT4, DIRECT6])

@@ -564,7 +564,8 @@ class TunInbound:
                         _reset(conn)
                     return
             if isinstance(outbound, SniffFirst):
-                sniffed = await sniff_and_route(conn, flow, outbound, self.dispatcher.route)
+                sniffed = await sniff_and_route(conn, flow, outbound, self.dispatcher.route,
+                                                self.dispatcher.identify)  # fmt: skip
                 if isinstance(sniffed.verdict, Refused):
                     flow.end, flow.error = "blocked", sniffed.verdict.reason
                     log_flow(flow)

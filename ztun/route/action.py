@@ -51,6 +51,15 @@ class Sniff:
 
 
 @dataclass(frozen=True, slots=True)
+class NeedOwner:
+    """Non-final: the walk reached a rule on the flow's local owner (process, user) before
+    the owner was looked up. The caller looks it up, then resumes at `resume_at` (that rule)."""
+
+    def __str__(self) -> str:
+        return "need-owner"
+
+
+@dataclass(frozen=True, slots=True)
 class RouteOptionsAction:
     """Non-final: options merged into the flow's decision (later rules override earlier)."""
 
@@ -60,7 +69,7 @@ class RouteOptionsAction:
         return "route-options(" + ", ".join(f"{k}={v}" for k, v in self.options) + ")"
 
 
-Action = Route | Reject | HijackDNS | Sniff | RouteOptionsAction
+Action = Route | Reject | HijackDNS | Sniff | RouteOptionsAction | NeedOwner
 
 
 # -- DNS rule actions (dns.rules): `reject` is the Reject above, with method default or drop --

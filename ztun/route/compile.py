@@ -89,6 +89,10 @@ class _Compiler:
     #: what the rules need to know of a flow's local owner: "user" (the socket's uid is
     #: enough) and/or "process" (its process too); empty: no flow pays for a lookup
     owner_needs: set[str] = field(default_factory=set)
+    #: owner items compiled so far (a rule that raised it needs the owner), and the rule sets
+    #: with such items (a rule naming one needs it too)
+    owner_items: int = 0
+    owner_sets: set[str] = field(default_factory=set)
 
     def error(self, message: str, path: ConfigPath) -> None:
         self.diagnostics.append(Diagnostic(message, path))
@@ -237,6 +241,8 @@ class _Compiler:
                         self.error(f"unknown rule set '{tag}'", (*path, "rule_set", i))
             match_source = rule.get("rule_set_ip_cidr_match_source") is True
             groups.other.append(RuleSetItem(tags, sets, match_source=match_source))
+            if self.owner_sets.intersection(tags):
+                self.owner_items += 1
 
     def _owner_items(self, rule: Mapping[str, Any], path: ConfigPath, groups: ItemGroups) -> None:
         """`process_name`, `process_path`, `process_path_regex`, `user`, `user_id`: sing-box's
@@ -246,11 +252,13 @@ class _Compiler:
             if values := as_list(rule.get(name)):
                 groups.other.append(FieldInItem(name, attr, [str(v) for v in values]))
                 self.owner_needs.add("user" if name == "user" else "process")
+                self.owner_items += 1
         key = "process_path_regex"
         if values := as_list(rule.get(key)):
             if patterns := self._regexes(values, (*path, key)):
                 groups.other.append(ProcessPathRegexItem(patterns))
             self.owner_needs.add("process")
+            self.owner_items += 1
         if values := as_list(rule.get("user_id")):
             ids = []
             for i, v in enumerate(values):
@@ -260,6 +268,7 @@ class _Compiler:
                     self.error(f"'{v}' is not a user id (0 to 4294967295)", (*path, "user_id", i))
             groups.other.append(FieldInItem("user_id", "process_user_id", ids))
             self.owner_needs.add("user")
+            self.owner_items += 1
 
     # -- rules --------------------------------------------------------------------------------
 
@@ -444,6 +453,7 @@ def _compile_sets(
         index, entry = entries.get(tag, (0, {}))
         base: ConfigPath = ("route", "rule_set", index, "rules")
         compiled = []
+        owner_items = compiler.owner_items
         for i, rule in enumerate(as_list(rules)):
             before = len(compiler.diagnostics)
             c = compiler.rule(rule, (*base, i), headless=True, top=False)
@@ -451,6 +461,8 @@ def _compile_sets(
                 compiled.append(c)
             _name_file_rule(compiler.diagnostics, before, tag, entry, i)
         compiled_sets[tag] = compiled
+        if compiler.owner_items > owner_items:
+            compiler.owner_sets.add(tag)
     return compiled_sets
 
 
@@ -509,7 +521,7 @@ def compile_router(
             return f"unknown outbound '{action.outbound}'", "outbound"
         return None
 
-    rules, catch_all = _rule_list(
+    rules, catch_all, first_owner_rule = _rule_list(
         compiler, route.get("rules"), ("route", "rules"), noun="flow",
         unknown=unknown_outbound, final=(Route, Reject, HijackDNS),
     )  # fmt: skip
@@ -521,6 +533,7 @@ def compile_router(
     router = None if errors else Router(rules, str(final), outbound_types, compiler.mode)
     if router is not None:
         router.owner_needs = frozenset(compiler.owner_needs)
+        router.first_owner_rule = first_owner_rule
     return router, compiler.diagnostics
 
 
@@ -575,7 +588,7 @@ def compile_dns_router(
             return f"unknown DNS server '{action.server}'", "server"
         return None
 
-    rules, catch_all = _rule_list(
+    rules, catch_all, _ = _rule_list(
         compiler, dns.get("rules"), ("dns", "rules"), noun="query",
         unknown=unknown_server, final=(DnsRoute, Reject, Predefined),
     )  # fmt: skip
@@ -609,17 +622,22 @@ def _rule_list(
     noun: str,
     unknown: Callable[[object], tuple[str, str] | None],
     final: tuple[type, ...],
-) -> tuple[list[Any], int | None]:
-    """Compile a list of top-level rules (route or DNS): the rules, and the index of the first
-    catch-all with a final action (rules after it are warned about: they never match)."""
+) -> tuple[list[Any], int | None, int]:
+    """Compile a list of top-level rules (route or DNS): the rules, the index of the first
+    catch-all with a final action (rules after it are warned about: they never match), and
+    the index of the first rule that reads the flow's owner (the rules' count: none does)."""
     rules = []
     catch_all: int | None = None
+    first_owner: int | None = None
     for i, raw_rule in enumerate(as_list(raw)):
         path: ConfigPath = (*base, i)
         errors_before = sum(d.severity == "error" for d in compiler.diagnostics)
+        owner_items = compiler.owner_items
         rule = compiler.rule(raw_rule, path, headless=False, top=True)
         if rule is None:
             continue
+        if first_owner is None and compiler.owner_items > owner_items:
+            first_owner = len(rules)
         # A rule whose fields failed to compile lost items; it must not pass for a catch-all.
         broken = sum(d.severity == "error" for d in compiler.diagnostics) > errors_before
         if catch_all is not None:
@@ -632,4 +650,4 @@ def _rule_list(
         if rule.is_catch_all and decides and catch_all is None and not broken:
             catch_all = i
         rules.append(rule)
-    return rules, catch_all
+    return rules, catch_all, len(rules) if first_owner is None else first_owner

@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ztun.route.action import Decision, Route, RouteOptionsAction, Sniff
+from ztun.route.action import Decision, NeedOwner, Route, RouteOptionsAction, Sniff
 from ztun.route.items import ClashMode
 from ztun.route.metadata import FlowMeta
 from ztun.route.rule import DefaultRule, LogicalRule, MatchState
 
 Rule = DefaultRule | LogicalRule
+NEED_OWNER = NeedOwner()
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +31,8 @@ class Router:
     """Compiled rules plus the final outbound. Thread-safe: a match keeps its state local."""
 
     __slots__ = (
-        "_final_decision", "_plain", "final", "mode", "outbound_types", "owner_needs", "rules",
+        "_final_decision", "_plain", "final", "first_owner_rule", "mode", "outbound_types",
+        "owner_needs", "rules",
     )  # fmt: skip
 
     def __init__(
@@ -49,6 +51,9 @@ class Router:
         #: what the rules ask of a flow's local owner ("user", "process"; see compile.py):
         #: only a router with a need makes its inbounds look owners up
         self.owner_needs: frozenset[str] = frozenset()
+        #: the first rule that reads the owner (len(rules): none). `decide(owner_known=False)`
+        #: stops there, so a flow decided before it is never looked up (compile.py sets it).
+        self.first_owner_rule = len(self.rules)
         # The decision of rule i when nothing matched before it is always the same object:
         # building a Decision per flow would cost as much as the match itself.
         self._plain: list[Decision | None] = []
@@ -64,18 +69,24 @@ class Router:
         self._final_decision = Decision(Route(final), None, "final", {}, len(self.rules), ())
 
     def decide(
-        self, meta: FlowMeta, start: int = 0, options: dict[str, object] | None = None
-    ) -> Decision:
+        self, meta: FlowMeta, start: int = 0, options: dict[str, object] | None = None,
+        owner_known: bool = True,
+    ) -> Decision:  # fmt: skip
         """The decision for `meta`, walking rules from index `start`.
 
         Stops at a `sniff` rule (returned as the Decision, with `resume_at`) so the caller can
-        sniff; `options` carries route-options gathered before a resume.
+        sniff; `options` carries route-options gathered before a resume. With `owner_known`
+        False (the flow's local owner not looked up yet) it stops before the first rule that
+        reads the owner, with a `NeedOwner` decision whose `resume_at` is that rule.
         """
         gathered: dict[str, object] = dict(options or {})
         trace: list[tuple[int, str]] = []
         state = MatchState()
         rules = self.rules
-        for index in range(start, len(rules)):
+        end = len(rules)
+        if not owner_known and self.first_owner_rule < end:
+            end = max(self.first_owner_rule, start)
+        for index in range(start, end):
             rule = rules[index]
             state.reset()
             if not rule.match(meta, state):
@@ -93,6 +104,8 @@ class Router:
                 gathered.update(action.options)
             assert action is not None  # compile gives every top-level rule an action
             return Decision(action, index, rule.text, gathered, index + 1, tuple(trace))
+        if end < len(rules):  # stopped before a rule on the owner (owner_known False)
+            return Decision(NEED_OWNER, end, rules[end].text, gathered, end, tuple(trace))
         if not trace and not gathered:
             return self._final_decision
         return Decision(Route(self.final), None, "final", gathered, len(rules), tuple(trace))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 from ztun.address import MAX_IP_TEXT, Address, IPAddress, clip
 from ztun.log import limited
 from ztun.outbound.base import ErrorKind, Outbound, OutboundError
-from ztun.route.action import Decision, HijackDNS, Reject, Route, Sniff
+from ztun.route.action import Decision, HijackDNS, NeedOwner, Reject, Route, Sniff
 from ztun.route.metadata import FlowMeta, parse_ip
 from ztun.runtime.netio import Handover, Waiter
 from ztun.runtime.relay import RelayResult, relay
@@ -39,7 +39,8 @@ class RouterLike(Protocol):
     final: str
 
     def decide(
-        self, meta: FlowMeta, start: int = 0, options: dict[str, object] | None = None
+        self, meta: FlowMeta, start: int = 0, options: dict[str, object] | None = None,
+        owner_known: bool = True,
     ) -> Decision: ...
 
 
@@ -160,6 +161,9 @@ class Dispatcher:
         self.names = names
         #: finds a flow's local owner; set only when some rule has a process or user item
         self.owners = owners
+        #: DNS rules read the owner: a flow hijacked to the DNS module is looked up first,
+        #: as its queries are matched with its metadata (box.py sets it)
+        self.dns_needs_owner = False
 
     def verdict(
         self, flow: Flow, *, sniffing: bool = True
@@ -167,17 +171,30 @@ class Dispatcher:
         """Route `flow`: fills its decision and outbound tag (and its destination, after route
         options or a FakeIP address). `SniffFirst` when a `sniff` rule matched and the flow
         was not sniffed yet (with `sniffing=False` the walk goes on as if nothing was found);
-        `LookupFirst` when the rules need the flow's owner and `identify` has not run."""
-        if self.owners is not None and not flow.identified:
-            return LookupFirst()
+        `LookupFirst` when the walk reached a rule on the flow's owner (or hijacks DNS to rules
+        that read it) and `identify` has not run: a flow decided before that rule is never
+        looked up."""
+        owner_known = self.owners is None or flow.identified
         meta = flow.meta
         if self.names is not None and meta.domain is None and meta.destination is not None:
             refused = self._name_of(flow, meta.destination)
             if refused is not None:
                 return refused
         while True:
-            decision = self.router.decide(flow.meta, flow.resume_at, flow.gathered)
+            if owner_known:
+                decision = self.router.decide(flow.meta, flow.resume_at, flow.gathered)
+            else:
+                decision = self.router.decide(flow.meta, flow.resume_at, flow.gathered,
+                                              owner_known=False)  # fmt: skip
             action = decision.action
+            if isinstance(action, NeedOwner) or (
+                not owner_known and self.dns_needs_owner and isinstance(action, HijackDNS)
+            ):
+                # look the owner up, then walk on from this rule (it reads the owner, or it
+                # hijacks DNS to rules that do)
+                flow.resume_at = decision.rule_index or 0
+                flow.gathered = dict(decision.options)
+                return LookupFirst()
             if not isinstance(action, Sniff):
                 break
             flow.resume_at, flow.gathered = decision.resume_at, dict(decision.options)

@@ -26,21 +26,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ztun.outbound.base import Outbound, OutboundError
 from ztun.sniff import ALL as ALL_SNIFFERS
 from ztun.sniff import NEED_MORE, sniff_stream
-from ztun.stack.flow import Flow, Refused, SniffFirst, apply_sniffed
+from ztun.stack.flow import Flow, LookupFirst, Refused, SniffFirst, apply_sniffed
 
 #: How long after accepting a sniffed flow its likely outbound is connected (see above).
 EARLY_CONNECT_AFTER = 0.005
 #: What is read from the client before routing at most (a ClientHello across segments fits).
 MAX_SNIFF_BYTES = 16384 + 1024
 
-Route = Callable[[Flow, str], "Outbound | Refused | SniffFirst"]
+Route = Callable[[Flow, str], "Outbound | Refused | SniffFirst | LookupFirst"]
+#: Looks a flow's local owner up (the dispatcher's `identify`), for rules after the sniff.
+Identify = Callable[[Flow], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -55,9 +57,10 @@ class Sniffed:
 
 
 async def sniff_and_route(
-    conn: socket.socket, flow: Flow, ask: SniffFirst, route: Route
+    conn: socket.socket, flow: Flow, ask: SniffFirst, route: Route, identify: Identify
 ) -> Sniffed:
-    """Wait for the first bytes of `flow` (accepted as `conn`), sniff them, route it again."""
+    """Wait for the first bytes of `flow` (accepted as `conn`), sniff them, route it again
+    (looking its owner up first when the rules after the sniff read it)."""
     loop = asyncio.get_running_loop()
     sniffers = ask.sniffers or ALL_SNIFFERS
     deadline = loop.time() + ask.timeout
@@ -67,7 +70,7 @@ async def sniff_and_route(
     guess = route(likely, "tcp")
     early: asyncio.Task[socket.socket] | None = None
     banner: asyncio.Future[None] | None = None
-    if not isinstance(guess, Refused | SniffFirst):
+    if not isinstance(guess, Refused | SniffFirst | LookupFirst):
         early = loop.create_task(_connect_later(guess, likely))
     buf = bytearray()
     found: Any = None
@@ -109,7 +112,10 @@ async def sniff_and_route(
             banner.cancel()
     apply_sniffed(flow, found if found is not NEED_MORE else None, ask.override_destination)
     verdict = route(flow, "tcp")
-    assert not isinstance(verdict, SniffFirst)  # the flow is sniffed now
+    if isinstance(verdict, LookupFirst):  # a rule after the sniff reads the owner
+        await identify(flow)
+        verdict = route(flow, "tcp")
+    assert not isinstance(verdict, SniffFirst | LookupFirst)  # sniffed and identified now
     remote: socket.socket | None = None
     if early is not None:
         keep = verdict is guess and flow.dest == likely.dest and not isinstance(verdict, Refused)

@@ -114,6 +114,8 @@ def decide_datagram(decide: Decide, flow: Flow, network: str, payload: bytes) ->
         found = sniff_datagram(payload, verdict.sniffers or ALL_SNIFFERS)
         apply_sniffed(flow, found, verdict.override_destination)
         verdict = decide(flow, network)
+        if isinstance(verdict, LookupFirst):  # a rule after the sniff reads the owner
+            return LookupFirst(payload)
     return verdict
 
 

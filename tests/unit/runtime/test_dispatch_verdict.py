@@ -255,3 +255,104 @@ def test_a_failing_lookup_is_an_unknown_owner_not_an_error() -> None:
     asyncio.run(d.identify(f))
     assert f.identified and d.route(f, "tcp") is DIRECT
     assert asyncio.run(d.owner_of_peer("tcp", ("127.0.0.1", 1), ("127.0.0.1", 2))) is None
+
+
+def with_source(dest: str, port: int, network: str = "tcp", dport: int = 443) -> Flow:
+    f = flow(dest, dport, network)
+    f.meta = FlowMeta(network=network, destination=f.meta.destination,  # type: ignore[arg-type]
+                      destination_port=dport, source=ipaddress.ip_address("198.18.0.1"),
+                      source_port=port)  # fmt: skip
+    return f
+
+
+def test_a_flow_decided_before_any_owner_rule_is_never_looked_up() -> None:
+    """The walk stops at the first rule that reads the owner, not before the first rule: a
+    flow an earlier rule decides costs no lookup; one that reaches the rule is looked up, and
+    the walk goes on from that rule with what was gathered on the way."""
+    from ztun.platform.linux.owner import Owner
+    from ztun.stack.flow import LookupFirst
+
+    d = dispatcher([{"ip_cidr": "203.0.113.0/25", "outbound": "block"},
+                    {"action": "route-options", "override_port": 8443},
+                    {"process_name": "curl", "outbound": "proxy"},
+                    {"ip_cidr": "203.0.113.128/25", "outbound": "proxy"}])  # fmt: skip
+    finder = FakeFinder({40000: Owner(0, "root", 7, "/usr/bin/curl")})
+    d.owners = finder  # type: ignore[assignment]
+    early = with_source("203.0.113.9", 40000)
+    assert isinstance(d.route(early, "tcp"), Refused) and finder.calls == []
+    late = with_source("203.0.113.200", 40000)
+    assert isinstance(d.route(late, "tcp"), LookupFirst)
+    assert late.resume_at == 2 and late.gathered == {"override_port": 8443}
+    asyncio.run(d.identify(late))
+    assert d.route(late, "tcp") is PROXY
+    assert late.decision is not None and late.decision.rule_index == 2
+    assert late.dest == Address("203.0.113.200", 8443)  # the options gathered before the stop
+    other = with_source("203.0.113.200", 40001)  # unknown owner: the later rules decide
+    assert isinstance(d.route(other, "tcp"), LookupFirst)
+    asyncio.run(d.identify(other))
+    assert d.route(other, "tcp") is PROXY and other.decision.rule_index == 3  # type: ignore[union-attr]
+    assert [c[2] for c in finder.calls] == [40000, 40001]
+
+
+def test_owner_rules_in_rule_sets_and_logical_rules_stop_the_walk_too() -> None:
+    data = {
+        "outbounds": [{"type": "direct", "tag": t} for t in OUTBOUNDS],
+        "route": {
+            "rules": [
+                {"ip_cidr": "203.0.113.0/25", "outbound": "block"},
+                {"rule_set": "plain", "outbound": "proxy"},
+                {"rule_set": "owners", "outbound": "proxy"},
+                {"type": "logical", "mode": "or", "outbound": "block",
+                 "rules": [{"user_id": 0}, {"port": 1}]},
+            ],
+            "rule_set": [{"type": "inline", "tag": "plain", "rules": [{"port": 25}]},
+                         {"type": "inline", "tag": "owners",
+                          "rules": [{"process_name": "curl"}]}],
+        },
+    }  # fmt: skip
+    rule_sets = {"plain": [{"port": 25}], "owners": [{"process_name": "curl"}]}
+    router, diagnostics = compile_router(data, rule_sets=rule_sets)
+    assert router is not None, diagnostics
+    assert router.first_owner_rule == 2
+    logical_only = dict(data, route={**data["route"], "rules": data["route"]["rules"][3:]})  # type: ignore[dict-item]
+    router2, _ = compile_router(logical_only, rule_sets=rule_sets)
+    assert router2 is not None and router2.first_owner_rule == 0
+    plain_only = dict(data, route={**data["route"], "rules": data["route"]["rules"][:2]})  # type: ignore[dict-item]
+    router3, _ = compile_router(plain_only, rule_sets=rule_sets)
+    assert router3 is not None and router3.first_owner_rule == 2  # == len(rules): no stop
+
+
+def test_a_hijack_to_dns_rules_on_the_owner_is_looked_up_first() -> None:
+    """DNS rules match a hijacked query with its flow's metadata: when they read the owner,
+    the flow is looked up before it is handed to the DNS module, even with no route rule on
+    the owner (and not when they do not)."""
+    from ztun.platform.linux.owner import Owner
+    from ztun.stack.flow import LookupFirst
+
+    d = dispatcher([{"port": 53, "action": "hijack-dns"}])
+    d.owners = FakeFinder({40000: Owner(0, "root", 7, "/usr/bin/dig")})  # type: ignore[assignment]
+    plain = with_source("203.0.113.53", 40000, "udp", 53)
+    assert decide_datagram(d.route, plain, "udp", b"q") is d.dns_hijack
+    d.dns_needs_owner = True
+    asked = with_source("203.0.113.53", 40000, "udp", 53)
+    assert decide_datagram(d.route, asked, "udp", b"q") == LookupFirst(b"q")
+    asyncio.run(d.identify(asked))
+    assert decide_datagram(d.route, asked, "udp", b"q") is d.dns_hijack
+    assert asked.meta.process_name == "dig"
+
+
+def test_a_sniff_before_the_owner_rule_then_the_lookup() -> None:
+    """sniff, then a rule on the owner: the datagram is sniffed first, and the lookup request
+    that follows still carries it (TCP: runtime/sniff.py looks the owner up after sniffing)."""
+    from ztun.platform.linux.owner import Owner
+    from ztun.stack.flow import LookupFirst
+
+    d = dispatcher([{"action": "sniff"}, {"protocol": "dns", "outbound": "block"},
+                    {"process_name": "dig", "outbound": "proxy"}])  # fmt: skip
+    d.owners = FakeFinder({40000: Owner(0, "root", 7, "/usr/bin/dig")})  # type: ignore[assignment]
+    f = with_source("203.0.113.9", 40000, "udp", 5353)
+    payload = b"not dns at all"
+    assert decide_datagram(d.route, f, "udp", payload) == LookupFirst(payload)
+    assert f.sniffed and f.resume_at == 2
+    asyncio.run(d.identify(f))
+    assert decide_datagram(d.route, f, "udp", payload) is PROXY
