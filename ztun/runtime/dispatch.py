@@ -175,6 +175,13 @@ class Dispatcher:
         that read it) and `identify` has not run: a flow decided before that rule is never
         looked up."""
         owner_known = self.owners is None or flow.identified
+        if flow.walked_by is not self.router:
+            if flow.walked_by is not None:
+                # A reload came between the sniff or lookup and this step: resume_at counts
+                # the old rules, so walk the new ones from the start (what was sniffed or
+                # looked up stays known).
+                flow.resume_at, flow.gathered = 0, None
+            flow.walked_by = self.router
         meta = flow.meta
         if self.names is not None and meta.domain is None and meta.destination is not None:
             refused = self._name_of(flow, meta.destination)

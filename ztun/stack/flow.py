@@ -36,9 +36,12 @@ class Flow:
     down: int = 0
     end: str = ""
     error: str | None = None
-    #: where the rule walk goes on after a `sniff` rule, and the route options gathered so far
+    #: where the rule walk goes on after a `sniff` rule (or an owner lookup), and the route
+    #: options gathered so far; `walked_by`: the router that walk was on (a reload between
+    #: the steps starts the walk again on the new rules)
     resume_at: int = 0
     gathered: dict[str, object] | None = None
+    walked_by: object = None
     #: the first bytes were sniffed (later `sniff` rules are passed over)
     sniffed: bool = False
     #: how the flow's domain became known for an IP destination: "reverse" (an earlier DNS

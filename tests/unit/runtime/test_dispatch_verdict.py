@@ -356,3 +356,20 @@ def test_a_sniff_before_the_owner_rule_then_the_lookup() -> None:
     assert f.sniffed and f.resume_at == 2
     asyncio.run(d.identify(f))
     assert decide_datagram(d.route, f, "udp", payload) is PROXY
+
+
+def test_a_reload_between_the_lookup_and_the_next_step_walks_the_new_rules() -> None:
+    """A flow stopped for its owner (or its first bytes) resumes at a rule index of the rules
+    it was walking; after a reload those are gone, so it walks the new rules from the start."""
+    from ztun.platform.linux.owner import Owner
+    from ztun.stack.flow import LookupFirst
+
+    d = dispatcher([{"port": 25, "outbound": "block"}, {"port": 80, "outbound": "block"},
+                    {"process_name": "curl", "outbound": "proxy"}])  # fmt: skip
+    d.owners = FakeFinder({40000: Owner(0, "root", 7, "/usr/bin/curl")})  # type: ignore[assignment]
+    f = with_source("203.0.113.9", 40000)
+    assert isinstance(d.route(f, "tcp"), LookupFirst) and f.resume_at == 2
+    d.router = dispatcher([{"port": 443, "outbound": "block"},
+                           {"process_name": "curl", "outbound": "proxy"}]).router  # fmt: skip
+    asyncio.run(d.identify(f))
+    assert isinstance(d.route(f, "tcp"), Refused) and f.decision.rule_index == 0  # type: ignore[union-attr]
