@@ -10,7 +10,7 @@ direct, 2 cores): p50 193-202 µs without busy polling, 105-116 µs with it, sin
 µs (Go's scheduler spins before it parks a thread). The kernel offers the same trade for NIC
 queues as `net.core.busy_poll`; a TUN has no such knob, so ztun polls its own loop.
 
-What it costs is bounded twice, and both bounds are pure (`PollWindow`, tested without a loop):
+What it costs is bounded by three pure rules (`PollWindow`, tested without a loop):
 - *When*: the window follows the gaps between bursts, as the kernel's `haltpoll` governor does
   for idle CPUs. A gap shorter than `limit` that came after the window had ended doubles the
   window (from `GROW_START`); a gap longer than `limit` halves it, down to nothing. Traffic
@@ -21,12 +21,13 @@ What it costs is bounded twice, and both bounds are pure (`PollWindow`, tested w
   packet it costs about what the wake-up it saves would have: 113-120 µs of CPU per UDP
   echo with it, 107-115 µs without (docs/tun.md has the table).
 - *Whether it helps*: a poll that ends before the next burst comes (it came later, or the
-  credit ran out first) saved nothing; while the window is still growing towards the gap
-  that is expected, but after `MISSES_BEFORE_PAUSE` other such polls in a row, the
-  next `FIRST_PAUSE` bursts are not followed by a poll, and each pause in a row doubles, up
-  to `MAX_PAUSE` bursts; one poll that catches its burst ends the pauses. A stream whose
-  packets come too far apart for the credit (a download of 100 Mbit/s: a datagram each
-  ~120 µs, 10 µs of work each) so costs a few polls in hundreds of bursts, not a poll each.
+  credit ran out first) saved nothing. While the window is still growing towards the gap
+  such a miss is expected and not counted. After `MISSES_BEFORE_PAUSE` counted misses in a
+  row, the next `FIRST_PAUSE` bursts get no poll (and earn no credit); each pause in a row
+  doubles, up to `MAX_PAUSE` bursts, and one poll that catches its burst ends the pauses.
+  A stream whose packets come too far apart for the credit (a download of 100 Mbit/s: a
+  datagram each ~120 µs, 10 µs of work each) so costs a few polls in hundreds of bursts, not
+  a poll each.
 
 `BusyPoll` is the thin layer on the loop: while a window is open it keeps one callback
 scheduled with `call_soon`, which makes asyncio's and uvloop's loops poll their file
@@ -50,7 +51,7 @@ CREDIT_CAP = 2e-3
 CREDIT_PER_WORK = 3.0
 #: Polls in a row that catch nothing before polling pauses.
 MISSES_BEFORE_PAUSE = 4
-#: Bursts without a poll after the first pause, and after the longest run of them.
+#: Bursts without a poll in the first pause; each pause in a row doubles, up to MAX_PAUSE.
 FIRST_PAUSE = 16
 MAX_PAUSE = 256
 #: The tun inbound's default `busy_poll`: the longest window, and the gap beyond which bursts
