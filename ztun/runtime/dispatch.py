@@ -188,11 +188,7 @@ class Dispatcher:
             if refused is not None:
                 return refused
         while True:
-            if owner_known:
-                decision = self.router.decide(flow.meta, flow.resume_at, flow.gathered)
-            else:
-                decision = self.router.decide(flow.meta, flow.resume_at, flow.gathered,
-                                              owner_known=False)  # fmt: skip
+            decision = self.router.decide(flow.meta, flow.resume_at, flow.gathered, owner_known)
             action = decision.action
             if isinstance(action, NeedOwner) or (
                 not owner_known and self.dns_needs_owner and isinstance(action, HijackDNS)

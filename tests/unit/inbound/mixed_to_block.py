@@ -24,8 +24,9 @@ class ToBlock:
         self.seen: list[FlowMeta] = []
 
     def decide(
-        self, meta: FlowMeta, start: int = 0, options: dict[str, object] | None = None
-    ) -> Decision:
+        self, meta: FlowMeta, start: int = 0, options: dict[str, object] | None = None,
+        owner_known: bool = True,
+    ) -> Decision:  # fmt: skip
         self.seen.append(meta)
         return Decision(Route("block"), None, "final")
 
