@@ -215,7 +215,7 @@ class TunInbound:
         (config/changes.py `LIVE_OPTIONS`): busy polling's limit."""
         self.options = options
         if self.busy_poll is not None:
-            self.busy_poll.window.limit = max(0.0, options.busy_poll)
+            self.busy_poll.set_limit(options.busy_poll)
         log.info("inbound %s: busy_poll is now %.0f µs", self.tag, options.busy_poll * 1e6)
 
     async def _setup_routes(self) -> None:

@@ -128,10 +128,6 @@ class BusyPoll:
         self._last = 0.0
         self._scheduled = False
 
-    @property
-    def enabled(self) -> bool:
-        return self.window.limit > 0
-
     def after(self, started: float) -> None:
         """A burst of work that began at `started` (time.monotonic()) has just ended."""
         now = time.monotonic()
@@ -156,7 +152,11 @@ class BusyPoll:
         else:
             self._scheduled = False
 
+    def set_limit(self, limit: float) -> None:
+        """A new `busy_poll` (a reload); 0 or less turns polling off."""
+        self.window.limit = max(0.0, limit)
+
     def stop(self) -> None:
         """No more polling (the inbound is closing); a scheduled turn ends at once."""
-        self.window.limit = 0.0
+        self.set_limit(0.0)
         self.until = 0.0

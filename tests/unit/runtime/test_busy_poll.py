@@ -189,6 +189,9 @@ def test_stop_ends_polling_at_once() -> None:
     assert asyncio.run(main()) == 0
     loop = asyncio.new_event_loop()
     try:
-        assert not BusyPoll(loop, 0.0).enabled
+        assert BusyPoll(loop, 0.0).window.limit == 0.0
+        retuned = BusyPoll(loop, 200 * US)
+        retuned.set_limit(-1.0)  # what a reload can hand it: off, never negative
+        assert retuned.window.limit == 0.0 and retuned.window.work(1.0, 1.1) == 0.0
     finally:
         loop.close()
