@@ -244,6 +244,12 @@ class _Compiler:
             if self.owner_sets.intersection(tags):
                 self.owner_items += 1
 
+    def _reads_owner(self, need: str) -> None:
+        """An item on the flow's owner was compiled: what the router must look up, and one
+        more owner item (which marks the rule being compiled, see `_rule_list`)."""
+        self.owner_needs.add(need)
+        self.owner_items += 1
+
     def _owner_items(self, rule: Mapping[str, Any], path: ConfigPath, groups: ItemGroups) -> None:
         """`process_name`, `process_path`, `process_path_regex`, `user`, `user_id`: sing-box's
         items on the local process that owns the flow's source socket (AND with the rest)."""
@@ -251,14 +257,12 @@ class _Compiler:
                            ("user", "process_user")):  # fmt: skip
             if values := as_list(rule.get(name)):
                 groups.other.append(FieldInItem(name, attr, [str(v) for v in values]))
-                self.owner_needs.add("user" if name == "user" else "process")
-                self.owner_items += 1
+                self._reads_owner("user" if name == "user" else "process")
         key = "process_path_regex"
         if values := as_list(rule.get(key)):
             if patterns := self._regexes(values, (*path, key)):
                 groups.other.append(ProcessPathRegexItem(patterns))
-            self.owner_needs.add("process")
-            self.owner_items += 1
+            self._reads_owner("process")
         if values := as_list(rule.get("user_id")):
             ids = []
             for i, v in enumerate(values):
@@ -267,8 +271,7 @@ class _Compiler:
                 else:
                     self.error(f"'{v}' is not a user id (0 to 4294967295)", (*path, "user_id", i))
             groups.other.append(FieldInItem("user_id", "process_user_id", ids))
-            self.owner_needs.add("user")
-            self.owner_items += 1
+            self._reads_owner("user")
 
     # -- rules --------------------------------------------------------------------------------
 

@@ -231,7 +231,6 @@ class UdpSessionRunner:
         self._tracked.clear()
 
 
-
 def _set_chain(flow: Flow, session: UdpSession) -> None:
     """Through a group, a flow's log line and its /connections entry name the member that
     carries it (the session's `chain`), as a TCP flow's do."""
