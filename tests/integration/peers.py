@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.support import need
@@ -164,30 +164,19 @@ def udp_echo(port: int) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def tcp_half_close_server(port: int) -> Iterator[int]:
-    """Reads until the client's FIN, then answers with the sha256 of what it read and closes.
-
-    Works only when a FIN travels through the relay while the other direction stays open.
-    """
-    import hashlib
-
+def tcp_server(
+    serve: Callable[[socket.socket, threading.Event], None], port: int = 0
+) -> Iterator[int]:
+    """A TCP server on loopback (`port`, 0: any free one) that runs `serve(connection, stop)`
+    in a thread per client until the block ends; its port."""
     ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind(("127.0.0.1", port))
-    ls.listen(16)
-    ls.settimeout(0.2)
+    ls.listen(128)
     stop = threading.Event()
 
-    def serve(c: socket.socket) -> None:
-        with c:
-            h = hashlib.sha256()
-            n = 0
-            while chunk := c.recv(1 << 16):
-                h.update(chunk)
-                n += len(chunk)
-            c.sendall(f"{n} {h.hexdigest()}\n".encode())
-
-    def loop() -> None:
+    def accept() -> None:
+        ls.settimeout(0.2)
         while not stop.is_set():
             try:
                 c, _ = ls.accept()
@@ -195,16 +184,34 @@ def tcp_half_close_server(port: int) -> Iterator[int]:
                 continue
             except OSError:
                 return
-            threading.Thread(target=serve, args=(c,), daemon=True).start()
+            threading.Thread(target=serve, args=(c, stop), daemon=True).start()
 
-    t = threading.Thread(target=loop, daemon=True)
+    t = threading.Thread(target=accept, daemon=True)
     t.start()
     try:
-        yield port
+        yield ls.getsockname()[1]
     finally:
         stop.set()
-        t.join(2)
         ls.close()
+        t.join(2)
+
+
+def _answer_sha256_after_fin(c: socket.socket, stop: threading.Event) -> None:
+    with c:
+        h = hashlib.sha256()
+        n = 0
+        while chunk := c.recv(1 << 16):
+            h.update(chunk)
+            n += len(chunk)
+        c.sendall(f"{n} {h.hexdigest()}\n".encode())
+
+
+def tcp_half_close_server(port: int) -> contextlib.AbstractContextManager[int]:
+    """Reads until the client's FIN, then answers with the sha256 of what it read and closes.
+
+    Works only when a FIN travels through the relay while the other direction stays open.
+    """
+    return tcp_server(_answer_sha256_after_fin, port)
 
 
 def socks5_connect(

@@ -20,7 +20,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from tests.support import need
 from ztun.address import Address
 
 from .netns import DIRECT4, DIRECT6, Topology, in_ns, topology, wait_until
-from .peers import Proc, free_port, socks5_connect, start_ztun, write_big_file
+from .peers import Proc, free_port, socks5_connect, start_ztun, tcp_server, write_big_file
 from .test_tun_linux import BIG, HTTP_PORT, start_server_peers, stop, url
 from .test_tun_linux import start_ztun as start_ztun_ns
 from .test_tun_redirect import REDIRECT_CONFIG, redirected, require_nftables, snapshot
@@ -89,36 +89,6 @@ def alive(pid: int) -> bool:
 def owners(ss_output: str, pids: set[int]) -> set[int]:
     """The pids among `pids` that own a socket in `ss -tnpH` output."""
     return {int(p) for p in re.findall(r"pid=(\d+)", ss_output) if int(p) in pids}
-
-
-@contextlib.contextmanager
-def tcp_server(serve: Callable[[socket.socket, threading.Event], None]) -> Iterator[int]:
-    """A TCP server on loopback that runs `serve(connection, stop)` in a thread per client;
-    its port."""
-    ls = socket.socket()
-    ls.bind(("127.0.0.1", 0))
-    ls.listen(128)
-    stop = threading.Event()
-
-    def accept() -> None:
-        ls.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                c, _ = ls.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(c, stop), daemon=True).start()
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    try:
-        yield ls.getsockname()[1]
-    finally:
-        stop.set()
-        ls.close()
-        t.join(2)
 
 
 def _stream(c: socket.socket, stop: threading.Event) -> None:
@@ -320,13 +290,7 @@ def test_workers_die_with_a_killed_main_process(mixed: Mixed) -> None:
         socket.create_connection(("127.0.0.1", mixed.port), 1).close()
 
 
-API_CONFIG = """\
-workers: 3
-log: {{level: info}}
-inbounds:
-  - {{type: mixed, tag: mixed-in, listen_port: {port}}}
-outbounds:
-  - {{type: direct, tag: direct}}
+API_CONFIG = MIXED_CONFIG + """\
 experimental:
   clash_api: {{external_controller: "127.0.0.1:{api}"}}
 """
