@@ -31,9 +31,9 @@ import pytest
 
 from tests.support import need
 
-from .netns import DIRECT4, SERVER4, Topology, in_ns, require_tun_environment, topology, wait_tcp
+from .netns import DIRECT4, SERVER4, Topology, in_ns, require_tun_environment, wait_tcp
 from .peers import REPO, Proc, flow_lines, singbox_path, wait_for
-from .test_tun_linux import HTTP_PORT, start_server_peers
+from .test_tun_linux import HTTP_PORT, served_topology
 
 pytestmark = [pytest.mark.netns, pytest.mark.singbox]
 
@@ -155,16 +155,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     www = tmp / "www"
     www.mkdir()
     (www / "index.html").write_text("hello\n")
-    procs: list[Proc] = []
-    with topology() as t:
+    with served_topology(tmp, www) as (t, procs):
         e = Env(t, tmp, procs, {})
         try:
-            start_server_peers(t, tmp, www, procs)
             e.start_members()
             yield e
         finally:
-            for p in reversed(procs):
-                p.stop()
             for p in e.members.values():
                 p.stop()
 

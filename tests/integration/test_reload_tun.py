@@ -30,12 +30,11 @@ from .netns import (
     Topology,
     in_ns,
     require_tun_environment,
-    topology,
     wait_tcp,
 )
 from .peers import REPO, Proc, flow_lines, singbox_path, wait_for, write_big_file
 from .test_reload import BIG, RELOAD_BOUND, Transfer
-from .test_tun_linux import HTTP_PORT, SOCKS_PORT, start_server_peers, start_ztun
+from .test_tun_linux import HTTP_PORT, SOCKS_PORT, served_topology, start_ztun
 
 pytestmark = [pytest.mark.netns, pytest.mark.singbox]
 
@@ -124,18 +123,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     www.mkdir()
     sha = write_big_file(www / "big.bin", BIG)
     (www / "small.txt").write_text("small\n")
-    procs: list[Proc] = []
-    with topology() as t:
-        try:
-            start_server_peers(t, tmp, www, procs)
-            before = t.snapshot()
-            z = start_ztun(t, tmp, "ztun", config=config_text())
-            procs.append(z)
-            wait_tcp(t.client, "127.0.0.1", MIXED_PORT)
-            yield Env(t, tmp, sha, z, before)
-        finally:
-            for p in reversed(procs):
-                p.stop()
+    with served_topology(tmp, www) as (t, procs):
+        before = t.snapshot()
+        z = start_ztun(t, tmp, "ztun", config=config_text())
+        procs.append(z)
+        wait_tcp(t.client, "127.0.0.1", MIXED_PORT)
+        yield Env(t, tmp, sha, z, before)
 
 
 def url(name: str = "big.bin") -> str:

@@ -136,6 +136,23 @@ def start_server_peers(t: Topology, tmp: Path, www: Path, procs: list[Proc],
         wait_tcp(s, "127.0.0.1", port)
 
 
+@contextlib.contextmanager
+def served_topology(
+    tmp: Path, www: Path, *, iperf: bool = False
+) -> Iterator[tuple[Topology, list[Proc]]]:
+    """A client/server topology with `start_server_peers` up, serving `www`: the topology and
+    the list of processes, which the caller may add to (its ztun); every one is stopped,
+    last first, before the namespaces go."""
+    procs: list[Proc] = []
+    with topology() as t:
+        try:
+            start_server_peers(t, tmp, www, procs, iperf=iperf)
+            yield t, procs
+        finally:
+            for p in reversed(procs):
+                p.stop()
+
+
 @dataclass
 class Env:
     t: Topology
@@ -152,16 +169,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     www = tmp / "www"
     www.mkdir()
     sha = write_big_file(www / "big.bin", BIG)
-    procs: list[Proc] = []
-    with topology() as t:
-        try:
-            start_server_peers(t, tmp, www, procs, iperf=True)
-            z = start_ztun(t, tmp)
-            procs.append(z)
-            yield Env(t, tmp, sha, z)
-        finally:
-            for p in reversed(procs):
-                p.stop()
+    with served_topology(tmp, www, iperf=True) as (t, procs):
+        z = start_ztun(t, tmp)
+        procs.append(z)
+        yield Env(t, tmp, sha, z)
 
 
 def url(host: str, path: str = "big.bin") -> str:

@@ -31,7 +31,7 @@ from ztun.address import Address
 
 from .netns import DIRECT4, DIRECT6, Topology, in_ns, topology, wait_until
 from .peers import Proc, free_port, socks5_connect, start_ztun, tcp_server, write_big_file
-from .test_tun_linux import BIG, HTTP_PORT, start_server_peers, stop, url
+from .test_tun_linux import BIG, HTTP_PORT, served_topology, stop, url
 from .test_tun_linux import start_ztun as start_ztun_ns
 from .test_tun_redirect import REDIRECT_CONFIG, redirected, require_nftables, snapshot
 
@@ -355,18 +355,12 @@ def ns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ns]:
     www = tmp / "www"
     www.mkdir()
     sha = write_big_file(www / "big.bin", BIG)
-    procs: list[Proc] = []
-    with topology() as t:
-        try:
-            start_server_peers(t, tmp, www, procs)
-            before = snapshot(t)
-            z = start_ztun_ns(t, tmp, "ztun-workers", config=WORKERS_REDIRECT)
-            procs.append(z)
-            assert wait_until(lambda: len(worker_pids(z.text())) == 2, 10), z.text()
-            yield Ns(t, tmp, sha, z, before)
-        finally:
-            for p in reversed(procs):
-                p.stop()
+    with served_topology(tmp, www) as (t, procs):
+        before = snapshot(t)
+        z = start_ztun_ns(t, tmp, "ztun-workers", config=WORKERS_REDIRECT)
+        procs.append(z)
+        assert wait_until(lambda: len(worker_pids(z.text())) == 2, 10), z.text()
+        yield Ns(t, tmp, sha, z, before)
 
 
 def curl(ns: Ns, target: str, *extra: str) -> subprocess.Popen[bytes]:
